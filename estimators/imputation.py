@@ -1,0 +1,74 @@
+"""Imputation-model training losses (BADR paper eqs. 6, 8, 9, 10 and 32).
+
+Same contract as :mod:`estimators.loss` (``e`` ignored where ``o = 0``, 1-D = one batch,
+2-D ``(K, B)`` = mean of the K per-batch values).  Each loss is a function of ``e_hat`` to be
+minimised over the imputation model; the gradient flows into ``e_hat`` (and ``e``).
+
+The loss between imputed and observed error in eq. (6) is the squared error
+``(e_hat - e)^2``, as in the joint-learning code the DR baselines share.  Eqs. (8)-(10) are sums
+over the batch, eq. (6) a mean, exactly as the paper writes them.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._validation import check_alpha, check_batch
+from .loss import _dr_terms
+
+
+def _batch_sum(per_pair: Tensor) -> Tensor:
+    """Sum over each batch, then the mean over batches."""
+    return per_pair.sum(dim=-1).mean()
+
+
+def dr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+    """DR / DR-JL imputation loss, eq. (6): ``(1/|D|) sum o * (e_hat - e)^2 / p_hat``."""
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat)
+    return (o * (e_hat - e) ** 2 / p_hat).mean(dim=-1).mean()
+
+
+def _mrdr(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
+    return _batch_sum(o * (1 - p_hat) * (e_hat - e) ** 2 / p_hat**2)
+
+
+def _dr_bias(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
+    return _batch_sum(o * (o - p_hat) ** 2 * (e_hat - e) ** 2 / p_hat**3)
+
+
+def mrdr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+    """MRDR imputation loss, eq. (8): ``sum o * (1 - p_hat) * (e_hat - e)^2 / p_hat^2``."""
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat)
+    return _mrdr(e, e_hat, o, p_hat)
+
+
+def dr_bias_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+    """DR-BIAS imputation loss, eq. (9): ``sum o * (o - p_hat)^2 * (e_hat - e)^2 / p_hat^3``."""
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat)
+    return _dr_bias(e, e_hat, o, p_hat)
+
+
+def dr_mse_imputation_loss(e, e_hat, o, p_hat, alpha: float = 0.5) -> Tensor:
+    """DR-MSE imputation loss, eq. (10): ``alpha * eq.(9) + (1 - alpha) * eq.(8)``, alpha in [0, 1]."""
+    alpha = check_alpha(alpha)
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat)
+    return alpha * _dr_bias(e, e_hat, o, p_hat) + (1 - alpha) * _mrdr(e, e_hat, o, p_hat)
+
+
+def badr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+    """BADR imputation loss: the delta-method variance of eq. (32), Theorem 3.5.
+
+    Per batch, with ``w = o / p_hat``, ``E_hat = sum e_hat / sum w`` and ``L`` the BADR
+    estimate of eq. (13)::
+
+        sum w^2 * (e - e_hat + E_hat - L)^2  /  (sum w)^2
+
+    The gradient flows through ``e_hat`` everywhere (also through ``E_hat`` and ``L``, where it
+    cancels: ``E_hat - L = -sum w (e - e_hat) / sum w``).  Raises ``ValueError`` for a batch
+    without clicks.
+    """
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True)
+    w = o / p_hat
+    sum_w = w.sum(dim=-1, keepdim=True)
+    e_hat_mean = e_hat.sum(dim=-1, keepdim=True) / sum_w
+    estimate = _dr_terms(e, e_hat, o, p_hat).sum(dim=-1, keepdim=True) / sum_w
+    return ((w**2 * (e - e_hat + e_hat_mean - estimate) ** 2).sum(dim=-1) / sum_w.squeeze(-1) ** 2).mean()

@@ -1,0 +1,77 @@
+"""Estimators of the ideal loss (BADR paper, Section 2.2 and eq. 13; SNIPS eq. 37).
+
+Common contract (every function):
+
+- ``e``: prediction errors e_{u,i}; entries where ``o = 0`` are ignored and may be NaN.
+- ``e_hat``: imputed errors ê_{u,i} (finite everywhere).
+- ``o``: click indicators o_{u,i} in {0, 1} (bool, integer or float).
+- ``p_hat``: learned propensities p̂_{u,i} in (0, 1].
+- Shape ``(B,)`` is one batch D^(k); shape ``(K, B)`` is K batches and the result is the mean
+  of the K per-batch values (eq. 13 written in full).  For the estimators that normalise by
+  ``|D^(k)|`` this equals the estimator over all ``K * B`` pairs.
+- Differentiable in ``e`` and ``e_hat`` (``p_hat`` too, though training code detaches it);
+  float32 and float64, CPU and CUDA.
+- The self-normalised estimators (:func:`snips`, :func:`badr`) raise ``ValueError`` for a batch
+  without clicks: callers skip such batches.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._validation import check_batch
+
+
+def _batch_mean(per_pair: Tensor) -> Tensor:
+    """(1/|D^(k)|) sum over each batch, then the mean over batches."""
+    return per_pair.mean(dim=-1).mean()
+
+
+def _self_normalised(numerator: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
+    """sum_k-batch numerator / sum_k-batch (o / p_hat), then the mean over batches."""
+    return (numerator.sum(dim=-1) / (o / p_hat).sum(dim=-1)).mean()
+
+
+def naive(e, o) -> Tensor:
+    """Naive estimator, eq. (2): ``(1/|D|) sum o * e``."""
+    o, e, _, _ = check_batch(o, e=e)
+    return _batch_mean(o * e)
+
+
+def ips(e, o, p_hat) -> Tensor:
+    """Inverse propensity score estimator, eq. (3): ``(1/|D|) sum o * e / p_hat``."""
+    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat)
+    return _batch_mean(o * e / p_hat)
+
+
+def snips(e, o, p_hat) -> Tensor:
+    """Self-normalised IPS, eq. (37): ``sum o * e / p_hat  /  sum o / p_hat`` per batch."""
+    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, need_click=True)
+    return _self_normalised(o * e / p_hat, o, p_hat)
+
+
+def eib(e, e_hat, o) -> Tensor:
+    """Error-imputation-based estimator, eq. (5): ``(1/|D|) sum o * e + (1 - o) * e_hat``."""
+    o, e, e_hat, _ = check_batch(o, e=e, e_hat=e_hat)
+    return _batch_mean(o * e + (1 - o) * e_hat)
+
+
+def _dr_terms(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
+    """Per-pair DR summand ê + o (e - ê) / p̂ shared by eq. (7) and eq. (13)."""
+    return e_hat + o * (e - e_hat) / p_hat
+
+
+def dr(e, e_hat, o, p_hat) -> Tensor:
+    """Doubly robust estimator, eq. (7): ``(1/|D|) sum e_hat + o * (e - e_hat) / p_hat``."""
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat)
+    return _batch_mean(_dr_terms(e, e_hat, o, p_hat))
+
+
+def badr(e, e_hat, o, p_hat) -> Tensor:
+    """Batch-adaptive DR estimator, eq. (13).
+
+    Per batch D^(k): ``sum (e_hat + o * (e - e_hat) / p_hat)  /  sum o / p_hat``; the result is the
+    mean over the K batches.  Equals :func:`dr` times ``|D^(k)| / sum(o / p_hat)`` within a batch
+    and :func:`snips` when ``e_hat = 0`` (Section 3.6).
+    """
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True)
+    return _self_normalised(_dr_terms(e, e_hat, o, p_hat), o, p_hat)

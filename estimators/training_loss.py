@@ -1,0 +1,186 @@
+"""Training-level losses of the joint-learning step, computed from logits.
+
+In joint learning (Algorithm 1; Wang et al. 2019) a step sees a clicked batch B of ``b``
+pairs with labels ``r`` and ``G * b`` pairs U drawn uniformly from ALL user-item pairs.  The
+imputation model is parameterised, as in the published code, as a pseudo-label model: with
+``l(x, t) = softplus(x) - t * x`` the binary cross-entropy of ``sigmoid(x)`` against ``t``,
+
+    e     = l(x, r)              prediction error on a clicked pair,
+    e_hat = l(x, sigmoid(x_t))   imputed error: the prediction scored against the imputed label,
+
+where ``x`` are prediction logits and ``x_t`` imputation logits.  ``imputation="error"``
+instead reads ``x_t`` as the imputed error itself (direct error regression, the papers'
+eqs. 5-10 literally).  Propensities ``p_hat`` are the clipped learned ones; they are always
+detached.
+
+This module holds the pure-PyTorch reference; :func:`prediction_loss` and
+:func:`imputation_loss` are the entry points used by the trainers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PREDICTION_ESTIMATORS = ("naive", "ips", "snips", "dr", "badr")
+IMPUTATION_LOSSES = ("dr", "mrdr", "dr_bias", "dr_mse", "badr", "badr_paper")
+IMPUTATIONS = ("pseudo_label", "error")
+
+
+def bce_with_logits(x: Tensor, t: Tensor) -> Tensor:
+    """``l(sigmoid(x), t) = softplus(x) - t * x``, finite for any finite logit."""
+    return F.softplus(x) - t * x
+
+
+def _imputed_error(x: Tensor, x_t: Tensor, imputation: str) -> Tensor:
+    return bce_with_logits(x, torch.sigmoid(x_t)) if imputation == "pseudo_label" else x_t
+
+
+def prediction_loss_reference(
+    estimator: str,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    x_u: Optional[Tensor] = None,
+    xt_b: Optional[Tensor] = None,
+    xt_u: Optional[Tensor] = None,
+    imputation: str = "pseudo_label",
+) -> Tensor:
+    """Prediction-model loss of one joint-learning step (imputation logits detached).
+
+    With ``w = 1 / p_hat`` on B and ``N`` the estimator's normaliser:
+
+    - ``naive`` (eq. 2 on B): ``mean_B l(x, r)``;
+    - ``ips`` (eq. 3): ``sum_B w l(x, r) / b``;  ``snips`` (eq. 37): ``... / sum_B w``;
+    - ``dr`` (eq. 7, DR-JL) and ``badr`` (eq. 13):
+      ``[sum_B w e - sum_B e_hat + sum_U e_hat] / N`` with ``N = |U|`` for DR (as the
+      published DR-JL code) and ``N = sum_B w`` for BADR.
+    """
+    w = 1.0 / p_hat_b
+    e = bce_with_logits(x_b, r_b)
+    if estimator == "naive":
+        return e.mean()
+    if estimator in ("ips", "snips"):
+        num = (w * e).sum()
+        return num / (x_b.numel() if estimator == "ips" else w.sum())
+    xt_b, xt_u = xt_b.detach(), xt_u.detach()
+    num = (w * e).sum() - _imputed_error(x_b, xt_b, imputation).sum() + _imputed_error(x_u, xt_u, imputation).sum()
+    return num / (x_u.numel() if estimator == "dr" else w.sum())
+
+
+def imputation_loss_reference(
+    kind: str,
+    xt_b: Tensor,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    xt_u: Optional[Tensor] = None,
+    x_u: Optional[Tensor] = None,
+    alpha: float = 0.5,
+    imputation: str = "pseudo_label",
+) -> Tensor:
+    """Imputation-model loss of one joint-learning step (prediction logits detached).
+
+    ``e = l(x, r)`` and ``e_hat`` on B as in the module docstring, ``w = 1 / p_hat``:
+
+    - ``dr`` (eq. 6 as a batch sum): ``sum_B w (e - e_hat)^2``;
+    - ``mrdr`` (eq. 8): ``sum_B w^2 (1 - p_hat) (e - e_hat)^2``;
+    - ``dr_bias`` (eq. 9): ``sum_B w^3 (1 - p_hat)^2 (e - e_hat)^2``;
+    - ``dr_mse`` (eq. 10): ``alpha * dr_bias + (1 - alpha) * mrdr``;
+    - ``badr_paper`` (eq. 32 on B and U): ``sum_B w^2 (e - e_hat + E_hat - L)^2 / (sum_B w)^2``
+      with ``E_hat = sum_U e_hat / sum_B w`` and ``L = [sum_U e_hat + sum_B w (e - e_hat)] / sum_B w``;
+      the gradient reaches ``x_t`` through ``e_hat`` on B (the U terms cancel in ``E_hat - L``);
+    - ``badr`` (the published BADR code, which reproduces Table 3): the imputed error is written
+      ``l(x_t, sigmoid(x))`` (input and target swapped), ``e_hat`` on B is detached,
+      ``E_U = mean_U l(x_t, sigmoid(x))`` carries the gradient, ``L`` is the detached BADR
+      estimate with that error, and the loss is ``sum_B w^2 (e - e_hat + E_U - L)^2 / |U|``.
+      In ``imputation="error"`` mode the swap is moot and ``x_t`` is the imputed error.
+    """
+    x_b = x_b.detach()
+    w = 1.0 / p_hat_b
+    e = bce_with_logits(x_b, r_b)
+    if kind == "badr":
+        x_u = x_u.detach()
+        if imputation == "pseudo_label":
+            e_hat_b = bce_with_logits(xt_b, torch.sigmoid(x_b)).detach()
+            e_hat_u = bce_with_logits(xt_u, torch.sigmoid(x_u))
+        else:
+            e_hat_b, e_hat_u = xt_b.detach(), xt_u
+        estimate = ((w * e).sum() - e_hat_b.sum() + e_hat_u.detach().sum()) / w.sum()
+        return (w**2 * (e - e_hat_b + e_hat_u.mean() - estimate) ** 2).sum() / x_u.numel()
+    e_hat = _imputed_error(x_b, xt_b, imputation)
+    sq = (e - e_hat) ** 2
+    if kind == "dr":
+        return (w * sq).sum()
+    mrdr = (w**2 * (1 - p_hat_b) * sq).sum()
+    if kind == "mrdr":
+        return mrdr
+    bias = (w**3 * (1 - p_hat_b) ** 2 * sq).sum()
+    if kind == "dr_bias":
+        return bias
+    if kind == "dr_mse":
+        return alpha * bias + (1 - alpha) * mrdr
+    # badr_paper
+    sum_w = w.sum()
+    e_hat_u = _imputed_error(x_u.detach(), xt_u, imputation)
+    e_hat_mean = e_hat_u.sum() / sum_w
+    estimate = (e_hat_u.sum() + (w * (e - e_hat)).sum()) / sum_w
+    return (w**2 * (e - e_hat + e_hat_mean - estimate) ** 2).sum() / sum_w**2
+
+
+def _check_names(estimator_or_kind: str, allowed: tuple[str, ...], what: str, imputation: str) -> None:
+    if estimator_or_kind not in allowed:
+        raise ValueError(f"`{what}` must be one of {allowed}; got {estimator_or_kind!r}")
+    if imputation not in IMPUTATIONS:
+        raise ValueError(f"`imputation` must be one of {IMPUTATIONS}; got {imputation!r}")
+
+
+def _check_same_shape(**tensors: Optional[Tensor]) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+    groups: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if len(shape) != 1:
+            raise ValueError(f"`{name}` must be 1-D; got shape {shape}")
+        groups.setdefault(name[-1], shape)
+        if groups[name[-1]] != shape:
+            raise ValueError(f"`{name}` has shape {shape}, expected {groups[name[-1]]} like the other "
+                             f"tensors on {'B' if name[-1] == 'b' else 'U'}")
+
+
+def prediction_loss(
+    estimator: str,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    x_u: Optional[Tensor] = None,
+    xt_b: Optional[Tensor] = None,
+    xt_u: Optional[Tensor] = None,
+    imputation: str = "pseudo_label",
+) -> Tensor:
+    """Prediction-model loss of a joint-learning step; see :func:`prediction_loss_reference`."""
+    _check_names(estimator, PREDICTION_ESTIMATORS, "estimator", imputation)
+    if estimator in ("dr", "badr") and (x_u is None or xt_b is None or xt_u is None):
+        raise ValueError(f"estimator {estimator!r} needs x_u, xt_b and xt_u (the imputation model's logits)")
+    _check_same_shape(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
+    return prediction_loss_reference(estimator, x_b, r_b, p_hat_b.detach(), x_u, xt_b, xt_u, imputation)
+
+
+def imputation_loss(
+    kind: str,
+    xt_b: Tensor,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    xt_u: Optional[Tensor] = None,
+    x_u: Optional[Tensor] = None,
+    alpha: float = 0.5,
+    imputation: str = "pseudo_label",
+) -> Tensor:
+    """Imputation-model loss of a joint-learning step; see :func:`imputation_loss_reference`."""
+    _check_names(kind, IMPUTATION_LOSSES, "kind", imputation)
+    if kind in ("badr", "badr_paper") and (xt_u is None or x_u is None):
+        raise ValueError(f"imputation loss {kind!r} needs xt_u and x_u (logits on the sampled pairs U)")
+    _check_same_shape(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
+    return imputation_loss_reference(kind, xt_b, x_b, r_b, p_hat_b.detach(), xt_u, x_u, alpha, imputation)

@@ -1,0 +1,180 @@
+"""Joint-learning losses (from logits) and the JointLearner step.
+
+The training-level losses are checked against a direct numpy transcription of the formulas
+in ``estimators.training_loss`` (which follow ../shared/notes/published-protocols.md and the
+paper's eqs. 6-10, 13, 32), in float64.
+"""
+import numpy as np
+import pytest
+import torch
+
+from estimators import JointConfig, JointLearner, badr_imputation_loss, imputation_loss, prediction_loss
+from estimators.training_loss import IMPUTATION_LOSSES, PREDICTION_ESTIMATORS
+
+RTOL = 1e-10
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _bce(x, t):
+    """l(sigmoid(x), t) written as the cross-entropy of probabilities."""
+    p = _sigmoid(x)
+    return -(t * np.log(p) + (1 - t) * np.log(1 - p))
+
+
+@pytest.fixture
+def step_inputs():
+    rng = np.random.default_rng(7)
+    b, g = 37, 4
+    return dict(
+        x_b=rng.normal(size=b) * 2, r_b=rng.integers(0, 2, b).astype(float), p_hat_b=rng.uniform(0.02, 1, b),
+        x_u=rng.normal(size=g * b) * 2, xt_b=rng.normal(size=b), xt_u=rng.normal(size=g * b),
+    )
+
+
+def _t(d):
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in d.items()}
+
+
+def _numpy_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u):
+    w = 1 / p_hat_b
+    e = _bce(x_b, r_b)
+    if estimator == "naive":
+        return e.mean()
+    if estimator == "ips":
+        return (w * e).sum() / len(e)
+    if estimator == "snips":
+        return (w * e).sum() / w.sum()
+    num = (w * e).sum() - _bce(x_b, _sigmoid(xt_b)).sum() + _bce(x_u, _sigmoid(xt_u)).sum()
+    return num / (len(x_u) if estimator == "dr" else w.sum())
+
+
+def _numpy_imputation(kind, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, alpha=0.3):
+    w = 1 / p_hat_b
+    e = _bce(x_b, r_b)
+    if kind == "badr":
+        e_hat_b = _bce(xt_b, _sigmoid(x_b))
+        e_hat_u = _bce(xt_u, _sigmoid(x_u))
+        est = ((w * e).sum() - e_hat_b.sum() + e_hat_u.sum()) / w.sum()
+        return (w**2 * (e - e_hat_b + e_hat_u.mean() - est) ** 2).sum() / len(x_u)
+    e_hat = _bce(x_b, _sigmoid(xt_b))
+    sq = (e - e_hat) ** 2
+    mrdr = (w**2 * (1 - p_hat_b) * sq).sum()
+    bias = (w**3 * (1 - p_hat_b) ** 2 * sq).sum()
+    if kind == "badr_paper":
+        e_hat_u = _bce(x_u, _sigmoid(xt_u))
+        big_e = e_hat_u.sum() / w.sum()
+        est = (e_hat_u.sum() + (w * (e - e_hat)).sum()) / w.sum()
+        return (w**2 * (e - e_hat + big_e - est) ** 2).sum() / w.sum() ** 2
+    return {"dr": (w * sq).sum(), "mrdr": mrdr, "dr_bias": bias, "dr_mse": alpha * bias + (1 - alpha) * mrdr}[kind]
+
+
+@pytest.mark.parametrize("estimator", PREDICTION_ESTIMATORS)
+def test_prediction_loss_matches_numpy(estimator, step_inputs):
+    t = _t(step_inputs)
+    got = prediction_loss(estimator, t["x_b"], t["r_b"], t["p_hat_b"], t["x_u"], t["xt_b"], t["xt_u"])
+    np.testing.assert_allclose(float(got), _numpy_prediction(estimator, **step_inputs), rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", IMPUTATION_LOSSES)
+def test_imputation_loss_matches_numpy(kind, step_inputs):
+    t = _t(step_inputs)
+    got = imputation_loss(kind, t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"], t["xt_u"], t["x_u"], alpha=0.3)
+    np.testing.assert_allclose(float(got), _numpy_imputation(kind, alpha=0.3, **step_inputs), rtol=RTOL)
+
+
+def test_badr_paper_imputation_is_eq32_on_b_and_u(step_inputs):
+    """badr_paper is eq. (32) on the batch B u U with o = 1 on B and o = 0 on U."""
+    t = _t(step_inputs)
+    got = imputation_loss("badr_paper", t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"], t["xt_u"], t["x_u"])
+    bce = lambda x, q: torch.nn.functional.softplus(x) - q * x  # noqa: E731
+    nu = t["x_u"].numel()
+    e = torch.cat([bce(t["x_b"], t["r_b"]), torch.full((nu,), float("nan"), dtype=torch.float64)])
+    e_hat = torch.cat([bce(t["x_b"], torch.sigmoid(t["xt_b"])), bce(t["x_u"], torch.sigmoid(t["xt_u"]))])
+    o = torch.cat([torch.ones_like(t["x_b"]), torch.zeros(nu, dtype=torch.float64)])
+    p_hat = torch.cat([t["p_hat_b"], torch.full((nu,), 0.5, dtype=torch.float64)])
+    torch.testing.assert_close(got, badr_imputation_loss(e, e_hat, o, p_hat), rtol=RTOL, atol=0)
+
+
+def test_gradients_reach_only_the_trained_model(step_inputs):
+    t = {k: v.requires_grad_() for k, v in _t(step_inputs).items()}
+    loss = prediction_loss("badr", t["x_b"], t["r_b"], t["p_hat_b"], t["x_u"], t["xt_b"], t["xt_u"])
+    loss.backward()
+    assert t["x_b"].grad is not None and t["x_u"].grad is not None
+    assert t["xt_b"].grad is None and t["xt_u"].grad is None and t["p_hat_b"].grad is None
+    t = {k: v.detach().requires_grad_() for k, v in t.items()}
+    imputation_loss("badr", t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"], t["xt_u"], t["x_u"]).backward()
+    assert t["x_b"].grad is None and t["x_u"].grad is None and t["p_hat_b"].grad is None
+    # the published BADR imputation loss reaches the imputation model only through E_U
+    assert t["xt_b"].grad is None and torch.isfinite(t["xt_u"].grad).all()
+
+
+def test_extreme_logits_stay_finite():
+    x = torch.tensor([-40.0, 40.0, 0.0], requires_grad=True)
+    r = torch.tensor([1.0, 0.0, 1.0])
+    p_hat = torch.tensor([1e-6, 1.0, 0.5])
+    xt = torch.tensor([40.0, -40.0, 3.0])
+    loss = prediction_loss("badr", x, r, p_hat, x.detach().repeat(2), xt, xt.repeat(2))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(estimator="ipw"), "estimator"),
+    (dict(imputation="regression"), "imputation"),
+])
+def test_prediction_loss_rejects_bad_names(bad, match, step_inputs):
+    t = _t(step_inputs)
+    kw = dict(estimator="dr", imputation="pseudo_label") | bad
+    with pytest.raises(ValueError, match=match):
+        prediction_loss(kw["estimator"], t["x_b"], t["r_b"], t["p_hat_b"], t["x_u"], t["xt_b"], t["xt_u"],
+                        imputation=kw["imputation"])
+
+
+def test_losses_reject_shape_mismatch_and_missing_u(step_inputs):
+    t = _t(step_inputs)
+    with pytest.raises(ValueError, match="r_b"):
+        prediction_loss("ips", t["x_b"], t["r_b"][:-1], t["p_hat_b"])
+    with pytest.raises(ValueError, match="x_u"):
+        prediction_loss("badr", t["x_b"], t["r_b"], t["p_hat_b"])
+    with pytest.raises(ValueError, match="xt_u"):
+        imputation_loss("badr", t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"])
+    with pytest.raises(ValueError, match="kind"):
+        imputation_loss("ips", t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"])
+
+
+@pytest.mark.parametrize("estimator, imp", [("naive", None), ("snips", None), ("dr", "mrdr"), ("badr", "badr")])
+def test_joint_learner_fits_a_planted_signal(estimator, imp):
+    """A few hundred steps on a planted low-rank CVR lower the loss and rank positives first."""
+    gen = torch.Generator().manual_seed(0)
+    n_users, n_items = 40, 50
+    u_true, v_true = torch.randn(n_users, 3, generator=gen), torch.randn(n_items, 3, generator=gen)
+    truth = torch.sigmoid(2 * u_true @ v_true.T)
+    p = torch.full((n_users, n_items), 0.2)
+    torch.manual_seed(0)
+    learner = JointLearner(p, JointConfig(estimator=estimator, imputation_loss=imp, dim=8, G=2, lr=0.05, imp_lr=0.05),
+                           generator=gen)
+    users = torch.randint(n_users, (400,), generator=gen)
+    items = torch.randint(n_items, (400,), generator=gen)
+    r = torch.bernoulli(truth[users, items], generator=gen)
+    first = learner.step(users, items, r)["prediction_loss"]
+    for _ in range(300):
+        last = learner.step(users, items, r)["prediction_loss"]
+    assert last < first
+    pred = learner.predict(users, items)
+    auc = (pred[r == 1][:, None] > pred[r == 0][None, :]).double().mean()
+    assert auc > 0.8
+
+
+def test_joint_config_and_learner_validation():
+    with pytest.raises(ValueError, match="imputation_loss"):
+        JointConfig(estimator="badr", imputation_loss=None)
+    with pytest.raises(ValueError, match="imputation_loss"):
+        JointConfig(estimator="ips", imputation_loss="dr")
+    with pytest.raises(ValueError, match="propensities"):
+        JointLearner(torch.zeros(3, 4), JointConfig(estimator="ips", imputation_loss=None))
+    learner = JointLearner(torch.full((3, 4), 0.5), JointConfig(estimator="ips", imputation_loss=None, dim=2))
+    with pytest.raises(ValueError, match="users"):
+        learner.step(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0, 0.0]))
