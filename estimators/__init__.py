@@ -14,6 +14,7 @@ from .imputation import (
 from .joint import JointConfig, JointLearner
 from .loss import badr, dr, eib, ips, naive, snips
 from .models import MF, PropensityModel, fit_propensity
+from .multitask import ESCM2, escm2_loss
 from .training_loss import imputation_loss, prediction_loss
 
 #: Estimators of the ideal loss, by name; each takes the arguments listed with it, in order.
@@ -40,5 +41,5 @@ __all__ = [
     "dr_imputation_loss", "mrdr_imputation_loss", "dr_bias_imputation_loss", "dr_mse_imputation_loss",
     "badr_imputation_loss", "ESTIMATORS", "IMPUTATION_LOSSES",
     "MF", "PropensityModel", "fit_propensity", "JointConfig", "JointLearner",
-    "prediction_loss", "imputation_loss",
+    "prediction_loss", "imputation_loss", "ESCM2", "escm2_loss",
 ]

@@ -1,0 +1,114 @@
+"""Entire-space multi-task models: ESMM and ESCM2 (ESCM2 paper, Sections II-C and IV).
+
+A CTR tower gives ``o_hat = sigmoid(a)``, a CVR tower ``r_hat = sigmoid(b)`` and, for ESCM2-DR,
+an imputation tower the imputed CVR error ``delta_hat``.  Over a batch of exposed pairs with
+click indicators ``o`` and conversion labels ``r`` (NaN allowed where ``o = 0``):
+
+- ``L_CTR   = mean BCE(o_hat, o)``                                            eq. (35)
+- ``L_CTCVR = mean BCE(o_hat * r_hat, o * r)``                                eq. (5)
+- ``R_IPS   = mean o * delta / o_hat``                                        eq. (21)
+- ``R_DR    = mean [delta_hat + o (delta - delta_hat) / o_hat]
+             + mean o (delta - delta_hat)^2 / o_hat``                         eqs. (23), (25), (26)
+- ``L = L_CTR + lambda_c * R + lambda_g * L_CTCVR``                           eq. (34)
+
+with ``delta = BCE(r_hat, r)``.  ESMM is ``regulariser=None`` (no CVR term).  As in the
+propensity-weighted estimators of :mod:`estimators.loss`, the CTR estimate enters the
+regulariser clipped to ``[gamma, 1]`` and DETACHED: the CTR tower is trained by ``L_CTR`` and
+``L_CTCVR`` only (a port that leaves the weights attached lets the CVR regulariser push CTR
+estimates up to shrink its own weights).  Likewise ``delta_hat`` is detached in ``R_DR^err`` and
+trained by ``R_DR^imp`` alone, as in joint learning.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import check_batch
+
+REGULARISERS = (None, "ips", "dr")
+
+
+def _bce_of_product(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """BCE of ``sigmoid(a) * sigmoid(b)`` against ``t``, in log space (finite for logits of +-40)."""
+    log_p = F.logsigmoid(a) + F.logsigmoid(b)
+    # log(1 - p) = log(-expm1(log p)); the clamp keeps p = 1 (float rounding) finite
+    log_not_p = torch.log((-torch.expm1(log_p)).clamp_min(torch.finfo(a.dtype).tiny))
+    return -(t * log_p + (1 - t) * log_not_p)
+
+
+def escm2_loss(
+    ctr_logit: Tensor,
+    cvr_logit: Tensor,
+    o,
+    r,
+    *,
+    regulariser: Optional[str] = "ips",
+    delta_hat: Optional[Tensor] = None,
+    gamma: float = 0.05,
+    lambda_c: float = 0.1,
+    lambda_g: float = 1.0,
+) -> dict[str, Tensor]:
+    """ESMM / ESCM2 training loss, eq. (34), over one batch of exposed pairs.
+
+    Returns a dict with ``loss`` (to minimise) and its parts ``ctr``, ``ctcvr`` and ``cvr``
+    (the regulariser, 0 for ESMM).  ``regulariser`` is ``None`` (ESMM), ``"ips"`` (ESCM2-IPS,
+    eq. 21) or ``"dr"`` (ESCM2-DR, eq. 26, needs ``delta_hat``).  ``r`` may be NaN where ``o = 0``.
+    """
+    if regulariser not in REGULARISERS:
+        raise ValueError(f"`regulariser` must be one of {REGULARISERS}; got {regulariser!r}")
+    if regulariser == "dr" and delta_hat is None:
+        raise ValueError("regulariser='dr' (ESCM2-DR) needs `delta_hat`, the imputation tower's output")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"`gamma` (CTR clipping floor in the regulariser) must lie in (0, 1]; got {gamma}")
+    o_t, r_t, _, _ = check_batch(o, e=r, e_hat=cvr_logit)
+    if ctr_logit.shape != o_t.shape:
+        raise ValueError(f"`ctr_logit` has shape {tuple(ctr_logit.shape)} but `o` has shape {tuple(o_t.shape)}")
+    if not bool(((r_t == 0) | (r_t == 1)).all()):
+        raise ValueError("`r` (conversion labels) must be 0 or 1 where o = 1")
+    ctr = F.binary_cross_entropy_with_logits(ctr_logit, o_t)
+    ctcvr = _bce_of_product(ctr_logit, cvr_logit, o_t * r_t).mean()
+    out = {"ctr": ctr, "ctcvr": ctcvr}
+    if regulariser is None:
+        out["cvr"] = torch.zeros((), dtype=ctr.dtype, device=ctr.device)
+    else:
+        w = o_t / torch.sigmoid(ctr_logit.detach()).clamp(gamma, 1.0)
+        delta = F.softplus(cvr_logit) - r_t * cvr_logit  # BCE(r_hat, r); r_t is 0 where o = 0
+        if regulariser == "ips":
+            out["cvr"] = (w * delta).mean()
+        else:
+            if delta_hat.shape != delta.shape:
+                raise ValueError(f"`delta_hat` has shape {tuple(delta_hat.shape)}, expected {tuple(delta.shape)}")
+            fixed = delta_hat.detach()
+            err = (fixed + w * (delta - fixed)).mean()
+            imp = (w * (delta.detach() - delta_hat) ** 2).mean()
+            out["cvr"] = err + imp
+    out["loss"] = ctr + lambda_c * out["cvr"] + lambda_g * ctcvr
+    return out
+
+
+class ESCM2(nn.Module):
+    """Shared user and item embeddings with a CTR, a CVR and an imputation tower (Fig. 4).
+
+    Each tower is an MLP on ``[U_u ; V_i]``; the imputation tower's output passes through
+    softplus so that the imputed error ``delta_hat`` is non-negative, like a cross-entropy.
+    ``forward`` returns ``(ctr_logit, cvr_logit, delta_hat)``.
+    """
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        if min(n_users, n_items, dim, hidden) < 1:
+            raise ValueError("n_users, n_items, dim and hidden must be positive")
+        self.user = nn.Embedding(n_users, dim)
+        self.item = nn.Embedding(n_items, dim)
+
+        def tower() -> nn.Sequential:
+            return nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+        self.ctr, self.cvr, self.imputation = tower(), tower(), tower()
+
+    def forward(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = torch.cat([self.user(users), self.item(items)], dim=-1)
+        return (self.ctr(x).squeeze(-1), self.cvr(x).squeeze(-1), F.softplus(self.imputation(x).squeeze(-1)))
