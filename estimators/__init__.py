@@ -15,6 +15,7 @@ from .joint import JointConfig, JointLearner
 from .loss import badr, dr, eib, ips, naive, snips
 from .models import MF, PropensityModel, fit_propensity
 from .multitask import ESCM2, escm2_loss
+from ._fused import backend
 from .training_loss import imputation_loss, prediction_loss
 
 #: Estimators of the ideal loss, by name; each takes the arguments listed with it, in order.

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .models import MF
-from .training_loss import IMPUTATION_LOSSES, PREDICTION_ESTIMATORS, imputation_loss, prediction_loss
+from .training_loss import (CROSS_ENTROPIES, IMPUTATION_LOSSES, IMPUTATIONS, PREDICTION_ESTIMATORS, imputation_loss,
+                            prediction_loss)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class JointConfig:
     imp_weight_decay: float = 0.0
     alpha: float = 0.5
     imputation: str = "pseudo_label"
+    cross_entropy: str = "logits"
     imputation_first: bool = False
 
     def __post_init__(self) -> None:
@@ -47,6 +49,10 @@ class JointConfig:
                              f"got {self.imputation_loss!r}")
         if not needs_imputation and self.imputation_loss is not None:
             raise ValueError(f"estimator {self.estimator!r} has no imputation model; set imputation_loss=None")
+        if self.imputation not in IMPUTATIONS:
+            raise ValueError(f"`imputation` must be one of {IMPUTATIONS}; got {self.imputation!r}")
+        if self.cross_entropy not in CROSS_ENTROPIES:
+            raise ValueError(f"`cross_entropy` must be one of {CROSS_ENTROPIES}; got {self.cross_entropy!r}")
         if self.G < 1 or self.dim < 1:
             raise ValueError(f"`G` and `dim` must be positive; got G={self.G}, dim={self.dim}")
 
@@ -85,13 +91,13 @@ class JointLearner:
         cfg = self.config
         x_b = self.prediction(users, items)
         if self.imputation is None:
-            loss = prediction_loss(cfg.estimator, x_b, r, p_hat)
+            loss = prediction_loss(cfg.estimator, x_b, r, p_hat, cross_entropy=cfg.cross_entropy)
         else:
             with torch.no_grad():
                 xt_b = self.imputation(users, items)
                 xt_u = self.imputation(users_u, items_u)
             loss = prediction_loss(cfg.estimator, x_b, r, p_hat, self.prediction(users_u, items_u), xt_b, xt_u,
-                                   cfg.imputation)
+                                   cfg.imputation, cfg.cross_entropy)
         self.pred_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.pred_opt.step()
@@ -103,7 +109,7 @@ class JointLearner:
             x_b = self.prediction(users, items)
             x_u = self.prediction(users_u, items_u)
         loss = imputation_loss(cfg.imputation_loss, self.imputation(users, items), x_b, r, p_hat,
-                               self.imputation(users_u, items_u), x_u, cfg.alpha, cfg.imputation)
+                               self.imputation(users_u, items_u), x_u, cfg.alpha, cfg.imputation, cfg.cross_entropy)
         self.imp_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.imp_opt.step()

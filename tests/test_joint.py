@@ -124,13 +124,22 @@ def test_extreme_logits_stay_finite():
 @pytest.mark.parametrize("bad, match", [
     (dict(estimator="ipw"), "estimator"),
     (dict(imputation="regression"), "imputation"),
+    (dict(cross_entropy="probabilities"), "cross_entropy"),
 ])
 def test_prediction_loss_rejects_bad_names(bad, match, step_inputs):
     t = _t(step_inputs)
-    kw = dict(estimator="dr", imputation="pseudo_label") | bad
+    kw = dict(estimator="dr", imputation="pseudo_label", cross_entropy="logits") | bad
     with pytest.raises(ValueError, match=match):
         prediction_loss(kw["estimator"], t["x_b"], t["r_b"], t["p_hat_b"], t["x_u"], t["xt_b"], t["xt_u"],
-                        imputation=kw["imputation"])
+                        imputation=kw["imputation"], cross_entropy=kw["cross_entropy"])
+
+
+@pytest.mark.parametrize("estimator", PREDICTION_ESTIMATORS)
+def test_clamped_cross_entropy_equals_logits_form_for_moderate_logits(estimator, step_inputs):
+    """The published (clamped, probability-space) form agrees with the exact one away from saturation."""
+    t = _t(step_inputs)
+    args = (estimator, t["x_b"], t["r_b"], t["p_hat_b"], t["x_u"], t["xt_b"], t["xt_u"])
+    torch.testing.assert_close(prediction_loss(*args, cross_entropy="clamped"), prediction_loss(*args))
 
 
 def test_losses_reject_shape_mismatch_and_missing_u(step_inputs):
@@ -173,6 +182,8 @@ def test_joint_config_and_learner_validation():
         JointConfig(estimator="badr", imputation_loss=None)
     with pytest.raises(ValueError, match="imputation_loss"):
         JointConfig(estimator="ips", imputation_loss="dr")
+    with pytest.raises(ValueError, match="cross_entropy"):
+        JointConfig(estimator="ips", imputation_loss=None, cross_entropy="exact")
     with pytest.raises(ValueError, match="propensities"):
         JointLearner(torch.zeros(3, 4), JointConfig(estimator="ips", imputation_loss=None))
     learner = JointLearner(torch.full((3, 4), 0.5), JointConfig(estimator="ips", imputation_loss=None, dim=2))

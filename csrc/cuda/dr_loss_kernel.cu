@@ -1,0 +1,321 @@
+// CUDA kernels of the fused DR-family losses; the maths and the passes are those of
+// cpu/dr_loss_kernel.cpp, whose comments derive them.
+//
+// Every pass is one kernel: a grid-stride loop whose blocks reduce their elements into
+// per-block partial sums (in double, through shared memory, with no float atomics), followed by
+// a one-block kernel that adds the partials in block order and turns the sums into the scalars
+// the next pass needs (kept in device memory, so no host synchronisation).  The grid depends
+// only on the length, so a loss is bitwise reproducible for the same input.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../dr_loss.h"
+
+namespace cvr::ops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 1024;
+constexpr int kMaxSums = 4;
+// Workspace: the partial sums of up to kMaxBlocks blocks, then the scalars passed between passes.
+constexpr int kScalars = 4;
+
+int blocks_for(int64_t n) {
+  return static_cast<int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, kMaxBlocks));
+}
+
+// sigmoid(x), softplus(x) = max(x, 0) + log1p(exp(-|x|)) and sigmoid'(x) from z = exp(-|x|).
+template <typename T>
+struct Logit {
+  T z, inv, sigmoid;
+
+  __device__ explicit Logit(T x) : z(exp(-fabs(x))), inv(T(1) / (T(1) + z)), sigmoid(x >= T(0) ? inv : z * inv) {}
+  __device__ T softplus(T x) const { return (x > T(0) ? x : T(0)) + log1p(z); }
+  __device__ T dsigmoid() const { return z * inv * inv; }
+};
+
+// Tree sum over the block of each thread's K values; thread 0 receives the totals in `out`.
+template <int K>
+__device__ void block_sum(const double (&value)[K], double* out) {
+  __shared__ double smem[K][kThreads];
+  for (int k = 0; k < K; ++k) smem[k][threadIdx.x] = value[k];
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      for (int k = 0; k < K; ++k) smem[k][threadIdx.x] += smem[k][threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < K; ++k) out[k] = smem[k][0];
+  }
+}
+
+// One pass: body(i, acc) adds element i's K terms to acc (and writes its gradient).
+template <int K, typename Body>
+__global__ void pass_kernel(int64_t n, Body body, double* partials) {
+  double acc[K] = {};
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) body(i, acc);
+  block_sum<K>(acc, partials + static_cast<int64_t>(blockIdx.x) * K);
+}
+
+// Second stage: adds the blocks' partials in a fixed order and calls finish(sums) once.
+template <int K, typename Finish>
+__global__ void finish_kernel(int blocks, const double* partials, Finish finish) {
+  double acc[K] = {};
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
+    for (int k = 0; k < K; ++k) acc[k] += partials[b * K + k];
+  }
+  double total[K];
+  block_sum<K>(acc, total);
+  if (threadIdx.x == 0) finish(total);
+}
+
+template <typename T>
+__global__ void scale_kernel(int64_t n, T* data, const double* factor) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const T f = static_cast<T>(*factor);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) data[i] *= f;
+}
+
+struct Workspace {
+  at::Tensor buffer;
+  double *partials, *scalars;
+  cudaStream_t stream;
+
+  explicit Workspace(const at::Tensor& like)
+      : buffer(at::empty({kMaxBlocks * kMaxSums + kScalars}, like.options().dtype(at::kDouble))),
+        partials(buffer.mutable_data_ptr<double>()),
+        scalars(partials + kMaxBlocks * kMaxSums),
+        stream(c10::cuda::getCurrentCUDAStream()) {}
+
+  template <int K, typename Body, typename Finish>
+  void reduce(int64_t n, Body body, Finish finish) {
+    static_assert(K <= kMaxSums, "workspace holds kMaxSums partial sums per block");
+    const int blocks = blocks_for(n);
+    pass_kernel<K><<<blocks, kThreads, 0, stream>>>(n, body, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_kernel<K><<<1, kThreads, 0, stream>>>(blocks, partials, finish);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename T>
+  void scale(int64_t n, T* data, const double* factor) {
+    scale_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(n, data, factor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// Pass 1 over B: numerator terms and S = sum_B w, unnormalised gradient.  Pass 2 over U then
+// B: terms over U with the gradient divided by N, and the gradient on B divided by N.
+template <typename T>
+void prediction_cuda(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss) {
+  const Estimator est = in.estimator;
+  const bool uses_u = est == Estimator::dr || est == Estimator::badr;
+  const int64_t b = in.x_b.numel(), u = uses_u ? in.x_u.numel() : 0;
+  const InputPointers<T> ptr(in);
+  Workspace ws(in.x_b);
+  double* sc = ws.scalars;  // sc[0] = numerator on B, sc[1] = 1 / N
+  ws.reduce<2>(
+      b,
+      [=] __device__(int64_t i, double* acc) {
+        const T x = ptr.x_b[i], r = ptr.r_b[i], w = est == Estimator::naive ? T(1) : T(1) / ptr.p_hat_b[i];
+        const Logit<T> lx(x);
+        const T e = lx.softplus(x) - r * x;
+        T term = w * e, grad = w * (lx.sigmoid - r);
+        if (uses_u) {
+          const T st = Logit<T>(ptr.xt_b[i]).sigmoid;
+          term -= e + (r - st) * x;
+          grad -= lx.sigmoid - st;
+        }
+        grad_b[i] = grad;
+        acc[0] += term;
+        acc[1] += w;
+      },
+      [=] __device__(const double* sums) {
+        const double norm = est == Estimator::snips || est == Estimator::badr ? sums[1]
+                            : est == Estimator::dr                           ? static_cast<double>(u)
+                                                                             : static_cast<double>(b);
+        sc[0] = sums[0];
+        sc[1] = 1.0 / norm;
+      });
+  ws.reduce<1>(
+      u + b,
+      [=] __device__(int64_t i, double* acc) {
+        const T inv_norm = static_cast<T>(sc[1]);
+        if (i >= u) {
+          grad_b[i - u] *= inv_norm;
+          return;
+        }
+        const T x = ptr.x_u[i];
+        const Logit<T> lx(x), lt(ptr.xt_u[i]);
+        grad_u[i] = (lx.sigmoid - lt.sigmoid) * inv_norm;
+        acc[0] += lx.softplus(x) - lt.sigmoid * x;
+      },
+      [=] __device__(const double* sums) { *loss = static_cast<T>((sc[0] + sums[0]) * sc[1]); });
+}
+
+// DR, MRDR, DR-BIAS, DR-MSE (eqs. 6, 8, 9, 10): one pass over B.
+template <typename T>
+void squared_error_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
+  const ImputationKind kind = in.kind;
+  const T alpha = static_cast<T>(in.alpha);
+  const InputPointers<T> ptr(in);
+  Workspace ws(in.xt_b);
+  ws.reduce<1>(
+      in.xt_b.numel(),
+      [=] __device__(int64_t i, double* acc) {
+        const T x = ptr.x_b[i], p = ptr.p_hat_b[i], w = T(1) / p, q = T(1) - p;
+        const Logit<T> lt(ptr.xt_b[i]);
+        const T mrdr = w * w * q, bias = mrdr * w * q;
+        const T c = kind == ImputationKind::dr        ? w
+                    : kind == ImputationKind::mrdr    ? mrdr
+                    : kind == ImputationKind::dr_bias ? bias
+                                                      : alpha * bias + (T(1) - alpha) * mrdr;
+        const T d = x * (lt.sigmoid - ptr.r_b[i]);
+        grad_b[i] = T(2) * c * d * x * lt.dsigmoid();
+        acc[0] += c * d * d;
+      },
+      [=] __device__(const double* sums) { *loss = static_cast<T>(sums[0]); });
+}
+
+// Eq. 32: pass 1 sums the centring terms S, sum w d, sum w^2 d, sum w^2; pass 2 the centred
+// squares with the gradient.
+template <typename T>
+void badr_paper_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
+  const InputPointers<T> ptr(in);
+  const int64_t b = in.xt_b.numel();
+  Workspace ws(in.xt_b);
+  double* sc = ws.scalars;  // m, 2 / S^2, 2 D / S^3, 1 / S^2
+  ws.reduce<4>(
+      b,
+      [=] __device__(int64_t i, double* acc) {
+        const T x = ptr.x_b[i], w = T(1) / ptr.p_hat_b[i];
+        const T d = x * (Logit<T>(ptr.xt_b[i]).sigmoid - ptr.r_b[i]);
+        acc[0] += w;
+        acc[1] += w * d;
+        acc[2] += w * w * d;
+        acc[3] += w * w;
+      },
+      [=] __device__(const double* sums) {
+        const double s = sums[0], m = sums[1] / s;
+        sc[0] = m;
+        sc[1] = 2.0 / (s * s);
+        sc[2] = 2.0 * (sums[2] - m * sums[3]) / (s * s * s);
+        sc[3] = 1.0 / (s * s);
+      });
+  ws.reduce<1>(
+      b,
+      [=] __device__(int64_t i, double* acc) {
+        const T x = ptr.x_b[i], w = T(1) / ptr.p_hat_b[i];
+        const Logit<T> lt(ptr.xt_b[i]);
+        const T dev = x * (lt.sigmoid - ptr.r_b[i]) - static_cast<T>(sc[0]);
+        grad_b[i] = x * lt.dsigmoid() * (static_cast<T>(sc[1]) * w * w * dev - static_cast<T>(sc[2]) * w);
+        acc[0] += w * w * dev * dev;
+      },
+      [=] __device__(const double* sums) { *loss = static_cast<T>(sums[0] * sc[3]); });
+}
+
+// The published BADR loss: pass 1 over B then U (S, the terms of L and E_U; a on B, the
+// unscaled gradient on U), pass 2 over B (the centred squares), then the gradient's scale.
+template <typename T>
+void badr_cuda(const ImputationInputs& in, T* grad_u, T* loss) {
+  const InputPointers<T> ptr(in);
+  const int64_t b = in.xt_b.numel(), u = in.xt_u.numel();
+  const at::Tensor a_buf = at::empty_like(in.xt_b);
+  T* a = a_buf.mutable_data_ptr<T>();
+  Workspace ws(in.xt_b);
+  double* sc = ws.scalars;  // c = E_U - L, then the gradient's factor
+  ws.reduce<4>(
+      b + u,
+      [=] __device__(int64_t i, double* acc) {
+        if (i < b) {
+          const T x = ptr.x_b[i], xt = ptr.xt_b[i], w = T(1) / ptr.p_hat_b[i];
+          const Logit<T> lx(x), lt(xt);
+          const T e = lx.softplus(x) - ptr.r_b[i] * x, e_hat = lt.softplus(xt) - lx.sigmoid * xt;
+          a[i] = e - e_hat;
+          acc[0] += w;
+          acc[1] += w * e;
+          acc[2] += e_hat;
+        } else {
+          const T xt = ptr.xt_u[i - b];
+          const Logit<T> lx(ptr.x_u[i - b]), lt(xt);
+          grad_u[i - b] = lt.sigmoid - lx.sigmoid;
+          acc[3] += lt.softplus(xt) - lx.sigmoid * xt;
+        }
+      },
+      [=] __device__(const double* sums) {
+        sc[0] = sums[3] / static_cast<double>(u) - (sums[1] - sums[2] + sums[3]) / sums[0];
+      });
+  ws.reduce<2>(
+      b,
+      [=] __device__(int64_t i, double* acc) {
+        const T w = T(1) / ptr.p_hat_b[i], v = a[i] + static_cast<T>(sc[0]);
+        acc[0] += w * w * v * v;
+        acc[1] += w * w * v;
+      },
+      [=] __device__(const double* sums) {
+        const double n = static_cast<double>(u);
+        *loss = static_cast<T>(sums[0] / n);
+        sc[1] = 2.0 * sums[1] / (n * n);
+      });
+  ws.scale(u, grad_u, sc + 1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prediction_loss_cuda(
+    std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b, const at::Tensor& p_hat_b,
+    const std::optional<at::Tensor>& x_u, const std::optional<at::Tensor>& xt_b,
+    const std::optional<at::Tensor>& xt_u) {
+  const PredictionInputs in = prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u);
+  const c10::cuda::CUDAGuard guard(in.x_b.device());
+  at::Tensor loss = at::empty({}, in.x_b.options());
+  at::Tensor grad_b = at::empty_like(in.x_b);
+  at::Tensor grad_u = in.x_u.defined() ? at::empty_like(in.x_u) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(in.x_b.scalar_type(), "cvr::prediction_loss", [&] {
+    prediction_cuda<scalar_t>(in, grad_b.mutable_data_ptr<scalar_t>(),
+                              grad_u.defined() ? grad_u.mutable_data_ptr<scalar_t>() : nullptr,
+                              loss.mutable_data_ptr<scalar_t>());
+  });
+  return {loss, grad_b, grad_u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> imputation_loss_cuda(
+    std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b, const at::Tensor& r_b,
+    const at::Tensor& p_hat_b, const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
+    double alpha) {
+  const ImputationInputs in = prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha);
+  const c10::cuda::CUDAGuard guard(in.xt_b.device());
+  at::Tensor loss = at::empty({}, in.xt_b.options());
+  const bool on_u = in.kind == ImputationKind::badr;
+  at::Tensor grad_b = on_u ? at::Tensor() : at::empty_like(in.xt_b);
+  at::Tensor grad_u = on_u ? at::empty_like(in.xt_u) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(in.xt_b.scalar_type(), "cvr::imputation_loss", [&] {
+    scalar_t* l = loss.mutable_data_ptr<scalar_t>();
+    if (on_u) {
+      badr_cuda<scalar_t>(in, grad_u.mutable_data_ptr<scalar_t>(), l);
+    } else if (in.kind == ImputationKind::badr_paper) {
+      badr_paper_cuda<scalar_t>(in, grad_b.mutable_data_ptr<scalar_t>(), l);
+    } else {
+      squared_error_cuda<scalar_t>(in, grad_b.mutable_data_ptr<scalar_t>(), l);
+    }
+  });
+  return {loss, grad_b, grad_u};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cvr, CUDA, m) {
+  m.impl("prediction_loss", &prediction_loss_cuda);
+  m.impl("imputation_loss", &imputation_loss_cuda);
+}
+
+}  // namespace cvr::ops

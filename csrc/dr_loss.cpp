@@ -1,0 +1,109 @@
+// Schema of the fused DR-family losses (the one place where the operators are declared) and
+// the argument checks shared by their CPU and CUDA kernels.
+#include "dr_loss.h"
+
+#include <torch/library.h>
+
+#include <initializer_list>
+
+namespace cvr::ops {
+namespace {
+
+Estimator parse_estimator(std::string_view name) {
+  if (name == "naive") return Estimator::naive;
+  if (name == "ips") return Estimator::ips;
+  if (name == "snips") return Estimator::snips;
+  if (name == "dr") return Estimator::dr;
+  if (name == "badr") return Estimator::badr;
+  TORCH_CHECK(false, "cvr::prediction_loss: estimator must be one of naive, ips, snips, dr, badr; got '", name, "'");
+}
+
+ImputationKind parse_imputation_kind(std::string_view name) {
+  if (name == "dr") return ImputationKind::dr;
+  if (name == "mrdr") return ImputationKind::mrdr;
+  if (name == "dr_bias") return ImputationKind::dr_bias;
+  if (name == "dr_mse") return ImputationKind::dr_mse;
+  if (name == "badr") return ImputationKind::badr;
+  if (name == "badr_paper") return ImputationKind::badr_paper;
+  TORCH_CHECK(false, "cvr::imputation_loss: kind must be one of dr, mrdr, dr_bias, dr_mse, badr, badr_paper; got '",
+              name, "'");
+}
+
+const at::Tensor& required(const char* op, const char* name, const std::optional<at::Tensor>& t) {
+  TORCH_CHECK(t.has_value() && t->defined(), op, ": `", name, "` is required by this loss");
+  return *t;
+}
+
+// Every tensor 1-D, of one floating dtype and on one device; the tensors of each group (B, U)
+// of one length.
+void check_group(const char* op, const at::Tensor& like, std::initializer_list<const at::Tensor*> group) {
+  TORCH_CHECK(like.scalar_type() == at::kFloat || like.scalar_type() == at::kDouble, op,
+              ": expected float32 or float64 tensors; got ", like.scalar_type());
+  const at::Tensor& head = **group.begin();
+  for (const at::Tensor* t : group) {
+    TORCH_CHECK(t->dim() == 1, op, ": expected 1-D tensors; got shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == like.scalar_type() && t->device() == like.device(), op,
+                ": all tensors must share one dtype and device; got ", t->scalar_type(), " on ", t->device(),
+                " and ", like.scalar_type(), " on ", like.device());
+    TORCH_CHECK(t->numel() == head.numel(), op, ": tensors over one set of pairs must have one length; got ",
+                t->numel(), " and ", head.numel());
+  }
+}
+
+}  // namespace
+
+PredictionInputs prepare_prediction(std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b,
+                                    const at::Tensor& p_hat_b, const std::optional<at::Tensor>& x_u,
+                                    const std::optional<at::Tensor>& xt_b, const std::optional<at::Tensor>& xt_u) {
+  constexpr const char* op = "cvr::prediction_loss";
+  PredictionInputs in{parse_estimator(estimator)};
+  in.x_b = x_b.contiguous();
+  in.r_b = r_b.contiguous();
+  in.p_hat_b = p_hat_b.contiguous();
+  if (in.estimator == Estimator::dr || in.estimator == Estimator::badr) {
+    in.xt_b = required(op, "xt_b", xt_b).contiguous();
+    in.x_u = required(op, "x_u", x_u).contiguous();
+    in.xt_u = required(op, "xt_u", xt_u).contiguous();
+    check_group(op, x_b, {&in.x_b, &in.r_b, &in.p_hat_b, &in.xt_b});
+    check_group(op, x_b, {&in.x_u, &in.xt_u});
+  } else {
+    check_group(op, x_b, {&in.x_b, &in.r_b, &in.p_hat_b});
+  }
+  return in;
+}
+
+ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b,
+                                    const at::Tensor& r_b, const at::Tensor& p_hat_b,
+                                    const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
+                                    double alpha) {
+  constexpr const char* op = "cvr::imputation_loss";
+  ImputationInputs in{parse_imputation_kind(kind)};
+  in.xt_b = xt_b.contiguous();
+  in.x_b = x_b.contiguous();
+  in.r_b = r_b.contiguous();
+  in.p_hat_b = p_hat_b.contiguous();
+  in.alpha = alpha;
+  check_group(op, xt_b, {&in.xt_b, &in.x_b, &in.r_b, &in.p_hat_b});
+  if (in.kind == ImputationKind::badr) {
+    in.xt_u = required(op, "xt_u", xt_u).contiguous();
+    in.x_u = required(op, "x_u", x_u).contiguous();
+    check_group(op, xt_b, {&in.xt_u, &in.x_u});
+  }
+  return in;
+}
+
+// The estimator and the imputation loss are named by the strings of
+// estimators/training_loss.py (a string keeps torch.ops.cvr calls self-describing; parsing it
+// costs nanoseconds next to a pass over the data).  The tensors over U are optional because
+// the naive, IPS and SNIPS estimators and the DR, MRDR, DR-BIAS, DR-MSE and eq.-32 BADR
+// imputation losses do not read them; `alpha` is DR-MSE's mixing weight (eq. 10).
+TORCH_LIBRARY(cvr, m) {
+  m.def(
+      "prediction_loss(str estimator, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? x_u, Tensor? xt_b, "
+      "Tensor? xt_u) -> (Tensor loss, Tensor grad_x_b, Tensor grad_x_u)");
+  m.def(
+      "imputation_loss(str kind, Tensor xt_b, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? xt_u, "
+      "Tensor? x_u, float alpha) -> (Tensor loss, Tensor grad_xt_b, Tensor grad_xt_u)");
+}
+
+}  // namespace cvr::ops

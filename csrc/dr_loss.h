@@ -1,0 +1,66 @@
+// Fused DR-family training losses of the joint-learning step (BADR paper, eqs. 2, 3, 6-10,
+// 13, 32, 37).  The schema of the two operators is declared once, in dr_loss.cpp; the CPU
+// kernels live in cpu/dr_loss_kernel.cpp and the CUDA kernels in cuda/dr_loss_kernel.cu.
+// The pure-PyTorch reference they must equal is estimators/training_loss.py.
+//
+// Both operators take logits (never probabilities) and return (loss, grad_1, grad_2): the
+// scalar loss and, computed in the same passes, its gradients with respect to the logits it
+// differentiates (x_b and x_u for the prediction loss, xt_b and xt_u for the imputation loss).
+// A gradient that is identically zero (the input does not reach the loss) is returned as an
+// undefined tensor, which Python receives as None.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+
+namespace cvr::ops {
+
+// Prediction-model estimators (the `estimator` argument), named as in
+// estimators/training_loss.py: PREDICTION_ESTIMATORS.
+enum class Estimator { naive, ips, snips, dr, badr };
+// Imputation-model losses (the `kind` argument), named as in IMPUTATION_LOSSES there.
+enum class ImputationKind { dr, mrdr, dr_bias, dr_mse, badr, badr_paper };
+
+// The inputs of one call, checked and made contiguous.  Tensors a loss does not read are
+// undefined: U (x_u, xt_u, and xt_b) is read by the DR and BADR prediction losses and by the
+// published BADR imputation loss.  BADR's eq. 32 ("badr_paper") reaches U only through
+// E_hat - L, where the sums over U cancel, so its kernels do not read U.
+struct PredictionInputs {
+  Estimator estimator;
+  at::Tensor x_b, r_b, p_hat_b, xt_b, x_u, xt_u;
+};
+
+struct ImputationInputs {
+  ImputationKind kind;
+  at::Tensor xt_b, x_b, r_b, p_hat_b, xt_u, x_u;
+  double alpha;
+};
+
+// Raw pointers to the inputs (null for the undefined ones), taken once per call: a tensor's
+// data accessor checks the dtype on every call, which would cost more than the arithmetic.
+template <typename T>
+struct InputPointers {
+  const T *x_b, *r_b, *p_hat_b, *xt_b, *x_u, *xt_u;
+
+  template <typename Inputs>
+  explicit InputPointers(const Inputs& in)
+      : x_b(get(in.x_b)), r_b(get(in.r_b)), p_hat_b(get(in.p_hat_b)), xt_b(get(in.xt_b)), x_u(get(in.x_u)),
+        xt_u(get(in.xt_u)) {}
+
+  static const T* get(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
+};
+
+// Shared by the CPU and CUDA kernels.  The Python wrappers validate user input with readable
+// messages first; these checks keep a direct call to torch.ops.cvr.* from reading out of bounds.
+PredictionInputs prepare_prediction(std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b,
+                                    const at::Tensor& p_hat_b, const std::optional<at::Tensor>& x_u,
+                                    const std::optional<at::Tensor>& xt_b, const std::optional<at::Tensor>& xt_u);
+
+ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b,
+                                    const at::Tensor& r_b, const at::Tensor& p_hat_b,
+                                    const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
+                                    double alpha);
+
+}  // namespace cvr::ops

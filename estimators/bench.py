@@ -1,0 +1,186 @@
+"""Benchmark of the fused DR-family losses against the eager pure-PyTorch reference.
+
+``python -m estimators.bench [--json] [--device cpu|cuda] [--quick] [--threads N] [--ops NAME ...]``
+
+For every operator (the prediction loss of each estimator, ``prediction/<estimator>``, and
+each imputation loss, ``imputation/<kind>``) and every batch size B in {128, 4096, 65536,
+1048576} with G in {5, 8} (|U| = G B), it times loss + backward of the fused operator
+(:mod:`estimators._fused`, whatever ``CVR_BACKEND`` says) and of the reference
+(``*_reference`` in :mod:`estimators.training_loss`) in the same run, as the median of
+repeats after warm-up, on random logits, labels and propensities in [0.05, 1].
+
+Each record has the keys ``op``, ``B``, ``G``, ``device``, ``fused_us``, ``reference_us``,
+``speedup`` (reference / fused) and ``gbps``: the bytes the fused operator must move (every
+input it reads and every gradient it writes, once) divided by the fused time.  ``--json``
+prints the list of records instead of the table; ``--quick`` runs B in {128, 4096} only.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from . import _fused
+from .training_loss import (
+    IMPUTATION_LOSSES,
+    PREDICTION_ESTIMATORS,
+    imputation_loss_reference,
+    prediction_loss_reference,
+)
+
+SIZES = (128, 4096, 65536, 1048576)
+QUICK_SIZES = (128, 4096)
+GROUPS = (5, 8)
+#: Wall-clock seconds spent on the repeats of one measurement (at least MIN_REPEATS of them).
+BUDGET_S = 0.25
+MIN_REPEATS, MAX_REPEATS = 3, 300
+
+
+def _inputs(B: int, G: int, device: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def logits(n: int) -> torch.Tensor:
+        return (2 * torch.randn(n, generator=generator)).to(device)
+
+    return {
+        "x_b": logits(B), "xt_b": logits(B), "x_u": logits(G * B), "xt_u": logits(G * B),
+        "r_b": (torch.rand(B, generator=generator) < 0.5).float().to(device),
+        "p_hat_b": (0.05 + 0.95 * torch.rand(B, generator=generator)).to(device),
+    }
+
+
+def _operators() -> list[tuple[str, Callable, Callable, Callable]]:
+    """(name, fused loss, reference loss, bytes moved) of every operator; the losses take the
+    inputs of :func:`_inputs` with the differentiated logits requiring grad."""
+    ops = []
+    for est in PREDICTION_ESTIMATORS:
+        uses_u = est in ("dr", "badr")
+
+        def fused(d, est=est):
+            return _fused.PredictionLoss.apply(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+
+        def reference(d, est=est):
+            return prediction_loss_reference(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+
+        def moved(B, G, uses_u=uses_u):  # read x, r, p_hat (and xt) on B, x and xt on U; write the gradients
+            return 4 * B + (B + 3 * G * B if uses_u else 0)
+
+        ops.append((f"prediction/{est}", fused, reference, moved))
+    for kind in IMPUTATION_LOSSES:
+        def fused(d, kind=kind):
+            return _fused.ImputationLoss.apply(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"],
+                                               d["x_u"], 0.5)
+
+        def reference(d, kind=kind):
+            return imputation_loss_reference(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"],
+                                             0.5)
+
+        def moved(B, G, kind=kind):  # read xt, x, r, p_hat on B (and xt, x on U); write one gradient
+            if kind == "badr":
+                return 4 * B + 3 * G * B
+            return 5 * B
+
+        ops.append((f"imputation/{kind}", fused, reference, moved))
+    return ops
+
+
+def _time_us(loss_fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str) -> float:
+    """Median wall time of loss + backward in microseconds, with Python's garbage collector
+    paused as :mod:`timeit` does (its passes over torch's objects would land in random repeats)."""
+    params = [inputs[name] for name in wrt]
+
+    def once() -> float:
+        for p in params:
+            p.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss_fn(inputs).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        first = once()
+        for _ in range(max(1, min(20, int(0.05 / max(first, 1e-9))))):
+            once()
+        repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(BUDGET_S / max(first, 1e-9))))
+        return 1e6 * statistics.median(once() for _ in range(repeats))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def run(device: str = "cpu", sizes=SIZES, groups=GROUPS, only: tuple[str, ...] = ()) -> list[dict]:
+    """The benchmark records (see the module docstring)."""
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for B in sizes:
+        for G in groups:
+            data = _inputs(B, G, device, generator)
+            for name, fused, reference, moved in _operators():
+                if only and name not in only:
+                    continue
+                wrt = ("x_b", "x_u") if name.startswith("prediction") else ("xt_b", "xt_u")
+                inputs = {k: v.detach().requires_grad_(k in wrt) for k, v in data.items()}
+                fused_us = _time_us(fused, inputs, wrt, device)
+                reference_us = _time_us(reference, inputs, wrt, device)
+                nbytes = moved(B, G) * data["x_b"].element_size()
+                records.append({
+                    "op": name, "B": B, "G": G, "device": device,
+                    "fused_us": round(fused_us, 1), "reference_us": round(reference_us, 1),
+                    "speedup": round(reference_us / fused_us, 2), "gbps": round(nbytes / fused_us / 1e3, 3),
+                })
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    header = (f"{'op':24s} {'B':>8s} {'G':>2s} {'device':>6s} {'fused_us':>10s} {'reference_us':>13s} "
+              f"{'speedup':>8s} {'gbps':>7s}")
+    lines = [header, "-" * len(header)]
+    for r in records:
+        lines.append(f"{r['op']:24s} {r['B']:8d} {r['G']:2d} {r['device']:>6s} {r['fused_us']:10.1f} "
+                     f"{r['reference_us']:13.1f} {r['speedup']:8.2f} {r['gbps']:7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m estimators.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the records as a JSON list")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="B in {128, 4096} only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--ops", nargs="+", default=(), metavar="NAME",
+                        help="only these operators, e.g. prediction/badr imputation/badr")
+    args = parser.parse_args(argv)
+    if _fused._C is None:
+        parser.error(f"the extension estimators._C is not built ({_fused._IMPORT_ERROR}); "
+                     "build it with `pip install --no-build-isolation -e .`")
+    if args.device == "cuda" and not (torch.cuda.is_available() and _fused._C.with_cuda):
+        parser.error("--device cuda needs a GPU and an extension built with CUDA")
+    known = [name for name, *_ in _operators()]
+    unknown = sorted(set(args.ops) - set(known))
+    if unknown:
+        parser.error(f"unknown operators {unknown}; choose from {known}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be positive; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    records = run(args.device, QUICK_SIZES if args.quick else SIZES, GROUPS, tuple(args.ops))
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels for "
+              f"{_fused._C.cpu_capability}; times are loss + backward, median of repeats")
+        print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

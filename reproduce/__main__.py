@@ -1,0 +1,172 @@
+"""Command line: ``python -m reproduce table3 ...`` and ``python -m reproduce tune ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from estimators.data import load_dataset, resolve_data_dir
+
+from . import config as C
+from .methods import METHODS, get_method, parse_methods
+from .table import append_result, read_results, render_table, run_key, write_table
+from .train import run_one, setup_runtime
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _datasets(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in C.DATASETS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown dataset(s) {', '.join(bad) or '(none)'}; "
+                                         f"expected a comma-separated list of {', '.join(C.DATASETS)}")
+    return names
+
+
+def _methods(text: str):
+    try:
+        return parse_methods(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _method(text: str):
+    try:
+        return get_method(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m reproduce", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="folder holding coat/, yahoo-r3/, kuairec/ (default: $CVR_DATA_DIR)")
+        p.add_argument("--config-dir", help="folder of the per-data-set configs (default: reproduce/configs)")
+        p.add_argument("--max-epochs", type=_positive, help="cap on the fit epochs (default: the config's, 100)")
+        p.add_argument("--threads", type=_positive, help="torch intra-op threads (default: torch's choice)")
+
+    t3 = sub.add_parser("table3", help="train and print Table 3 (ours beside the paper's numbers)")
+    t3.add_argument("--datasets", type=_datasets, default=list(C.DATASETS), help="comma-separated, default all")
+    t3.add_argument("--methods", type=_methods, default=list(METHODS.values()),
+                    help=f"comma-separated subset of {', '.join(METHODS)} (default all)")
+    t3.add_argument("--seeds", type=_positive, default=5, help="number of seeds, from 2024 on (default 5)")
+    t3.add_argument("--out", default="results", help="output folder for results.csv and table3.md")
+    t3.add_argument("--table-only", action="store_true",
+                    help="train nothing: render table3.md from the finished runs in results.csv")
+    t3.add_argument("--strict-ndcg", action="store_true",
+                    help="exclude users without a positive test item from NDCG/Recall (published: NDCG = 1)")
+    common(t3)
+
+    tu = sub.add_parser("tune", help="tune a method on the validation split and write its config")
+    tu.add_argument("method", type=_method, help=", ".join(METHODS))
+    tu.add_argument("dataset", choices=C.DATASETS)
+    tu.add_argument("--trials", type=_positive, required=True, help="number of random-search trials")
+    tu.add_argument("--search-seed", type=int, default=0, help="seed of the random search (default 0)")
+    tu.add_argument("--tune-seeds", type=_positive, default=1,
+                    help="training seeds per trial, scored by their mean validation AUC (default 1)")
+    tu.add_argument("--dry-run", action="store_true", help="report the best values without writing the config")
+    common(tu)
+    return parser
+
+
+def cmd_table3(args: argparse.Namespace) -> int:
+    data_dir = None if args.table_only else resolve_data_dir(args.data_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "results.csv", out / "table3.md"
+    done = {run_key(r) for r in read_results(csv_path)}
+    threads = torch.get_num_threads()
+    keys: set = set()
+    for ds in args.datasets:
+        cfg = C.load_config(ds, args.config_dir)
+        max_epochs = args.max_epochs or cfg["max_epochs"]
+        seeds = cfg["seeds"][:args.seeds] if args.seeds <= len(cfg["seeds"]) else \
+            list(range(cfg["seeds"][0], cfg["seeds"][0] + args.seeds))
+        plan = []
+        for method in args.methods:
+            params = C.method_params(cfg, method)
+            sig = C.run_signature(cfg, method, params, max_epochs)
+            for seed in seeds:
+                key = (ds, method.name, seed, sig)
+                keys.add(key)
+                if key not in done:
+                    plan.append((method, params, seed, sig))
+        skipped = len(args.methods) * len(seeds) - len(plan)
+        if skipped:
+            print(f"{ds}: {skipped} finished run(s) found in {csv_path}, skipped", file=sys.stderr)
+        if not plan or args.table_only:
+            continue
+        data = load_dataset(ds, data_dir, threshold=cfg["split"]["threshold"],
+                            val_fraction=cfg["split"]["val_pct"] / 100)
+        for method, params, seed, sig in plan:
+            start = time.perf_counter()
+            try:
+                result = {**run_one(data, cfg, method, params, seed, max_epochs=max_epochs), "status": "ok"}
+            except FloatingPointError as exc:  # recorded, so that a resumed job does not retry it
+                print(f"{ds} {method.name} seed {seed}: {exc}", file=sys.stderr)
+                nan = float("nan")
+                result = {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan,
+                          "k": cfg["k"], "seconds": time.perf_counter() - start, "status": "diverged"}
+            append_result(csv_path, {"dataset": ds, "method": method.name, "seed": seed, **result,
+                                     "max_epochs": max_epochs, "signature": sig, "threads": threads})
+            write_table(md_path, render_table(read_results(csv_path), args.datasets, strict=args.strict_ndcg,
+                                              keys=keys))
+    text = render_table(read_results(csv_path), args.datasets, strict=args.strict_ndcg, keys=keys)
+    write_table(md_path, text)
+    print(text)
+    print(f"wrote {csv_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import tune
+
+    data_dir = resolve_data_dir(args.data_dir)
+    cfg = C.load_config(args.dataset, args.config_dir)
+    method = args.method
+    base = C.method_params(cfg, method)
+    data = load_dataset(args.dataset, data_dir, threshold=cfg["split"]["threshold"],
+                        val_fraction=cfg["split"]["val_pct"] / 100)
+    start = time.perf_counter()
+
+    def on_trial(trial, params, score):
+        print(f"trial {trial}: validation AUC {score:.4f}  {params}", file=sys.stderr)
+
+    best, best_auc = tune(data, cfg, method, base, args.trials, seed=args.search_seed,
+                          max_epochs=args.max_epochs, n_seeds=args.tune_seeds, on_trial=on_trial)
+    print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s)")
+    if not args.dry_run:
+        status = (f"tuned: {args.trials} random-search trials (seed {args.search_seed}, {args.tune_seeds} training "
+                  f"seed(s) each) on the validation split, validation AUC {best_auc:.4f}")
+        path = C.save_method_params(args.dataset, method, best, status, args.config_dir)
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_runtime(args.threads)
+    try:
+        return cmd_table3(args) if args.command == "table3" else cmd_tune(args)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

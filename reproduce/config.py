@@ -1,0 +1,72 @@
+"""Per-data-set experiment configs (``reproduce/configs/<dataset>.json``): reading, checking, writing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .methods import Method
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DATASETS = ("coat", "yahoo", "kuairec")
+_TOP_KEYS = ("split", "dim", "batch_size", "k", "max_epochs", "propensity_max_epochs", "propensity_loss",
+             "early_stopping", "seeds", "methods")
+
+
+def config_path(dataset: str, config_dir: str | os.PathLike | None = None) -> Path:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    return Path(config_dir or CONFIG_DIR) / f"{dataset}.json"
+
+
+def load_config(dataset: str, config_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The config of ``dataset``, checked to hold the protocol keys."""
+    path = config_path(dataset, config_dir)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no config {path}; expected one per dataset in {path.parent}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    missing = [k for k in _TOP_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{path} lacks the keys {', '.join(missing)}")
+    return cfg
+
+
+def method_params(cfg: dict[str, Any], method: Method) -> dict[str, Any]:
+    """The hyperparameters ``method`` reads from ``cfg`` (its own entry under ``methods``)."""
+    entry = cfg["methods"].get(method.name)
+    if entry is None:
+        raise ValueError(f"config of {cfg.get('dataset')!r} has no entry for method {method.name!r}; add one "
+                         f"under 'methods' with the keys {', '.join(method.keys)}")
+    missing = [k for k in method.keys if k not in entry]
+    if missing:
+        raise ValueError(f"config of {cfg.get('dataset')!r}, method {method.name!r}: missing {', '.join(missing)}")
+    return {k: entry[k] for k in method.keys}
+
+
+def run_signature(cfg: dict[str, Any], method: Method, params: dict[str, Any], max_epochs: int) -> str:
+    """Short hash of everything that determines a run besides the seed (resume key)."""
+    fixed = {k: cfg[k] for k in ("split", "dim", "batch_size", "k", "propensity_max_epochs", "propensity_loss",
+                                  "early_stopping")}
+    blob = json.dumps({"fixed": fixed, "method": [method.estimator, method.imputation_loss], "params": params,
+                       "max_epochs": max_epochs}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def save_method_params(dataset: str, method: Method, params: dict[str, Any], status: str,
+                       config_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``params`` as ``method``'s entry of the dataset config (atomic replace, other entries kept)."""
+    path = config_path(dataset, config_dir)
+    cfg = load_config(dataset, config_dir)
+    cfg["methods"][method.name] = {"status": status, **{k: params[k] for k in method.keys}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,102 @@
+"""Method registry: a method is a name, an estimator, an imputation loss and the config keys it uses.
+
+Experiments are data: adding a row here (and its values to ``configs/*.json``) is all a new
+method of this family needs; the trainer, the tuner and the table iterate over the registry.
+``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
+a registered method are printed as "not implemented".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+# Config keys by role.  `lr` / `weight_decay` are the prediction model's Adam settings.
+_PRED = ("lr", "weight_decay")
+_PROP = ("gamma", "prop_batch_size", "prop_lr", "prop_weight_decay")
+_IMP = ("G", "imp_lr", "imp_weight_decay")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One trainable method: prediction estimator + imputation loss + the config keys it reads."""
+
+    name: str                       # CLI / CSV / config name
+    label: str                      # row label in the table
+    estimator: str                  # estimators.training_loss.PREDICTION_ESTIMATORS
+    imputation_loss: Optional[str]  # estimators.training_loss.IMPUTATION_LOSSES, None without imputation model
+    table3_row: Optional[str]       # row of the paper's Table 3, None for the Figure 1 ablations
+    description: str
+
+    @property
+    def uses_propensity(self) -> bool:
+        return self.estimator != "naive"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Config keys this method reads (``alpha`` only for the DR-MSE imputation loss)."""
+        keys = _PRED
+        if self.uses_propensity:
+            keys += _PROP
+        if self.imputation_loss is not None:
+            keys += _IMP
+        if self.imputation_loss == "dr_mse":
+            keys += ("alpha",)
+        return keys
+
+
+def _m(name, label, estimator, imputation_loss, table3_row, description) -> Method:
+    return Method(name, label, estimator, imputation_loss, table3_row, description)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    _m("mf", "MF", "naive", None, "MF", "naive estimator (eq. 2), no debiasing"),
+    _m("ips", "IPS", "ips", None, "IPS", "inverse propensity scoring (eq. 3)"),
+    _m("snips", "SNIPS", "snips", None, "SNIPS", "self-normalised IPS per batch (eq. 37)"),
+    _m("dr_jl", "DR-JL", "dr", "dr", "DRJL", "doubly robust joint learning (eqs. 6-7)"),
+    _m("mrdr", "MRDR", "dr", "mrdr", "MRDR", "DR estimator + MRDR imputation loss (eq. 8)"),
+    _m("dr_bias", "DR-BIAS", "dr", "dr_bias", "DR-BIAS", "DR estimator + DR-BIAS imputation loss (eq. 9)"),
+    _m("dr_mse", "DR-MSE", "dr", "dr_mse", "DR-MSE", "DR estimator + DR-MSE imputation loss (eq. 10)"),
+    _m("badr", "BADR", "badr", "badr", "BADR", "BADR estimator (eq. 13) + BADR imputation loss, published variant"),
+    _m("badr_dr", "BADR w/o BADR imp. loss", "badr", "dr", None, "Fig. 1(a): BADR estimator + DR imputation loss"),
+    _m("badr_v", "BADR-V", "badr", "mrdr", None, "Fig. 1(b): BADR estimator + MRDR imputation loss"),
+    _m("badr_b", "BADR-B", "badr", "dr_bias", None, "Fig. 1(b): BADR estimator + DR-BIAS imputation loss"),
+    _m("badr_m", "BADR-M", "badr", "dr_mse", None, "Fig. 1(b): BADR estimator + DR-MSE imputation loss"),
+)}
+
+#: Every row of the paper's Table 3, in its order.
+TABLE3_ROWS: tuple[str, ...] = (
+    "MF", "IPS", "SNIPS", "DRJL", "MRDR", "DR-BIAS", "DR-MSE", "StableDR", "TDR-CL", "DR-MSE-GPL", "D-DR",
+    "DCE-TDR", "CVIB", "DIB", "DAMF", "Multi-IPS", "Multi-DR", "ESCM2-IPS", "ESCM2-DR", "DDPO", "BADR",
+)
+
+#: Tuning ranges: (low, high, scale) with scale "log", "linear" or "int".  The paper's ranges for
+#: learning rates and weight decays; gamma, G and alpha are each method's own.
+SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
+    "lr": (5e-3, 1e-1, "log"),
+    "weight_decay": (1e-7, 1.0, "log"),
+    "imp_lr": (5e-3, 1e-1, "log"),
+    "imp_weight_decay": (1e-7, 1.0, "log"),
+    "prop_lr": (5e-4, 1e-1, "log"),
+    "prop_weight_decay": (1e-7, 1.0, "log"),
+    "gamma": (0.01, 0.2, "linear"),
+    "G": (1, 10, "int"),
+    "alpha": (0.0, 1.0, "linear"),
+}
+#: Keys that are fixed by the protocol, never tuned.
+FIXED_KEYS = ("prop_batch_size",)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_methods(text: str) -> list[Method]:
+    """``"mf,ips"`` -> the registered methods; ``"all"`` -> every registered method."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError("--methods is empty; give a comma-separated list such as mf,badr (or 'all')")
+    if names == ["all"]:
+        return list(METHODS.values())
+    return [get_method(n) for n in names]

@@ -1,0 +1,180 @@
+"""results.csv (one row per finished run, written atomically, resumable) and table3.md.
+
+The paper's Table 3 numbers appear only here, as the "paper" column beside ours.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from .methods import METHODS, TABLE3_ROWS
+
+COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "ndcg_strict", "recall_strict",
+           "epochs", "propensity_epochs", "propensity_seconds", "max_epochs", "signature", "threads", "status")
+DATASET_LABELS = {"yahoo": "Yahoo! R3", "coat": "Coat", "kuairec": "KuaiRec"}
+
+#: BADR paper, Table 3: (mean, std) of AUC, NDCG@K, Recall@K on Yahoo! R3, Coat, KuaiRec.
+PUBLISHED: dict[str, dict[str, tuple[tuple[float, float], ...]]] = {}
+_PAPER_TABLE3 = {
+    "MF": ((0.7096, 0.0001), (0.7089, 0.001), (0.466, 0.0018), (0.6983, 0.0088), (0.6658, 0.0055), (0.5151, 0.0093), (0.753, 0.0012), (0.5714, 0.0026), (0.6252, 0.0055)),
+    "IPS": ((0.7097, 0.0005), (0.7106, 0.0021), (0.4674, 0.0012), (0.7371, 0.0043), (0.6959, 0.0031), (0.5381, 0.0076), (0.7789, 0.0007), (0.5761, 0.0027), (0.647, 0.0057)),
+    "SNIPS": ((0.7108, 0.0006), (0.7122, 0.0015), (0.4685, 0.0017), (0.7439, 0.002), (0.6868, 0.0043), (0.5296, 0.0057), (0.7844, 0.0013), (0.5887, 0.002), (0.6472, 0.0049)),
+    "DRJL": ((0.7171, 0.0003), (0.7232, 0.0005), (0.4777, 0.0009), (0.7423, 0.0089), (0.701, 0.0105), (0.5368, 0.0114), (0.7879, 0.0013), (0.5918, 0.0034), (0.6574, 0.0039)),
+    "MRDR": ((0.7186, 0.0003), (0.7248, 0.0007), (0.478, 0.0008), (0.7515, 0.0038), (0.7063, 0.0056), (0.5458, 0.0071), (0.8075, 0.0034), (0.5803, 0.0105), (0.6774, 0.0036)),
+    "DR-BIAS": ((0.7195, 0.0003), (0.7265, 0.0007), (0.4803, 0.0015), (0.754, 0.0038), (0.7042, 0.0052), (0.5388, 0.0049), (0.8058, 0.0025), (0.5916, 0.0122), (0.6803, 0.0032)),
+    "DR-MSE": ((0.7194, 0.0005), (0.727, 0.001), (0.48, 0.0013), (0.7561, 0.0027), (0.7064, 0.0035), (0.5432, 0.004), (0.8049, 0.0032), (0.5926, 0.0091), (0.6671, 0.0021)),
+    "StableDR": ((0.712, 0.0006), (0.7195, 0.0013), (0.475, 0.0012), (0.7538, 0.0038), (0.7058, 0.0049), (0.5442, 0.0062), (0.8049, 0.0007), (0.6098, 0.0008), (0.6816, 0.0025)),
+    "TDR-CL": ((0.7212, 0.0008), (0.7283, 0.0021), (0.483, 0.0031), (0.7571, 0.0015), (0.707, 0.0037), (0.5435, 0.0088), (0.8061, 0.0043), (0.5968, 0.0141), (0.6519, 0.0013)),
+    "DR-MSE-GPL": ((0.7229, 0.0007), (0.7319, 0.0015), (0.4844, 0.0022), (0.7565, 0.0009), (0.709, 0.0008), (0.5417, 0.0038), (0.8126, 0.0009), (0.6151, 0.0008), (0.6822, 0.0019)),
+    "D-DR": ((0.7198, 0.0005), (0.7274, 0.0012), (0.4785, 0.001), (0.7556, 0.0021), (0.7056, 0.0024), (0.5422, 0.0034), (0.7833, 0.0019), (0.5872, 0.0032), (0.6572, 0.0003)),
+    "DCE-TDR": ((0.7233, 0.0003), (0.76, 0.0013), (0.517, 0.0012), (0.7608, 0.0023), (0.7162, 0.0047), (0.5552, 0.0046), (0.8269, 0.0019), (0.6566, 0.0034), (0.6991, 0.0052)),
+    "CVIB": ((0.7103, 0.0006), (0.7249, 0.0016), (0.4912, 0.0012), (0.7579, 0.0045), (0.6793, 0.0064), (0.5302, 0.0051), (0.7701, 0.0018), (0.5839, 0.0031), (0.6312, 0.0036)),
+    "DIB": ((0.7133, 0.0007), (0.7073, 0.0014), (0.4654, 0.0029), (0.7556, 0.0025), (0.7014, 0.0049), (0.5409, 0.0052), (0.7702, 0.0012), (0.5836, 0.0028), (0.6304, 0.0012)),
+    "DAMF": ((0.7216, 0.0006), (0.7402, 0.0009), (0.4963, 0.0016), (0.7561, 0.005), (0.7012, 0.0065), (0.537, 0.0067), (0.8085, 0.0009), (0.6306, 0.0032), (0.6556, 0.0026)),
+    "Multi-IPS": ((0.7109, 0.0005), (0.712, 0.0019), (0.4687, 0.0024), (0.7337, 0.0033), (0.6939, 0.0048), (0.5391, 0.0051), (0.7683, 0.0022), (0.5785, 0.0032), (0.6253, 0.0018)),
+    "Multi-DR": ((0.7168, 0.0005), (0.7212, 0.0009), (0.4766, 0.0022), (0.7556, 0.0026), (0.6921, 0.004), (0.5252, 0.0056), (0.7767, 0.0011), (0.5811, 0.0036), (0.6309, 0.0063)),
+    "ESCM2-IPS": ((0.7106, 0.0008), (0.7113, 0.0018), (0.4676, 0.002), (0.7392, 0.0026), (0.6872, 0.004), (0.5294, 0.0056), (0.7766, 0.003), (0.5817, 0.0056), (0.6467, 0.0039)),
+    "ESCM2-DR": ((0.7174, 0.0006), (0.727, 0.0008), (0.478, 0.0015), (0.7337, 0.0054), (0.6939, 0.0088), (0.5391, 0.0051), (0.7812, 0.0022), (0.5866, 0.0032), (0.6479, 0.0042)),
+    "DDPO": ((0.7204, 0.0004), (0.7266, 0.0012), (0.4788, 0.001), (0.7612, 0.0038), (0.7059, 0.0032), (0.5339, 0.0054), (0.8174, 0.0013), (0.6199, 0.0033), (0.68, 0.0036)),
+    "BADR": ((0.7332, 0.0009), (0.7831, 0.0011), (0.5382, 0.0012), (0.7694, 0.003), (0.7417, 0.0009), (0.575, 0.0041), (0.8391, 0.0011), (0.6689, 0.0021), (0.7189, 0.0061)),
+}
+for _row, _vals in _PAPER_TABLE3.items():
+    PUBLISHED[_row] = {"yahoo": _vals[0:3], "coat": _vals[3:6], "kuairec": _vals[6:9]}
+
+
+# ----------------------------------------------------------------------------------------- results.csv
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of ``results.csv`` (numbers parsed); an absent file is an empty list."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds")
+                   if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} is not a results file of this tool (no column {', '.join(missing)}); "
+                             "pass another --out folder")
+        rows = []
+        for row in reader:
+            for key, value in row.items():
+                if key in ("dataset", "method", "signature", "status") or value in (None, ""):
+                    continue
+                row[key] = int(value) if key in ("seed", "k", "epochs", "propensity_epochs", "max_epochs",
+                                                  "threads") else float(value)
+            rows.append(row)
+    return rows
+
+
+def run_key(row: dict[str, Any]) -> tuple:
+    """What makes two runs the same: data set, method, seed and the signature of everything else."""
+    return (row["dataset"], row["method"], int(row["seed"]), row.get("signature", ""))
+
+
+def append_result(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Add ``row`` to ``results.csv`` atomically: the whole file is rewritten to a temporary file
+    in the same folder and renamed over the old one, so an interrupted job never leaves a torn row.
+    A file written by an older version (other columns) is migrated to :data:`COLUMNS` on the way."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    if old and old.split("\n", 1)[0].split(",") == list(COLUMNS):
+        buf.write(old)
+    else:
+        writer.writeheader()
+        for previous in csv.DictReader(io.StringIO(old)):
+            writer.writerow({c: previous.get(c) or "" for c in COLUMNS})
+    writer.writerow({c: _fmt(row.get(c, "")) for c in COLUMNS})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+# ----------------------------------------------------------------------------------------- table3.md
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"  # numpy's std: ddof = 0, as published
+
+
+def render_table(rows: Iterable[dict[str, Any]], datasets: list[str], methods: Optional[list[str]] = None,
+                 strict: bool = False, keys: Optional[set] = None) -> str:
+    """Markdown of Table 3: per data set, every Table 3 row (ours beside the paper's), then the ablations.
+
+    ``rows`` are results.csv rows; ``keys`` (run keys) restricts them to the runs of this job;
+    ``methods`` (registry names) are the ones this job ran ("not run" for the others).
+    """
+    rows = [r for r in rows if keys is None or run_key(r) in keys]
+    by = {}
+    for r in rows:
+        by.setdefault((r["dataset"], r["method"]), []).append(r)
+    by_table3 = {m.table3_row: m for m in METHODS.values() if m.table3_row}
+    ablations = [m for m in METHODS.values() if m.table3_row is None]
+    ndcg_col, recall_col = ("ndcg_strict", "recall_strict") if strict else ("ndcg", "recall")
+    out = ["# Table 3 of the BADR paper: our reproduction beside the published numbers", ""]
+    for ds in datasets:
+        ks = {int(r["k"]) for r in rows if r["dataset"] == ds}
+        k = ks.pop() if len(ks) == 1 else {"kuairec": 50}.get(ds, 5)
+        out += [f"## {DATASET_LABELS[ds]}", "",
+                f"| method | AUC (ours) | AUC (paper) | Δ | NDCG@{k} (ours) | NDCG@{k} (paper) | Δ | "
+                f"Recall@{k} (ours) | Recall@{k} (paper) | Δ | seconds / run | seeds |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines = [(row, by_table3.get(row)) for row in TABLE3_ROWS] + [(None, m) for m in ablations]
+        for row, method in lines:
+            label = method.label if method else row
+            paper = PUBLISHED[row][ds] if row else None
+            runs = by.get((ds, method.name), []) if method else []
+            diverged = sum(1 for r in runs if r.get("status") == "diverged")
+            runs = [r for r in runs if r.get("status", "ok") != "diverged"]
+            cells = []
+            for i, col in enumerate(("auc", ndcg_col, recall_col)):
+                ours = [float(r[col]) for r in runs]
+                p = f"{paper[i][0]:.4f} ± {paper[i][1]:.4f}" if paper else "—"
+                if ours:
+                    diff = f"{np.mean(ours) - paper[i][0]:+.4f}" if paper else "—"
+                    cells += [_mean_std(ours), p, diff]
+                else:
+                    status = "not implemented" if method is None else ("diverged" if diverged else "not run")
+                    cells += [status, p, ""]
+            secs = f"{np.mean([float(r['seconds']) for r in runs]):.1f}" if runs else ""
+            seeds = f"{len(runs) or ''}" + (f" (+{diverged} diverged)" if diverged else "")
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {secs} | {seeds} |")
+        out.append("")
+    out += [
+        "Ours: mean ± std over the seeds run (numpy std, ddof = 0, as the published code reports), each run "
+        "trained with the matrix-factorisation backbone under the published protocol (see reproduce/train.py); "
+        "Δ = our mean − the paper's mean. Paper: the BADR paper's Table 3 (mean ± std over 5 seeds). "
+        "Rows below BADR are the ablations of the paper's Figure 1 (no published numbers in Table 3). "
+        "A run whose training loss became NaN is listed as diverged and left out of the mean.",
+        "",
+        ("NDCG / Recall: strict variant, users without a positive test item excluded."
+         if strict else
+         "NDCG / Recall as the published code counts them: a user without a positive test item counts "
+         "NDCG = 1 and Recall = 0 (`--strict-ndcg` excludes such users instead)."),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_table(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,174 @@
+"""One run of one method on one data set with one seed, as the published protocol does it.
+
+1. ``torch.manual_seed(seed)``; one ``torch.Generator`` seeded with ``seed`` drives every
+   permutation and every sampled pair.
+2. Propensities (all methods but MF): logistic regression on concatenated user and item
+   embeddings (size ``dim``), fitted on the click indicators of ALL user-item pairs with the
+   squared error (``propensity_loss``), Adam, batches of ``prop_batch_size`` from a fresh
+   permutation per epoch, at most ``propensity_max_epochs`` epochs with the published early
+   stopping; then frozen and clipped to ``[gamma, 1]``.
+3. Joint learning (:class:`reproduce.fast.FastJointLearner`): each epoch shuffles the clicked
+   training pairs and walks them in batches of ``batch_size`` (the last partial batch dropped,
+   as the published code does), one step per batch; at most ``max_epochs`` (100) epochs with
+   the published early stopping on the epoch sum of ``sum_B w * l(y_hat', r)`` (training loss
+   only: no validation-based selection).  Every cross-entropy is computed on probabilities as
+   the published code does (``"cross_entropy": "clamped"`` in the configs; see
+   :func:`estimators.training_loss.bce_clamped`): with the exact logit form the imputation model
+   of the tuned BADR runs diverges and Coat's AUC drops from 0.76 to 0.62.  One difference
+   remains: the published code takes each step's G*b pairs U as consecutive slices of one
+   permutation of all pairs per epoch (without replacement); :class:`estimators.JointLearner`
+   draws them uniformly with replacement (same distribution per pair).
+4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from estimators.data import CVRData
+from estimators.joint import JointConfig
+from estimators.models import PropensityModel
+
+from .fast import FastJointLearner, fit_propensity_fast
+from .methods import Method
+from .metrics import auc, ndcg_recall_at_k
+from .progress import Progress
+
+
+def setup_runtime(threads: Optional[int] = None) -> None:
+    """Thread count, flush-to-zero for denormals and a malloc that keeps big buffers.
+
+    Denormals: Adam's second-moment estimates of rarely updated rows decay into the denormal
+    range, where CPU arithmetic is ~100x slower (one ``sqrt`` over Coat's embeddings took 5 ms).
+    Allocator: each step allocates several ~10 MB temporaries; glibc returns them to the OS and
+    page-faults them back in on every step unless the mmap / trim thresholds are raised.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be a positive integer; got {threads}")
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+class EarlyStopping:
+    """The published rule: count epochs whose loss fell by less than ``tol`` relative (never reset)."""
+
+    def __init__(self, tol: float = 1e-4, patience: int = 7) -> None:
+        self.tol, self.patience = tol, patience
+        self.last: Optional[float] = None
+        self.stalls = 0
+
+    def should_stop(self, loss: float) -> bool:
+        if self.last is not None and (self.last - loss) / (self.last + 1e-12) < self.tol:
+            self.stalls += 1
+        self.last = loss
+        return self.stalls >= self.patience
+
+
+def fit_propensities(data: CVRData, cfg: dict[str, Any], params: dict[str, Any], generator: torch.Generator,
+                     progress: Optional[Progress] = None) -> tuple[torch.Tensor, int]:
+    """Clipped propensities ``(n_users, n_items)`` of the published LR model, and its epoch count."""
+    model = PropensityModel(data.n_users, data.n_items, cfg["dim"])
+    clicks = torch.from_numpy(data.click_matrix())
+    stop = cfg["early_stopping"]
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if progress is not None:
+            progress.update(0, f"propensity epoch {epoch}", f"loss {loss:.4g}")
+
+    epochs = fit_propensity_fast(model, clicks, lr=params["prop_lr"], weight_decay=params["prop_weight_decay"],
+                                 batch_size=params["prop_batch_size"], max_epochs=cfg["propensity_max_epochs"],
+                                 loss=cfg["propensity_loss"], tol=stop["tol"], patience=stop["patience"],
+                                 generator=generator, on_epoch=on_epoch)
+    return model.propensities(params["gamma"]), epochs
+
+
+def evaluate(learner: FastJointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
+    """AUC, NDCG@k and Recall@k (both variants) of the prediction model on pairs ``x``."""
+    xt = torch.from_numpy(x)
+    scores = learner.predict(xt[:, 0], xt[:, 1]).numpy().astype(np.float64)
+    ndcg, recall = ndcg_recall_at_k(x[:, 0], scores, y, k)
+    ndcg_s, recall_s = ndcg_recall_at_k(x[:, 0], scores, y, k, variant="strict")
+    return {"auc": auc(scores, y), "ndcg": ndcg, "recall": recall, "ndcg_strict": ndcg_s, "recall_strict": recall_s}
+
+
+def run_one(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str, Any], seed: int, *,
+            max_epochs: Optional[int] = None, split: str = "test", label: str = "",
+            show_progress: bool = True, on_epoch: Optional[Callable[[int, float], None]] = None) -> dict[str, Any]:
+    """Train ``method`` with ``params`` on ``data`` with ``seed``; return metrics on ``split`` and timings."""
+    if split not in ("test", "val"):
+        raise ValueError(f"`split` must be 'test' or 'val'; got {split!r}")
+    max_epochs = cfg["max_epochs"] if max_epochs is None else max_epochs
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be a positive integer; got {max_epochs}")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    progress = Progress(label or f"{data.name} {method.name} seed {seed}", max_epochs) if show_progress else None
+
+    prop_epochs = 0
+    if method.uses_propensity:
+        p_hat, prop_epochs = fit_propensities(data, cfg, params, generator, progress)
+    else:  # MF: no propensity model; w = 1 everywhere
+        p_hat = torch.ones(data.n_users, data.n_items)
+    prop_seconds = time.perf_counter() - start
+
+    needs_imp = method.imputation_loss is not None
+    jcfg = JointConfig(estimator=method.estimator, imputation_loss=method.imputation_loss, dim=cfg["dim"],
+                       G=int(params["G"]) if needs_imp else 1, lr=params["lr"], weight_decay=params["weight_decay"],
+                       imp_lr=params.get("imp_lr", 0.0), imp_weight_decay=params.get("imp_weight_decay", 0.0),
+                       alpha=params.get("alpha", 0.5), imputation=cfg.get("imputation", "pseudo_label"),
+                       cross_entropy=cfg.get("cross_entropy", "clamped"))
+    learner = FastJointLearner(p_hat, jcfg, generator=generator)
+
+    x = torch.from_numpy(data.x_train)
+    users_all, items_all, r_all = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train)
+    n, b = len(r_all), cfg["batch_size"]
+    n_batches = n // b
+    if n_batches == 0:
+        raise ValueError(f"{data.name}: batch_size {b} exceeds the {n} training pairs")
+    stop = EarlyStopping(cfg["early_stopping"]["tol"], cfg["early_stopping"]["patience"])
+    epoch = 0
+    for epoch in range(1, max_epochs + 1):
+        perm = torch.randperm(n, generator=generator)
+        monitor = 0.0
+        try:
+            for j in range(n_batches):
+                idx = perm[j * b:(j + 1) * b]
+                out = learner.step(users_all[idx], items_all[idx], r_all[idx])
+                monitor += out["monitor"]
+        except RuntimeError as exc:  # NaN logits reach the cross-entropy's [0, 1] check
+            if "between 0 and 1" not in str(exc):
+                raise
+            monitor = float("nan")
+        if not np.isfinite(monitor):
+            if progress is not None:
+                progress.close(f"diverged at epoch {epoch}")
+            raise FloatingPointError(f"{data.name} {method.name} seed {seed}: training loss is {monitor} "
+                                     f"at epoch {epoch}; lower the learning rates")
+        if progress is not None:
+            progress.update(epoch, "fit epochs", f"loss {monitor:.5g}")
+        if on_epoch is not None:
+            on_epoch(epoch, monitor)
+        if stop.should_stop(monitor):
+            break
+    fit_seconds = time.perf_counter() - start - prop_seconds
+    x_eval, y_eval = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
+    metrics = evaluate(learner, x_eval, y_eval, cfg["k"])
+    seconds = time.perf_counter() - start
+    if progress is not None:
+        progress.close(f"done: AUC {metrics['auc']:.4f} NDCG@{cfg['k']} {metrics['ndcg']:.4f} "
+                       f"Recall@{cfg['k']} {metrics['recall']:.4f}  {epoch} epochs, {seconds:.1f}s "
+                       f"(propensity {prop_seconds:.1f}s)")
+    return {**metrics, "k": cfg["k"], "seconds": seconds, "epochs": epoch, "propensity_epochs": prop_epochs,
+            "propensity_seconds": prop_seconds, "fit_seconds": fit_seconds}

@@ -1,0 +1,62 @@
+"""Hyperparameter search on the validation split only (never the test labels).
+
+A seeded random search: each trial draws every tunable key of the method from its range in
+:data:`reproduce.methods.SEARCH_SPACE` (log-uniform for learning rates and weight decays,
+uniform for gamma and alpha, uniform integers for G), trains one run per seed with the first
+``n_seeds`` seeds of the config and scores the trial by the mean validation AUC of the final
+models (a diverged run scores minus infinity).  Trial 0 evaluates the config's current
+values, so tuning never returns something worse on validation than what it started from.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from estimators.data import CVRData
+
+from .methods import FIXED_KEYS, SEARCH_SPACE, Method
+from .train import run_one
+
+
+def sample_params(method: Method, base: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """One random draw of ``method``'s tunable keys; fixed keys are kept from ``base``."""
+    params = dict(base)
+    for key in method.keys:
+        if key in FIXED_KEYS:
+            continue
+        low, high, scale = SEARCH_SPACE[key]
+        if scale == "log":
+            params[key] = float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        elif scale == "int":
+            params[key] = int(rng.integers(low, high + 1))
+        else:
+            params[key] = float(rng.uniform(low, high))
+    return params
+
+
+def tune(data: CVRData, cfg: dict[str, Any], method: Method, base: dict[str, Any], trials: int, *,
+         seed: int = 0, max_epochs: Optional[int] = None, n_seeds: int = 1,
+         on_trial: Optional[Callable[[int, dict[str, Any], float], None]] = None) -> tuple[dict[str, Any], float]:
+    """Best ``(params, validation AUC)`` over ``trials`` trials (trial 0: ``base``)."""
+    if trials < 1:
+        raise ValueError(f"--trials must be a positive integer; got {trials}")
+    rng = np.random.default_rng(seed)
+    best, best_auc = None, -math.inf
+    for trial in range(trials):
+        params = base if trial == 0 else sample_params(method, base, rng)
+        try:
+            score = float(np.mean([
+                run_one(data, cfg, method, params, s, max_epochs=max_epochs, split="val",
+                        label=f"tune {data.name} {method.name} trial {trial} seed {s}")["auc"]
+                for s in cfg["seeds"][:n_seeds]]))
+        except FloatingPointError:
+            score = -math.inf  # diverged: a learning rate too large for this method
+        if on_trial is not None:
+            on_trial(trial, params, score)
+        if score > best_auc:
+            best, best_auc = params, score
+    if best is None:
+        raise RuntimeError(f"every trial of {method.name} on {data.name} diverged")
+    return best, best_auc

@@ -1,0 +1,263 @@
+"""The fused DR-family losses (``estimators._C``, ``csrc/``) against the pure-PyTorch reference.
+
+Tests that need the extension are skipped when it is not built, except under CI (``CI=true``),
+which builds it with README's install line and where a missing extension is a failure.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from estimators import JointConfig, JointLearner, _fused, backend, imputation_loss, prediction_loss
+from estimators.training_loss import (
+    IMPUTATION_LOSSES,
+    PREDICTION_ESTIMATORS,
+    imputation_loss_reference,
+    prediction_loss_reference,
+)
+
+HAS_CUDA = _fused._C is not None and _fused._C.with_cuda and torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and an extension built with CUDA")
+SEEDED_KINDS = [k for k in IMPUTATION_LOSSES if k != "badr"]
+
+
+@pytest.fixture
+def extension():
+    if _fused._C is None:
+        message = (f"estimators._C is not built ({_fused._IMPORT_ERROR}); "
+                   "build it with `pip install --no-build-isolation -e .`")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+needs_extension = pytest.mark.usefixtures("extension")
+
+
+def make_inputs(B=300, G=5, dtype=torch.float32, extreme=True, seed=0, device="cpu"):
+    """Logits ~ N(0, 3^2), a quarter of them at +-40 when `extreme`, and an eighth of the
+    propensities at 1e-6 (the rest in [0.05, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    logits = {name: 3 * torch.randn(n, generator=g, dtype=torch.float64)
+              for name, n in (("x_b", B), ("xt_b", B), ("x_u", G * B), ("xt_u", G * B))}
+    p_hat_b = 0.05 + 0.95 * torch.rand(B, generator=g, dtype=torch.float64)
+    if extreme:
+        for t in logits.values():
+            idx = torch.randperm(t.numel(), generator=g)[: t.numel() // 4]
+            t[idx] = 40 * torch.sign(torch.randn(idx.numel(), generator=g, dtype=torch.float64))
+        p_hat_b[: max(1, B // 8)] = 1e-6
+    r_b = (torch.rand(B, generator=g) < 0.5).double()
+    return {k: v.to(device=device, dtype=dtype) for k, v in {**logits, "r_b": r_b, "p_hat_b": p_hat_b}.items()}
+
+
+def _prediction(fn, est, d):
+    return fn(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+
+
+def _imputation(fn, kind, d, alpha=0.3):
+    return fn(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], alpha)
+
+
+def loss_and_grads(loss_fn, d, wrt):
+    """The loss and the gradients of `wrt` (zeros where a logit does not reach the loss)."""
+    d = {k: v.detach().clone().requires_grad_(k in wrt) for k, v in d.items()}
+    loss = loss_fn(d)
+    loss.backward()
+    return loss.detach(), [d[k].grad if d[k].grad is not None else torch.zeros_like(d[k]) for k in wrt]
+
+
+def assert_matches(fused, reference, rtol):
+    """Loss to `rtol`; each gradient to `rtol` plus an absolute 0.1 * rtol of its largest entry
+    (entries that cancel to ~0 carry the rounding of their larger terms)."""
+    (loss_f, grads_f), (loss_r, grads_r) = fused, reference
+    torch.testing.assert_close(loss_f, loss_r, rtol=rtol, atol=0.0)
+    for g_f, g_r in zip(grads_f, grads_r):
+        torch.testing.assert_close(g_f, g_r, rtol=rtol, atol=0.1 * rtol * float(g_r.abs().max()))
+
+
+# ---- equality with the reference ---------------------------------------------------------
+
+PRECISION = [(torch.float32, 1e-5), (torch.float64, 1e-10)]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype,rtol", PRECISION)
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.parametrize("estimator", PREDICTION_ESTIMATORS)
+def test_prediction_loss_matches_reference(estimator, extreme, dtype, rtol):
+    d = make_inputs(dtype=dtype, extreme=extreme)
+    wrt = ("x_b", "x_u")
+    fused = loss_and_grads(lambda t: _prediction(_fused.PredictionLoss.apply, estimator, t), d, wrt)
+    reference = loss_and_grads(lambda t: _prediction(prediction_loss_reference, estimator, t), d, wrt)
+    assert torch.isfinite(fused[0]) and all(torch.isfinite(g).all() for g in fused[1])
+    assert_matches(fused, reference, rtol)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype,rtol", PRECISION)
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.parametrize("kind", IMPUTATION_LOSSES)
+def test_imputation_loss_matches_reference(kind, extreme, dtype, rtol):
+    d = make_inputs(dtype=dtype, extreme=extreme)
+    wrt = ("xt_b", "xt_u")
+    fused = loss_and_grads(lambda t: _imputation(_fused.ImputationLoss.apply, kind, t), d, wrt)
+    reference = loss_and_grads(lambda t: _imputation(imputation_loss_reference, kind, t), d, wrt)
+    assert torch.isfinite(fused[0]) and all(torch.isfinite(g).all() for g in fused[1])
+    assert_matches(fused, reference, rtol)
+
+
+# ---- gradcheck -----------------------------------------------------------------------------
+
+def _small(seed=0):
+    """float64, moderate logits and propensities, so that finite differences are accurate."""
+    return make_inputs(B=6, G=2, dtype=torch.float64, extreme=False, seed=seed)
+
+
+@needs_extension
+@pytest.mark.parametrize("estimator", PREDICTION_ESTIMATORS)
+def test_prediction_loss_gradcheck(estimator):
+    d = _small()
+    x_b, x_u = d["x_b"].requires_grad_(), d["x_u"].requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda xb, xu: _fused.PredictionLoss.apply(estimator, xb, d["r_b"], d["p_hat_b"], xu, d["xt_b"], d["xt_u"]),
+        (x_b, x_u))
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", SEEDED_KINDS)
+def test_imputation_loss_gradcheck(kind):
+    """Every imputation loss but the published BADR one: there L and e_hat on B are detached, so
+    its gradient is not the derivative of its value (it is checked against the reference above)."""
+    d = _small()
+    xt_b, xt_u = d["xt_b"].requires_grad_(), d["xt_u"].requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda tb, tu: _fused.ImputationLoss.apply(kind, tb, d["x_b"], d["r_b"], d["p_hat_b"], tu, d["x_u"], 0.3),
+        (xt_b, xt_u))
+
+
+# ---- numerics and determinism ----------------------------------------------------------------
+
+@needs_extension
+def test_nan_logits_give_nan_loss():
+    d = make_inputs(B=20, extreme=False)
+    for name in ("x_b", "xt_b", "x_u", "xt_u"):
+        bad = {**d, name: d[name].clone().index_fill_(0, torch.tensor([3]), float("nan"))}
+        assert torch.isnan(_prediction(_fused.PredictionLoss.apply, "badr", bad)), name
+        assert torch.isnan(_imputation(_fused.ImputationLoss.apply, "badr", bad)), name
+
+
+@needs_extension
+def test_result_does_not_depend_on_thread_count():
+    d = make_inputs(B=4096, G=8, extreme=False)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.cvr.prediction_loss("badr", d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"],
+                                                         d["xt_b"], d["xt_u"]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_extension
+def test_operator_rejects_bad_input():
+    d = make_inputs(B=8, extreme=False)
+    op = torch.ops.cvr.prediction_loss
+    with pytest.raises(RuntimeError, match="estimator must be one of"):
+        op("snipz", d["x_b"], d["r_b"], d["p_hat_b"], None, None, None)
+    with pytest.raises(RuntimeError, match="`xt_b` is required"):
+        op("dr", d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], None, d["xt_u"])
+    with pytest.raises(RuntimeError, match="one length"):
+        op("ips", d["x_b"], d["r_b"][:5], d["p_hat_b"], None, None, None)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op("ips", d["x_b"].half(), d["r_b"].half(), d["p_hat_b"].half(), None, None, None)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op("ips", d["x_b"], d["r_b"].double(), d["p_hat_b"], None, None, None)
+    with pytest.raises(RuntimeError, match="kind must be one of"):
+        torch.ops.cvr.imputation_loss("drr", d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], None, None, 0.5)
+
+
+# ---- backend selection -------------------------------------------------------------------------
+
+def _grad_fn_name(loss):
+    return type(loss.grad_fn).__name__
+
+
+def test_backend_follows_cvr_backend(monkeypatch):
+    monkeypatch.setenv("CVR_BACKEND", "reference")
+    assert backend() == "reference"
+    d = make_inputs(B=8, extreme=False)
+    x_b = d["x_b"].requires_grad_()
+    assert "PredictionLoss" not in _grad_fn_name(prediction_loss("ips", x_b, d["r_b"], d["p_hat_b"]))
+    monkeypatch.setenv("CVR_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="CVR_BACKEND"):
+        backend()
+    monkeypatch.setattr(_fused, "_C", None)
+    monkeypatch.setenv("CVR_BACKEND", "fused")
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        backend()
+    monkeypatch.delenv("CVR_BACKEND")
+    assert backend() == "reference"
+
+
+@needs_extension
+def test_public_losses_dispatch_to_fused(monkeypatch):
+    monkeypatch.delenv("CVR_BACKEND", raising=False)
+    assert backend() == "fused"
+    d = make_inputs(B=8, extreme=False)
+    x_b, xt_b = d["x_b"].requires_grad_(), d["xt_b"].requires_grad_()
+    assert _grad_fn_name(prediction_loss("badr", x_b, d["r_b"], d["p_hat_b"], d["x_u"], xt_b, d["xt_u"])) \
+        == "PredictionLossBackward"
+    assert _grad_fn_name(imputation_loss("badr", xt_b, x_b, d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"])) \
+        == "ImputationLossBackward"
+    # The "error" parameterisation, and logits of mixed dtypes, stay on the reference.
+    assert "Imputation" not in _grad_fn_name(
+        imputation_loss("dr", xt_b, x_b, d["r_b"], d["p_hat_b"], imputation="error"))
+    mixed = prediction_loss("dr", x_b, d["r_b"], d["p_hat_b"], d["x_u"].double(), xt_b, d["xt_u"])
+    torch.testing.assert_close(
+        mixed, prediction_loss_reference("dr", x_b, d["r_b"], d["p_hat_b"], d["x_u"].double(), xt_b, d["xt_u"]))
+    # Integer labels and float64 propensities are cast to the logits' dtype.
+    torch.testing.assert_close(
+        prediction_loss("snips", x_b, d["r_b"].long(), d["p_hat_b"].double()),
+        prediction_loss_reference("snips", x_b, d["r_b"], d["p_hat_b"]))
+
+
+@needs_extension
+def test_joint_learning_step_is_the_same_on_both_backends(monkeypatch):
+    propensities = 0.05 + 0.95 * torch.rand(7, 9, generator=torch.Generator().manual_seed(1))
+    users, items = torch.tensor([0, 3, 5, 6]), torch.tensor([1, 8, 2, 2])
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    results = []
+    for choice in ("reference", "fused"):
+        monkeypatch.setenv("CVR_BACKEND", choice)
+        torch.manual_seed(0)
+        learner = JointLearner(propensities, JointConfig(dim=4, G=3), generator=torch.Generator().manual_seed(2))
+        results.append((learner.step(users, items, r), learner.step(users, items, r)))
+    (ref_1, ref_2), (fused_1, fused_2) = results
+    for key in ref_1:
+        assert fused_1[key] == pytest.approx(ref_1[key], rel=1e-5)
+        assert fused_2[key] == pytest.approx(ref_2[key], rel=1e-5)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------
+
+@cuda_only
+@pytest.mark.parametrize("name", [f"prediction/{e}" for e in PREDICTION_ESTIMATORS]
+                         + [f"imputation/{k}" for k in IMPUTATION_LOSSES])
+def test_cuda_matches_cpu_and_is_deterministic(name):
+    family, which = name.split("/")
+    if family == "prediction":
+        wrt, fn = ("x_b", "x_u"), lambda t: _prediction(_fused.PredictionLoss.apply, which, t)
+    else:
+        wrt, fn = ("xt_b", "xt_u"), lambda t: _imputation(_fused.ImputationLoss.apply, which, t)
+    d = make_inputs(B=3000, G=8)
+    cpu = loss_and_grads(fn, d, wrt)
+    gpu = loss_and_grads(fn, {k: v.cuda() for k, v in d.items()}, wrt)
+    again = loss_and_grads(fn, {k: v.cuda() for k, v in d.items()}, wrt)
+    assert_matches((gpu[0].cpu(), [g.cpu() for g in gpu[1]]), cpu, rtol=1e-5)
+    assert torch.equal(gpu[0], again[0]) and all(torch.equal(a, b) for a, b in zip(gpu[1], again[1]))

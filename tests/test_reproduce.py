@@ -1,0 +1,250 @@
+"""The reproduction CLI (``python -m reproduce``): metrics, registry/configs, fast trainer, end to end."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from estimators.joint import JointConfig, JointLearner
+from estimators.models import PropensityModel, fit_propensity
+from estimators.training_loss import bce_clamped, bce_with_logits
+from reproduce import config as C
+from reproduce.__main__ import main
+from reproduce.fast import FastJointLearner, fit_propensity_fast
+from reproduce.methods import METHODS, TABLE3_ROWS, parse_methods
+from reproduce.metrics import auc, ndcg_recall_at_k
+from reproduce.table import COLUMNS, PUBLISHED, read_results
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_auc_hand_computed():
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of the 4 pairs ordered correctly
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auc([0.5, 0.5, 0.5], [0, 1, 1]) == pytest.approx(0.5)  # ties count one half
+    assert auc([0.9, 0.1], [1, 0]) == 1.0
+
+
+def test_ndcg_recall_hand_computed():
+    users = [0, 0, 0, 1, 1]
+    scores = [0.9, 0.8, 0.1, 0.3, 0.2]
+    labels = [0, 1, 1, 0, 0]  # user 1 has no positive test item
+    d = 1 / np.log2(3)
+    ndcg0, recall0 = d / (1 + d), 0.5  # top 2 of user 0: a miss, then a hit; 2 positives
+    ndcg, recall = ndcg_recall_at_k(users, scores, labels, k=2)
+    assert ndcg == pytest.approx((ndcg0 + 1.0) / 2)  # published: NDCG = 1 for user 1
+    assert recall == pytest.approx((recall0 + 0.0) / 2)  # recall = hits / max(1, 0) = 0
+    ndcg_s, recall_s = ndcg_recall_at_k(users, scores, labels, k=2, variant="strict")
+    assert (ndcg_s, recall_s) == pytest.approx((ndcg0, recall0))
+    # k beyond a user's list ranks all of its items; the input order does not matter
+    perm = [4, 2, 0, 3, 1]
+    got = ndcg_recall_at_k(np.array(users)[perm], np.array(scores)[perm], np.array(labels)[perm], k=10)
+    ideal = 1 + d
+    dcg = d + 1 / np.log2(4)  # hits at ranks 2 and 3
+    assert got == pytest.approx(((dcg / ideal + 1.0) / 2, (1.0 + 0.0) / 2))
+
+
+def test_metrics_match_brute_force():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 20, 400)
+    scores, labels = rng.random(400), rng.random(400) < 0.3
+    ndcgs, recalls = [], []
+    for u in np.unique(users):
+        y = labels[users == u][np.argsort(-scores[users == u], kind="stable")]
+        disc = 1 / np.log2(np.arange(2, len(y) + 2))
+        ideal = disc[:min(5, y.sum())].sum()
+        ndcgs.append((y[:5] * disc[:5]).sum() / ideal if ideal else 1.0)
+        recalls.append(y[:5].sum() / max(1, y.sum()))
+    assert ndcg_recall_at_k(users, scores, labels, 5) == pytest.approx((np.mean(ndcgs), np.mean(recalls)))
+    pos, neg = scores[labels], scores[~labels]
+    assert auc(scores, labels) == pytest.approx((pos[:, None] > neg[None, :]).mean())
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: auc([0.1, 0.2], [1, 1]), "both classes"),
+    (lambda: auc([0.1, 0.2], [1]), "one length"),
+    (lambda: auc([0.1, np.nan], [0, 1]), "NaN"),
+    (lambda: auc([0.1, 0.2], [0, 2]), "only 0 and 1"),
+    (lambda: ndcg_recall_at_k([0, 0], [0.1, 0.2], [0, 1], k=0), "positive integer"),
+    (lambda: ndcg_recall_at_k([0, 0], [0.1, 0.2], [0, 1], k=1, variant="loose"), "variant"),
+    (lambda: ndcg_recall_at_k([0.5, 0], [0.1, 0.2], [0, 1], k=1), "integer array"),
+    (lambda: ndcg_recall_at_k([0, 0], [0.1, 0.2], [0, 0], k=1, variant="strict"), "no test user"),
+])
+def test_metric_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ------------------------------------------------------------------------------------ registry and configs
+def test_configs_cover_registry_and_badr_values():
+    expected = {"yahoo": (0.05451, 8, 0.002431, 2.380e-5, 0.02221, 2.319e-4, 5.501e-4, 2.346e-7, 32768),
+                "coat": (0.08850, 5, 0.002382, 4.626e-4, 0.09988, 3.394e-7, 0.03177, 0.006550, 1024),
+                "kuairec": (0.07641, 5, 0.006153, 1.071e-4, 0.07647, 1.418e-4, 0.04798, 0.9424, 32768)}
+    for ds, values in expected.items():
+        cfg = C.load_config(ds)
+        assert (cfg["dim"], cfg["batch_size"]) == {"yahoo": (64, 4096), "coat": (16, 128), "kuairec": (64, 4096)}[ds]
+        for method in METHODS.values():
+            C.method_params(cfg, method)  # every method has all its keys
+        p = C.method_params(cfg, METHODS["badr"])
+        keys = ("gamma", "G", "lr", "weight_decay", "imp_lr", "imp_weight_decay", "prop_lr", "prop_weight_decay",
+                "prop_batch_size")
+        assert tuple(p[k] for k in keys) == pytest.approx(values)
+    assert set(PUBLISHED) == set(TABLE3_ROWS)
+    assert {m.table3_row for m in METHODS.values() if m.table3_row} <= set(TABLE3_ROWS)
+
+
+def test_parse_methods():
+    assert [m.name for m in parse_methods("mf, badr")] == ["mf", "badr"]
+    assert len(parse_methods("all")) == len(METHODS)
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("mf,stable_dr")
+
+
+# ---------------------------------------------------------------------------------------- fast trainer
+@pytest.mark.parametrize("estimator, kind, cross_entropy", [
+    ("badr", "badr", "logits"), ("badr", "badr", "clamped"), ("dr", "dr", "logits"),
+    ("badr", "mrdr", "clamped"), ("badr", "badr_paper", "logits"), ("ips", None, "logits"),
+    ("naive", None, "logits"),
+])
+def test_fast_learner_follows_reference(estimator, kind, cross_entropy):
+    """Same draws, same losses, same update order: same parameters as JointLearner up to rounding."""
+    cfg = JointConfig(estimator=estimator, imputation_loss=kind, dim=4, G=3, lr=0.01, weight_decay=1e-4,
+                      imp_lr=0.05, imp_weight_decay=1e-5, cross_entropy=cross_entropy)
+    p_hat = torch.rand(7, 9, generator=torch.Generator().manual_seed(3)).clamp(0.1, 1)
+    params = []
+    for cls in (JointLearner, FastJointLearner):
+        torch.manual_seed(0)
+        learner = cls(p_hat, cfg, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(2)
+        for _ in range(20):
+            u, i = torch.randint(7, (5,), generator=g), torch.randint(9, (5,), generator=g)
+            learner.step(u, i, torch.randint(2, (5,), generator=g).float())
+        models = [learner.prediction] + ([learner.imputation] if learner.imputation is not None else [])
+        params.append([t.detach().clone() for m in models for t in m.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_propensity_fit_follows_reference():
+    clicks = (torch.rand(6 * 8, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    models, epochs = [], []
+    for fit in (fit_propensity, fit_propensity_fast):
+        torch.manual_seed(0)
+        model = PropensityModel(6, 8, 3)
+        epochs.append(fit(model, clicks, lr=0.05, weight_decay=1e-4, batch_size=10, max_epochs=30,
+                          generator=torch.Generator().manual_seed(1)))
+        models.append(model)
+    assert epochs[0] == epochs[1]
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bce_clamped_is_the_published_cross_entropy():
+    x = torch.tensor([-3.0, 0.0, 2.5, 40.0, -200.0])
+    t = torch.tensor([1.0, 0.3, 0.0, 0.0, 1.0])
+    # moderate logits: the exact value; saturated ones: the log clamped at -100, as torch's BCE
+    torch.testing.assert_close(bce_clamped(x[:3], t[:3]), bce_with_logits(x[:3], t[:3]))
+    assert bce_clamped(x[3:], t[3:]).tolist() == [100.0, 100.0]
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table3_end_to_end_and_resume(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["table3", "--datasets", "coat", "--seeds", "1", "--max-epochs", "2", "--threads", "1",
+            "--data-dir", str(data_dir), "--out", str(out)]
+    assert main(argv + ["--methods", "mf"]) == 0
+    rows = _rows(out / "results.csv")
+    assert [(r["dataset"], r["method"], r["seed"]) for r in rows] == [("coat", "mf", "2024")]
+    assert set(COLUMNS) <= set(rows[0])
+    assert int(rows[0]["k"]) == 5 and float(rows[0]["seconds"]) > 0 and 0 <= float(rows[0]["auc"]) <= 1
+
+    # resume: mf is skipped, only ips runs
+    capsys.readouterr()
+    assert main(argv + ["--methods", "mf,ips"]) == 0
+    err = capsys.readouterr().err
+    assert "1 finished run(s)" in err and "coat mf seed 2024" not in err and "coat ips seed 2024" in err
+    rows = _rows(out / "results.csv")
+    assert [r["method"] for r in rows] == ["mf", "ips"]
+    assert len(read_results(out / "results.csv")) == 2
+
+    table = (out / "table3.md").read_text()
+    assert "## Coat" in table and "| MF | " in table and "| IPS | " in table
+    assert "0.6983 ± 0.0088" in table  # the paper's MF AUC on Coat, beside ours
+    assert "| StableDR | not implemented" in table and "| BADR | not run" in table
+    assert "ddof = 0" in table and "NDCG = 1" in table
+
+    # a changed setting (epochs) is a different run, not a finished one
+    assert main(argv[:-4] + ["--max-epochs", "1", "--data-dir", str(data_dir), "--out", str(out),
+                             "--methods", "mf"]) == 0
+    assert len(_rows(out / "results.csv")) == 3
+
+
+def test_tune_writes_config_from_validation(data_dir, tmp_path):
+    cfg_dir = tmp_path / "configs"
+    shutil.copytree(C.CONFIG_DIR, cfg_dir)
+    assert main(["tune", "mf", "coat", "--trials", "2", "--max-epochs", "1", "--threads", "1",
+                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
+    entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
+    assert entry["status"].startswith("tuned: 2 random-search trials") and "validation AUC" in entry["status"]
+    assert 5e-3 <= entry["lr"] <= 1e-1 or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["table3", "--methods", "mf,nope"], "unknown method"),
+    (["table3", "--datasets", "coat,movielens"], "unknown dataset"),
+    (["table3", "--seeds", "0"], "positive integer"),
+    (["tune", "badr", "coat"], "--trials"),
+])
+def test_bad_arguments(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_missing_data_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CVR_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["table3", "--datasets", "coat", "--methods", "mf", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "CVR_DATA_DIR" in capsys.readouterr().err
+
+
+def test_diverged_run_is_recorded_not_fatal(data_dir, tmp_path, monkeypatch):
+    import reproduce.__main__ as cli
+
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("training loss is nan at epoch 3; lower the learning rates")
+
+    monkeypatch.setattr(cli, "run_one", diverge)
+    out = tmp_path / "run"
+    assert main(["table3", "--datasets", "coat", "--methods", "dr_jl", "--seeds", "1", "--max-epochs", "1",
+                 "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    rows = _rows(out / "results.csv")
+    assert [(r["method"], r["status"]) for r in rows] == [("dr_jl", "diverged")]
+    assert "| DR-JL | diverged |" in (out / "table3.md").read_text()
+
+
+def test_table_only_renders_without_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["table3", "--datasets", "kuairec", "--methods", "badr", "--table-only", "--out", str(out)]) == 0
+    table = (out / "table3.md").read_text()
+    assert "## KuaiRec" in table and "NDCG@50" in table and "| BADR | not run | 0.8391 ± 0.0011" in table
+    assert not (out / "results.csv").exists()
+
+
+def test_results_file_of_older_version_is_migrated(tmp_path):
+    from reproduce.table import append_result
+
+    path = tmp_path / "results.csv"
+    path.write_text("dataset,method,seed,auc,ndcg,recall,k,seconds\ncoat,mf,2024,0.7,0.6,0.5,5,1.0\n")
+    append_result(path, {"dataset": "coat", "method": "ips", "seed": 2024, "auc": 0.71, "ndcg": 0.6, "recall": 0.5,
+                         "k": 5, "seconds": 2.0, "status": "ok"})
+    rows = read_results(path)
+    assert list(rows[0]) == list(COLUMNS) and [r["method"] for r in rows] == ["mf", "ips"]
+    assert rows[1]["status"] == "ok" and rows[0]["auc"] == 0.7
