@@ -29,10 +29,11 @@ using Vec = at::vec::Vectorized<T>;
 
 // Sums run over fixed chunks of kChunk elements; one thread sums a chunk into double and the
 // chunk sums are added in chunk order, so a loss is bitwise the same for any number of
-// threads.  Chunks go to the thread pool only above kGrainChunks chunks (a few microseconds of
-// work): below that, waking the pool costs more than it saves.
+// threads.  Chunks go to the thread pool only above kGrainChunks chunks (32768 elements, ATen's
+// own GRAIN_SIZE): below that, waking the pool costs more than it saves, and on a loaded
+// machine a parallel region waits a whole scheduler slice (milliseconds) for a busy core.
 constexpr int64_t kChunk = 1024;
-constexpr int64_t kGrainChunks = 4;
+constexpr int64_t kGrainChunks = 32;
 // Within a chunk each lane adds kFlush vectors in the input precision before they are added
 // into double accumulators, so float32 rounding compounds over 16 terms, not 1024.
 constexpr int kFlush = 16;
