@@ -112,15 +112,15 @@ def badr_bias(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
     which does not vanish as B grows (the estimator is then the ideal batch loss times a
     positive factor, as the Remark after Theorem 3.2 says, not unbiased).
 
-    ``variant="paper"`` is Theorem 3.1 as printed, eq. (16) without the absolute value:
-    ``mean(delta) - sum(p/p_hat * delta) / sum(p/p_hat)`` per batch.  It treats
+    ``variant="paper"`` is Theorem 3.1 as printed, eq. (16) without the absolute value and with
+    this module's sign: ``sum(p/p_hat * delta) / sum(p/p_hat) - mean(delta)`` per batch.  It treats
     ``E_hat = sum e_hat / sum o/p_hat`` as a constant and so misses the ``e_hat`` term above.
     """
     e, e_hat, p, p_hat = _prep(e, e_hat, p, p_hat)
     delta, q, mean_w, ratio = _badr_moments(e, e_hat, p, p_hat)
     if variant == "paper":
         weighted = (q * delta).sum(dim=-1, keepdim=True) / mean_w
-        return (delta - weighted).mean(dim=-1).mean()
+        return (weighted - delta).mean(dim=-1).mean()
     if variant != "corrected":
         raise ValueError(f"`variant` must be 'corrected' or 'paper'; got {variant!r}")
     var_o = p * (1 - p)

@@ -21,3 +21,21 @@ def data_dir() -> Path:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return path
+
+
+# ---- Hypothesis profiles (theorem, mutation and estimator tests) -------------------------------
+# "ci": deterministic (derandomize, no example database), fixed budget of 15 examples; loaded when CI=true.
+# "dev": 50 examples, random seeds; the default for local runs.
+# "long": 500 examples, for an occasional thorough local run.
+# Select with HYPOTHESIS_PROFILE=dev|long|ci (see tests/THEOREMS.md).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_HYPOTHESIS_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", derandomize=True, database=None, max_examples=15, **_HYPOTHESIS_COMMON)
+settings.register_profile("dev", max_examples=50, **_HYPOTHESIS_COMMON)
+settings.register_profile("long", max_examples=500, **_HYPOTHESIS_COMMON)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else os.environ.get("HYPOTHESIS_PROFILE", "dev"))

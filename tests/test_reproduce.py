@@ -18,6 +18,16 @@ from reproduce.metrics import auc, ndcg_recall_at_k
 from reproduce.table import COLUMNS, PUBLISHED, read_results
 
 
+@pytest.fixture(autouse=True)
+def _restore_runtime():
+    """``main`` calls ``setup_runtime`` (threads, flush-to-zero): undo it for the tests that follow,
+    which rely on IEEE subnormals (Hypothesis checks for them)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------ metrics
 def test_auc_hand_computed():
     # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of the 4 pairs ordered correctly
