@@ -20,15 +20,23 @@ import torch
 from torch import Tensor
 
 
-def _prep(*xs) -> list[Tensor]:
-    ts = [torch.as_tensor(x) for x in xs]
-    dtype = torch.promote_types(ts[0].dtype, torch.float32) if ts[0].is_floating_point() else torch.float64
-    for t in ts[1:]:
-        if t.shape != ts[0].shape:
-            raise ValueError(f"all inputs must have one shape; got {tuple(ts[0].shape)} and {tuple(t.shape)}")
+def _prep(**named) -> list[Tensor]:
+    """The named inputs as tensors of one floating dtype, checked for one shape and finiteness."""
+    ts = {name: torch.as_tensor(x) for name, x in named.items()}
+    (first, ref), *rest = ts.items()
+    dtype = torch.float64
+    if ref.is_floating_point():
+        dtype = torch.promote_types(ref.dtype, torch.float32)
+    for name, t in rest:
+        if t.shape != ref.shape:
+            raise ValueError(f"`{name}` has shape {tuple(t.shape)} but `{first}` has shape {tuple(ref.shape)}; "
+                             "all inputs must describe the same user-item pairs")
         if t.is_floating_point():
             dtype = torch.promote_types(dtype, t.dtype)
-    return [t.to(dtype) for t in ts]
+    for name, t in ts.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{name}` contains NaN or inf; the closed forms need finite values on every pair")
+    return [t.to(dtype) for t in ts.values()]
 
 
 def _check_prob(x: Tensor, name: str) -> None:
@@ -38,28 +46,28 @@ def _check_prob(x: Tensor, name: str) -> None:
 
 def ips_bias(e, p, p_hat) -> Tensor:
     """Table 1, IPS bias (signed): ``(1/|D|) sum (p - p_hat) * e / p_hat``."""
-    e, p, p_hat = _prep(e, p, p_hat)
+    e, p, p_hat = _prep(e=e, p=p, p_hat=p_hat)
     _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
     return ((p - p_hat) * e / p_hat).mean()
 
 
 def ips_variance(e, p, p_hat) -> Tensor:
     """Table 1, IPS variance: ``|D|^-2 sum p (1 - p) e^2 / p_hat^2``."""
-    e, p, p_hat = _prep(e, p, p_hat)
+    e, p, p_hat = _prep(e=e, p=p, p_hat=p_hat)
     _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
     return (p * (1 - p) * e**2 / p_hat**2).sum() / e.numel() ** 2
 
 
 def dr_bias(e, e_hat, p, p_hat) -> Tensor:
     """Table 1, DR bias (signed): ``(1/|D|) sum (p - p_hat) * (e - e_hat) / p_hat``."""
-    e, e_hat, p, p_hat = _prep(e, e_hat, p, p_hat)
+    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
     _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
     return ((p - p_hat) * (e - e_hat) / p_hat).mean()
 
 
 def dr_variance(e, e_hat, p, p_hat) -> Tensor:
     """Table 1, DR variance: ``|D|^-2 sum p (1 - p) (e - e_hat)^2 / p_hat^2``."""
-    e, e_hat, p, p_hat = _prep(e, e_hat, p, p_hat)
+    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
     _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
     return (p * (1 - p) * (e - e_hat) ** 2 / p_hat**2).sum() / e.numel() ** 2
 
@@ -75,7 +83,7 @@ def ips_generalization_bound(e, p_hat, delta: float) -> Tensor:
     """Table 1, IPS: with probability >= 1 - delta, ``|L_IPS - E_O[L_IPS]|`` is at most
     ``sqrt(log(2/delta) / (2 |D|^2) * sum (e / p_hat)^2)`` (Hoeffding)."""
     delta = _check_delta(delta)
-    e, p_hat = _prep(e, p_hat)
+    e, p_hat = _prep(e=e, p_hat=p_hat)
     _check_prob(p_hat, "p_hat")
     return torch.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2) * ((e / p_hat) ** 2).sum())
 
@@ -84,7 +92,7 @@ def dr_generalization_bound(e, e_hat, p_hat, delta: float) -> Tensor:
     """Table 1, DR: with probability >= 1 - delta, ``|L_DR - E_O[L_DR]|`` is at most
     ``sqrt(log(2/delta) / (2 |D|^2) * sum ((e - e_hat) / p_hat)^2)`` (Hoeffding)."""
     delta = _check_delta(delta)
-    e, e_hat, p_hat = _prep(e, e_hat, p_hat)
+    e, e_hat, p_hat = _prep(e=e, e_hat=e_hat, p_hat=p_hat)
     _check_prob(p_hat, "p_hat")
     return torch.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2) * (((e - e_hat) / p_hat) ** 2).sum())
 
@@ -116,7 +124,7 @@ def badr_bias(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
     this module's sign: ``sum(p/p_hat * delta) / sum(p/p_hat) - mean(delta)`` per batch.  It treats
     ``E_hat = sum e_hat / sum o/p_hat`` as a constant and so misses the ``e_hat`` term above.
     """
-    e, e_hat, p, p_hat = _prep(e, e_hat, p, p_hat)
+    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
     delta, q, mean_w, ratio = _badr_moments(e, e_hat, p, p_hat)
     if variant == "paper":
         weighted = (q * delta).sum(dim=-1, keepdim=True) / mean_w
@@ -142,7 +150,7 @@ def badr_variance(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
     which treats ``E_hat`` as a constant; it agrees with the corrected form only when
     ``sum e_hat = 0`` over the batch (e.g. SNIPS, ``e_hat = 0``).
     """
-    e, e_hat, p, p_hat = _prep(e, e_hat, p, p_hat)
+    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
     delta, q, mean_w, ratio = _badr_moments(e, e_hat, p, p_hat)
     if variant == "paper":
         h = delta - (q * delta).sum(dim=-1, keepdim=True) / mean_w

@@ -495,3 +495,17 @@ def _bad_variants(names, shape, dtype, device):
             kw["e_hat"][..., 3] = bad
             out.append(("e_hat", kw))
     return out
+
+
+@pytest.mark.parametrize("fn, names", [
+    (theory.ips_bias, ("e", "p", "p_hat")),
+    (theory.dr_variance, ("e", "e_hat", "p", "p_hat")),
+    (theory.badr_bias, ("e", "e_hat", "p", "p_hat")),
+])
+def test_theory_rejects_mismatched_or_non_finite_input(fn, names):
+    good = {n: torch.full((4,), 0.5, dtype=torch.float64) for n in names}
+    last = names[-1]
+    with pytest.raises(ValueError, match=f"`{last}` has shape"):
+        fn(**{**good, last: good[last][:3]})
+    with pytest.raises(ValueError, match="`e` contains NaN"):
+        fn(**{**good, "e": torch.tensor([0.5, float("nan"), 0.5, 0.5], dtype=torch.float64)})
