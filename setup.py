@@ -8,6 +8,7 @@ reference (``estimators.backend()`` then returns ``"reference"``).
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -71,7 +72,8 @@ def _extensions():
                       "reference will be used. Install a C++20 compiler (g++ >= 10) and rebuild "
                       "with `pip install --no-build-isolation -e .`.", file=sys.stderr)
 
-    return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=False)}
+    # ninja compiles the sources in parallel where it is installed; without it, one by one.
+    return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = _extensions()

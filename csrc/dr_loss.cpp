@@ -97,12 +97,22 @@ ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_
 // costs nanoseconds next to a pass over the data).  The tensors over U are optional because
 // the naive, IPS and SNIPS estimators and the DR, MRDR, DR-BIAS, DR-MSE and eq.-32 BADR
 // imputation losses do not read them; `alpha` is DR-MSE's mixing weight (eq. 10).
+//
+// prediction_loss / imputation_loss are the differentiable losses (autograd.cpp): the prediction
+// loss differentiates x_b and x_u, the imputation loss xt_b and xt_u.  The *_and_grads kernels
+// (CPU and CUDA) return the loss and those two gradients from the same passes.
 TORCH_LIBRARY(cvr, m) {
   m.def(
       "prediction_loss(str estimator, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? x_u, Tensor? xt_b, "
-      "Tensor? xt_u) -> (Tensor loss, Tensor grad_x_b, Tensor grad_x_u)");
+      "Tensor? xt_u) -> Tensor");
   m.def(
       "imputation_loss(str kind, Tensor xt_b, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? xt_u, "
+      "Tensor? x_u, float alpha) -> Tensor");
+  m.def(
+      "prediction_loss_and_grads(str estimator, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? x_u, Tensor? xt_b, "
+      "Tensor? xt_u) -> (Tensor loss, Tensor grad_x_b, Tensor grad_x_u)");
+  m.def(
+      "imputation_loss_and_grads(str kind, Tensor xt_b, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? xt_u, "
       "Tensor? x_u, float alpha) -> (Tensor loss, Tensor grad_xt_b, Tensor grad_xt_u)");
 }
 

@@ -1,9 +1,9 @@
 // Fused DR-family training losses of the joint-learning step (BADR paper, eqs. 2, 3, 6-10,
-// 13, 32, 37).  The schema of the two operators is declared once, in dr_loss.cpp; the CPU
-// kernels live in cpu/dr_loss_kernel.cpp and the CUDA kernels in cuda/dr_loss_kernel.cu.
-// The pure-PyTorch reference they must equal is estimators/training_loss.py.
+// 13, 32, 37).  The schemas are declared once, in dr_loss.cpp; the CPU kernels live in
+// cpu/dr_loss_kernel.cpp, the CUDA kernels in cuda/dr_loss_kernel.cu and the autograd kernels
+// in autograd.cpp.  The pure-PyTorch reference they must equal is estimators/training_loss.py.
 //
-// Both operators take logits (never probabilities) and return (loss, grad_1, grad_2): the
+// The two *_and_grads kernels take logits (never probabilities) and return (loss, grad_1, grad_2): the
 // scalar loss and, computed in the same passes, its gradients with respect to the logits it
 // differentiates (x_b and x_u for the prediction loss, xt_b and xt_u for the imputation loss).
 // A gradient that is identically zero (the input does not reach the loss) is returned as an

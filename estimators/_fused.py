@@ -1,20 +1,19 @@
-"""Autograd wrappers of the fused DR-family losses in ``estimators._C`` (see ``csrc/``).
+"""The fused DR-family losses of ``estimators._C`` (see ``csrc/``), or why they are not there.
 
-The extension registers two operators (schemas in ``csrc/dr_loss.cpp``)::
+The extension registers two differentiable operators (schemas in ``csrc/dr_loss.cpp``)::
 
     cvr::prediction_loss(str estimator, Tensor x_b, Tensor r_b, Tensor p_hat_b,
-                         Tensor? x_u, Tensor? xt_b, Tensor? xt_u)
-        -> (Tensor loss, Tensor grad_x_b, Tensor grad_x_u)
+                         Tensor? x_u, Tensor? xt_b, Tensor? xt_u) -> Tensor
     cvr::imputation_loss(str kind, Tensor xt_b, Tensor x_b, Tensor r_b, Tensor p_hat_b,
-                         Tensor? xt_u, Tensor? x_u, float alpha)
-        -> (Tensor loss, Tensor grad_xt_b, Tensor grad_xt_u)
+                         Tensor? xt_u, Tensor? x_u, float alpha) -> Tensor
 
-``estimator`` and ``kind`` are the names of :mod:`estimators.training_loss`.  Each operator
-computes, from logits and in the same passes, the loss and its gradients with respect to the
-logits the loss differentiates (a gradient that is identically zero comes back as ``None``);
-the :class:`torch.autograd.Function` s below save those gradients and scale them by the
-incoming scalar gradient.  They cover the pseudo-label parameterisation; the
-``imputation="error"`` mode stays on the reference.
+``estimator`` and ``kind`` are the names of :mod:`estimators.training_loss`.  The prediction
+loss differentiates ``x_b`` and ``x_u``, the imputation loss ``xt_b`` and ``xt_u``; every other
+input is a constant of its step.  Their autograd kernels (C++, ``csrc/autograd.cpp``) compute
+the loss and those gradients in one fused call (``cvr::*_loss_and_grads``) and the backward
+only scales the saved gradients, so neither direction runs Python.  They cover the
+pseudo-label parameterisation with the exact cross-entropy; the other modes stay on the
+reference.
 
 The backend is chosen by the environment variable ``CVR_BACKEND``: ``"fused"`` (an error if
 the extension is not built), ``"reference"``, or unset (fused when built).
@@ -33,12 +32,13 @@ try:
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     _IMPORT_ERROR: Optional[ImportError] = exc
+    prediction_loss = imputation_loss = None
 else:
     _IMPORT_ERROR = None
     # The overloads themselves: calling them skips the packet's Python-level overload
     # resolution, a few microseconds per call that a small batch would notice.
-    _PREDICTION_OP = torch.ops.cvr.prediction_loss.default
-    _IMPUTATION_OP = torch.ops.cvr.imputation_loss.default
+    prediction_loss = torch.ops.cvr.prediction_loss.default
+    imputation_loss = torch.ops.cvr.imputation_loss.default
 
 BACKENDS = ("fused", "reference")
 _DTYPES = (torch.float32, torch.float64)
@@ -72,39 +72,3 @@ def supports(*tensors: Optional[Tensor]) -> bool:
     if first.device.type == "cuda" and not _C.with_cuda:
         return False
     return all(t.dtype == first.dtype and t.device == first.device for t in present)
-
-
-def _scaled(grad: Optional[Tensor], grad_output: Tensor) -> Optional[Tensor]:
-    return None if grad is None else grad * grad_output
-
-
-class PredictionLoss(torch.autograd.Function):
-    """``cvr::prediction_loss`` with its gradients on ``x_b`` and ``x_u`` (eqs. 2, 3, 37, 7, 13)."""
-
-    @staticmethod
-    def forward(ctx, estimator: str, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, x_u: Optional[Tensor],
-                xt_b: Optional[Tensor], xt_u: Optional[Tensor]) -> Tensor:
-        loss, grad_b, grad_u = _PREDICTION_OP(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u)
-        ctx.save_for_backward(grad_b, grad_u)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        grad_b, grad_u = ctx.saved_tensors
-        return None, _scaled(grad_b, grad_output), None, None, _scaled(grad_u, grad_output), None, None
-
-
-class ImputationLoss(torch.autograd.Function):
-    """``cvr::imputation_loss`` with its gradients on ``xt_b`` and ``xt_u`` (eqs. 6, 8, 9, 10, 32)."""
-
-    @staticmethod
-    def forward(ctx, kind: str, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, xt_u: Optional[Tensor],
-                x_u: Optional[Tensor], alpha: float) -> Tensor:
-        loss, grad_b, grad_u = _IMPUTATION_OP(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha)
-        ctx.save_for_backward(grad_b, grad_u)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        grad_b, grad_u = ctx.saved_tensors
-        return None, _scaled(grad_b, grad_output), None, None, None, _scaled(grad_u, grad_output), None, None

@@ -4,15 +4,25 @@
 
 For every operator (the prediction loss of each estimator, ``prediction/<estimator>``, and
 each imputation loss, ``imputation/<kind>``) and every batch size B in {128, 4096, 65536,
-1048576} with G in {5, 8} (|U| = G B), it times loss + backward of the fused operator
-(:mod:`estimators._fused`, whatever ``CVR_BACKEND`` says) and of the reference
-(``*_reference`` in :mod:`estimators.training_loss`) in the same run, as the median of
-repeats after warm-up, on random logits, labels and propensities in [0.05, 1].
+1048576} with G in {5, 8} (|U| = G B), it times, in the same run, on random logits, labels and
+propensities in [0.05, 1], as the median of repeats after warm-up:
 
-Each record has the keys ``op``, ``B``, ``G``, ``device``, ``fused_us``, ``reference_us``,
-``speedup`` (reference / fused) and ``gbps``: the bytes the fused operator must move (every
-input it reads and every gradient it writes, once) divided by the fused time.  ``--json``
-prints the list of records instead of the table; ``--quick`` runs B in {128, 4096} only.
+- ``fused_us``: the fused operator ``cvr::*_loss_and_grads``, which returns the loss and its
+  gradients (loss + backward) from one call;
+- ``fused_autograd_us``: the differentiable operator ``cvr::*_loss`` followed by
+  ``loss.backward()`` (what a training step that calls ``backward`` on this loss alone pays);
+- ``reference_us``: the eager reference (``*_reference`` in :mod:`estimators.training_loss`)
+  followed by ``loss.backward()``.
+
+Both ``backward`` timings contain the autograd engine's fixed cost per call, which no loss can
+avoid and a training step pays once for all its losses (measured alone as ``engine_us``, the
+backward of a one-element sum); on a slow-to-wake machine it is larger than the fused
+arithmetic.  ``speedup`` is reference / fused, ``autograd_speedup`` reference / fused_autograd.
+``gbps`` is the bytes the fused operator must move (every input it reads and every gradient it
+writes, once) divided by ``fused_us``; ``copy_gbps`` the bandwidth of a large device-to-device
+copy (bytes read plus bytes written) measured in the same run, the ceiling ``gbps`` is
+compared with.  ``--json`` prints the list of records instead of the table; ``--quick`` runs
+B in {128, 4096} only.
 """
 from __future__ import annotations
 
@@ -53,15 +63,19 @@ def _inputs(B: int, G: int, device: str, generator: torch.Generator) -> dict[str
     }
 
 
-def _operators() -> list[tuple[str, Callable, Callable, Callable]]:
-    """(name, fused loss, reference loss, bytes moved) of every operator; the losses take the
-    inputs of :func:`_inputs` with the differentiated logits requiring grad."""
+def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
+    """(name, fused loss and gradients, differentiable fused loss, reference loss, bytes moved) of
+    every operator; the losses take the inputs of :func:`_inputs` with the differentiated logits
+    requiring grad."""
     ops = []
     for est in PREDICTION_ESTIMATORS:
         uses_u = est in ("dr", "badr")
 
+        def with_grads(d, est=est):
+            return _C_OPS["prediction"](est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+
         def fused(d, est=est):
-            return _fused.PredictionLoss.apply(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+            return _fused.prediction_loss(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
 
         def reference(d, est=est):
             return prediction_loss_reference(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
@@ -69,11 +83,13 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable]]:
         def moved(B, G, uses_u=uses_u):  # read x, r, p_hat (and xt) on B, x and xt on U; write the gradients
             return 4 * B + (B + 3 * G * B if uses_u else 0)
 
-        ops.append((f"prediction/{est}", fused, reference, moved))
+        ops.append((f"prediction/{est}", with_grads, fused, reference, moved))
     for kind in IMPUTATION_LOSSES:
+        def with_grads(d, kind=kind):
+            return _C_OPS["imputation"](kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
+
         def fused(d, kind=kind):
-            return _fused.ImputationLoss.apply(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"],
-                                               d["x_u"], 0.5)
+            return _fused.imputation_loss(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
 
         def reference(d, kind=kind):
             return imputation_loss_reference(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"],
@@ -84,13 +100,18 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable]]:
                 return 4 * B + 3 * G * B
             return 5 * B
 
-        ops.append((f"imputation/{kind}", fused, reference, moved))
+        ops.append((f"imputation/{kind}", with_grads, fused, reference, moved))
     return ops
 
 
-def _time_us(loss_fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str) -> float:
-    """Median wall time of loss + backward in microseconds, with Python's garbage collector
-    paused as :mod:`timeit` does (its passes over torch's objects would land in random repeats)."""
+_C_OPS: dict[str, Callable] = {}
+
+
+def _time_us(fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str,
+             backward: bool = True) -> float:
+    """Median wall time in microseconds of ``fn(inputs)`` (then ``.backward()`` on its result
+    when ``backward``), with Python's garbage collector paused as :mod:`timeit` does (its passes
+    over torch's objects would land in random repeats)."""
     params = [inputs[name] for name in wrt]
 
     def once() -> float:
@@ -99,7 +120,9 @@ def _time_us(loss_fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str,
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss_fn(inputs).backward()
+        out = fn(inputs)
+        if backward:
+            out.backward()
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -117,36 +140,68 @@ def _time_us(loss_fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str,
             gc.enable()
 
 
+def engine_us(device: str) -> float:
+    """The autograd engine's fixed cost: forward and backward of a one-element sum."""
+    x = torch.ones(1, device=device, requires_grad=True)
+    return _time_us(lambda d: d["x"].sum(), {"x": x}, ("x",), device)
+
+
+def copy_gbps(device: str, nbytes: int = 1 << 28) -> float:
+    """Bandwidth of ``dst.copy_(src)`` over ``nbytes``, counting bytes read plus bytes written."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+
+    def once() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once()
+    return 2 * nbytes / statistics.median(once() for _ in range(20)) / 1e9
+
+
 def run(device: str = "cpu", sizes=SIZES, groups=GROUPS, only: tuple[str, ...] = ()) -> list[dict]:
     """The benchmark records (see the module docstring)."""
+    _C_OPS.update(prediction=torch.ops.cvr.prediction_loss_and_grads.default,
+                  imputation=torch.ops.cvr.imputation_loss_and_grads.default)
     generator = torch.Generator().manual_seed(0)
+    ceiling = round(copy_gbps(device), 1)
+    engine = round(engine_us(device), 1)
     records = []
     for B in sizes:
         for G in groups:
             data = _inputs(B, G, device, generator)
-            for name, fused, reference, moved in _operators():
+            for name, with_grads, fused, reference, moved in _operators():
                 if only and name not in only:
                     continue
                 wrt = ("x_b", "x_u") if name.startswith("prediction") else ("xt_b", "xt_u")
                 inputs = {k: v.detach().requires_grad_(k in wrt) for k, v in data.items()}
-                fused_us = _time_us(fused, inputs, wrt, device)
+                fused_us = _time_us(with_grads, inputs, wrt, device, backward=False)
+                autograd_us = _time_us(fused, inputs, wrt, device)
                 reference_us = _time_us(reference, inputs, wrt, device)
                 nbytes = moved(B, G) * data["x_b"].element_size()
                 records.append({
                     "op": name, "B": B, "G": G, "device": device,
-                    "fused_us": round(fused_us, 1), "reference_us": round(reference_us, 1),
-                    "speedup": round(reference_us / fused_us, 2), "gbps": round(nbytes / fused_us / 1e3, 3),
+                    "fused_us": round(fused_us, 1), "fused_autograd_us": round(autograd_us, 1),
+                    "reference_us": round(reference_us, 1), "speedup": round(reference_us / fused_us, 2),
+                    "autograd_speedup": round(reference_us / autograd_us, 2),
+                    "gbps": round(nbytes / fused_us / 1e3, 3), "copy_gbps": ceiling, "engine_us": engine,
                 })
     return records
 
 
 def format_table(records: list[dict]) -> str:
-    header = (f"{'op':24s} {'B':>8s} {'G':>2s} {'device':>6s} {'fused_us':>10s} {'reference_us':>13s} "
-              f"{'speedup':>8s} {'gbps':>7s}")
+    header = (f"{'op':22s} {'B':>7s} {'G':>2s} {'device':>6s} {'fused_us':>9s} {'autograd_us':>11s} "
+              f"{'reference_us':>12s} {'speedup':>7s} {'autograd':>8s} {'gbps':>8s} {'of copy':>7s}")
     lines = [header, "-" * len(header)]
     for r in records:
-        lines.append(f"{r['op']:24s} {r['B']:8d} {r['G']:2d} {r['device']:>6s} {r['fused_us']:10.1f} "
-                     f"{r['reference_us']:13.1f} {r['speedup']:8.2f} {r['gbps']:7.3f}")
+        lines.append(f"{r['op']:22s} {r['B']:7d} {r['G']:2d} {r['device']:>6s} {r['fused_us']:9.1f} "
+                     f"{r['fused_autograd_us']:11.1f} {r['reference_us']:12.1f} {r['speedup']:7.2f} "
+                     f"{r['autograd_speedup']:8.2f} {r['gbps']:8.2f} {r['gbps'] / r['copy_gbps']:7.1%}")
     return "\n".join(lines)
 
 
@@ -177,7 +232,8 @@ def main(argv=None) -> int:
         print(json.dumps(records, indent=1))
     else:
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels for "
-              f"{_fused._C.cpu_capability}; times are loss + backward, median of repeats")
+              f"{_fused._C.cpu_capability}; medians; device-to-device copy "
+              f"{records[0]['copy_gbps']:.0f} GB/s; autograd engine's fixed cost {records[0]['engine_us']:.1f} us")
         print(format_table(records))
     return 0
 

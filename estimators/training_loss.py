@@ -209,8 +209,8 @@ def prediction_loss(
         raise ValueError(f"estimator {estimator!r} needs x_u, xt_b and xt_u (the imputation model's logits)")
     _check_same_shape(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
     if _fusable(imputation, cross_entropy, x_b, x_u, xt_b, xt_u):
-        return _fused.PredictionLoss.apply(estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype),
-                                           x_u, xt_b, xt_u)
+        return _fused.prediction_loss(estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype), x_u,
+                                      None if xt_b is None else xt_b.detach(), None if xt_u is None else xt_u.detach())
     return prediction_loss_reference(estimator, x_b, r_b, p_hat_b.detach(), x_u, xt_b, xt_u, imputation,
                                      cross_entropy)
 
@@ -236,7 +236,7 @@ def imputation_loss(
         raise ValueError(f"imputation loss {kind!r} needs xt_u and x_u (logits on the sampled pairs U)")
     _check_same_shape(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
     if _fusable(imputation, cross_entropy, xt_b, x_b, xt_u, x_u):
-        return _fused.ImputationLoss.apply(kind, xt_b, x_b, r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
-                                           xt_u, x_u, float(alpha))
+        return _fused.imputation_loss(kind, xt_b, x_b.detach(), r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
+                                      xt_u, None if x_u is None else x_u.detach(), float(alpha))
     return imputation_loss_reference(kind, xt_b, x_b, r_b, p_hat_b.detach(), xt_u, x_u, alpha, imputation,
                                      cross_entropy)

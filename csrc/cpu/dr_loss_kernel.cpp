@@ -375,8 +375,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> imputation_loss_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cvr, CPU, m) {
-  m.impl("prediction_loss", &prediction_loss_cpu);
-  m.impl("imputation_loss", &imputation_loss_cpu);
+  m.impl("prediction_loss_and_grads", &prediction_loss_cpu);
+  m.impl("imputation_loss_and_grads", &imputation_loss_cpu);
 }
 
 }  // namespace cvr::ops
