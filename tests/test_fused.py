@@ -140,6 +140,34 @@ def test_imputation_loss_gradcheck(kind, device):
         (xt_b, xt_u))
 
 
+# ---- the autograd kernels ----------------------------------------------------------------------
+
+@needs_extension
+def test_autograd_kernel_scales_saved_gradients_and_survives_retain_graph():
+    """backward scales the saved gradients by grad_output (returned as they are when it is 1),
+    a retained graph gives the same gradients again, and inference mode gives the same loss."""
+    d = make_inputs(B=50, G=3, extreme=False)
+    args = ("badr", d["r_b"], d["p_hat_b"], d["xt_b"], d["xt_u"])
+
+    def loss_of(x_b, x_u):
+        est, r_b, p_hat_b, xt_b, xt_u = args
+        return _fused.prediction_loss(est, x_b, r_b, p_hat_b, x_u, xt_b, xt_u)
+
+    x_b, x_u = d["x_b"].clone().requires_grad_(), d["x_u"].clone().requires_grad_()
+    loss = loss_of(x_b, x_u)
+    loss.backward(retain_graph=True)
+    once = x_b.grad.clone(), x_u.grad.clone()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x_b.grad, 2 * once[0])
+    torch.testing.assert_close(x_u.grad, 2 * once[1])
+    x_b.grad = x_u.grad = None
+    (3 * loss).backward()
+    torch.testing.assert_close(x_b.grad, 3 * once[0])
+    torch.testing.assert_close(x_u.grad, 3 * once[1])
+    with torch.inference_mode():
+        assert torch.equal(loss_of(d["x_b"], d["x_u"]), loss.detach())
+
+
 # ---- numerics and determinism ----------------------------------------------------------------
 
 @needs_extension
