@@ -31,33 +31,35 @@ at::Tensor scaled(const at::Tensor& grad, const at::Tensor& grad_output) {
 // The fused kernels (CPU or CUDA, by the dispatcher), called through their typed handles.
 LossAndGrads prediction_loss_and_grads(std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b,
                                        const at::Tensor& p_hat_b, const OptionalTensor& x_u,
-                                       const OptionalTensor& xt_b, const OptionalTensor& xt_u) {
+                                       const OptionalTensor& xt_b, const OptionalTensor& xt_u,
+                                       std::string_view cross_entropy) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("cvr::prediction_loss_and_grads", "")
                              .typed<LossAndGrads(std::string_view, const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                                                 const OptionalTensor&)>();
-  return op.call(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u);
+                                                 const OptionalTensor&, std::string_view)>();
+  return op.call(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, cross_entropy);
 }
 
 LossAndGrads imputation_loss_and_grads(std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b,
                                        const at::Tensor& r_b, const at::Tensor& p_hat_b, const OptionalTensor& xt_u,
-                                       const OptionalTensor& x_u, double alpha) {
+                                       const OptionalTensor& x_u, double alpha, std::string_view cross_entropy) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("cvr::imputation_loss_and_grads", "")
                              .typed<LossAndGrads(std::string_view, const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                                                 const OptionalTensor&, double)>();
-  return op.call(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha);
+                                                 const OptionalTensor&, double, std::string_view)>();
+  return op.call(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, cross_entropy);
 }
 
 class PredictionLoss : public torch::autograd::Function<PredictionLoss> {
  public:
   static at::Tensor forward(AutogradContext* ctx, std::string_view estimator, const at::Tensor& x_b,
                             const at::Tensor& r_b, const at::Tensor& p_hat_b, const OptionalTensor& x_u,
-                            const OptionalTensor& xt_b, const OptionalTensor& xt_u) {
+                            const OptionalTensor& xt_b, const OptionalTensor& xt_u, std::string_view cross_entropy) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad_b, grad_u] = prediction_loss_and_grads(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u);
+    auto [loss, grad_b, grad_u] =
+        prediction_loss_and_grads(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, cross_entropy);
     ctx->save_for_backward({grad_b, grad_u});
     return loss;
   }
@@ -68,7 +70,7 @@ class PredictionLoss : public torch::autograd::Function<PredictionLoss> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& g = grad_outputs[0];
     return {at::Tensor(), scaled(saved[0], g), at::Tensor(), at::Tensor(), scaled(saved[1], g), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -76,9 +78,11 @@ class ImputationLoss : public torch::autograd::Function<ImputationLoss> {
  public:
   static at::Tensor forward(AutogradContext* ctx, std::string_view kind, const at::Tensor& xt_b,
                             const at::Tensor& x_b, const at::Tensor& r_b, const at::Tensor& p_hat_b,
-                            const OptionalTensor& xt_u, const OptionalTensor& x_u, double alpha) {
+                            const OptionalTensor& xt_u, const OptionalTensor& x_u, double alpha,
+                            std::string_view cross_entropy) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad_b, grad_u] = imputation_loss_and_grads(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha);
+    auto [loss, grad_b, grad_u] =
+        imputation_loss_and_grads(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, cross_entropy);
     ctx->save_for_backward({grad_b, grad_u});
     return loss;
   }
@@ -88,34 +92,34 @@ class ImputationLoss : public torch::autograd::Function<ImputationLoss> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& g = grad_outputs[0];
     return {at::Tensor(), scaled(saved[0], g), at::Tensor(), at::Tensor(), at::Tensor(), scaled(saved[1], g),
-            at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor prediction_loss_autograd(std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b,
                                     const at::Tensor& p_hat_b, const OptionalTensor& x_u, const OptionalTensor& xt_b,
-                                    const OptionalTensor& xt_u) {
-  return PredictionLoss::apply(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u);
+                                    const OptionalTensor& xt_u, std::string_view cross_entropy) {
+  return PredictionLoss::apply(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, cross_entropy);
 }
 
 at::Tensor imputation_loss_autograd(std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b,
                                     const at::Tensor& r_b, const at::Tensor& p_hat_b, const OptionalTensor& xt_u,
-                                    const OptionalTensor& x_u, double alpha) {
-  return ImputationLoss::apply(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha);
+                                    const OptionalTensor& x_u, double alpha, std::string_view cross_entropy) {
+  return ImputationLoss::apply(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, cross_entropy);
 }
 
 // Below autograd (inference mode, or a call that already went through the kernel above): the
 // loss alone.
 at::Tensor prediction_loss_value(std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b,
                                  const at::Tensor& p_hat_b, const OptionalTensor& x_u, const OptionalTensor& xt_b,
-                                 const OptionalTensor& xt_u) {
-  return std::get<0>(prediction_loss_and_grads(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u));
+                                 const OptionalTensor& xt_u, std::string_view cross_entropy) {
+  return std::get<0>(prediction_loss_and_grads(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, cross_entropy));
 }
 
 at::Tensor imputation_loss_value(std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b,
                                  const at::Tensor& r_b, const at::Tensor& p_hat_b, const OptionalTensor& xt_u,
-                                 const OptionalTensor& x_u, double alpha) {
-  return std::get<0>(imputation_loss_and_grads(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha));
+                                 const OptionalTensor& x_u, double alpha, std::string_view cross_entropy) {
+  return std::get<0>(imputation_loss_and_grads(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, cross_entropy));
 }
 
 }  // namespace

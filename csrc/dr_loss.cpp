@@ -29,6 +29,12 @@ ImputationKind parse_imputation_kind(std::string_view name) {
               name, "'");
 }
 
+CrossEntropy parse_cross_entropy(const char* op, std::string_view name) {
+  if (name == "logits") return CrossEntropy::logits;
+  if (name == "clamped") return CrossEntropy::clamped;
+  TORCH_CHECK(false, op, ": cross_entropy must be one of logits, clamped; got '", name, "'");
+}
+
 const at::Tensor& required(const char* op, const char* name, const std::optional<at::Tensor>& t) {
   TORCH_CHECK(t.has_value() && t->defined(), op, ": `", name, "` is required by this loss");
   return *t;
@@ -54,9 +60,10 @@ void check_group(const char* op, const at::Tensor& like, std::initializer_list<c
 
 PredictionInputs prepare_prediction(std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b,
                                     const at::Tensor& p_hat_b, const std::optional<at::Tensor>& x_u,
-                                    const std::optional<at::Tensor>& xt_b, const std::optional<at::Tensor>& xt_u) {
+                                    const std::optional<at::Tensor>& xt_b, const std::optional<at::Tensor>& xt_u,
+                                    std::string_view cross_entropy) {
   constexpr const char* op = "cvr::prediction_loss";
-  PredictionInputs in{parse_estimator(estimator)};
+  PredictionInputs in{parse_estimator(estimator), parse_cross_entropy(op, cross_entropy)};
   in.x_b = x_b.contiguous();
   in.r_b = r_b.contiguous();
   in.p_hat_b = p_hat_b.contiguous();
@@ -75,9 +82,9 @@ PredictionInputs prepare_prediction(std::string_view estimator, const at::Tensor
 ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b,
                                     const at::Tensor& r_b, const at::Tensor& p_hat_b,
                                     const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
-                                    double alpha) {
+                                    double alpha, std::string_view cross_entropy) {
   constexpr const char* op = "cvr::imputation_loss";
-  ImputationInputs in{parse_imputation_kind(kind)};
+  ImputationInputs in{parse_imputation_kind(kind), parse_cross_entropy(op, cross_entropy)};
   in.xt_b = xt_b.contiguous();
   in.x_b = x_b.contiguous();
   in.r_b = r_b.contiguous();
@@ -96,7 +103,8 @@ ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_
 // estimators/training_loss.py (a string keeps torch.ops.cvr calls self-describing; parsing it
 // costs nanoseconds next to a pass over the data).  The tensors over U are optional because
 // the naive, IPS and SNIPS estimators and the DR, MRDR, DR-BIAS, DR-MSE and eq.-32 BADR
-// imputation losses do not read them; `alpha` is DR-MSE's mixing weight (eq. 10).
+// imputation losses do not read them; `alpha` is DR-MSE's mixing weight (eq. 10);
+// `cross_entropy` the form of every cross-entropy of the loss ("logits" or "clamped").
 //
 // prediction_loss / imputation_loss are the differentiable losses (autograd.cpp): the prediction
 // loss differentiates x_b and x_u, the imputation loss xt_b and xt_u.  The *_and_grads kernels
@@ -104,16 +112,16 @@ ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_
 TORCH_LIBRARY(cvr, m) {
   m.def(
       "prediction_loss(str estimator, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? x_u, Tensor? xt_b, "
-      "Tensor? xt_u) -> Tensor");
+      "Tensor? xt_u, str cross_entropy=\"logits\") -> Tensor");
   m.def(
       "imputation_loss(str kind, Tensor xt_b, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? xt_u, "
-      "Tensor? x_u, float alpha) -> Tensor");
+      "Tensor? x_u, float alpha, str cross_entropy=\"logits\") -> Tensor");
   m.def(
       "prediction_loss_and_grads(str estimator, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? x_u, Tensor? xt_b, "
-      "Tensor? xt_u) -> (Tensor loss, Tensor grad_x_b, Tensor grad_x_u)");
+      "Tensor? xt_u, str cross_entropy=\"logits\") -> (Tensor loss, Tensor grad_x_b, Tensor grad_x_u)");
   m.def(
       "imputation_loss_and_grads(str kind, Tensor xt_b, Tensor x_b, Tensor r_b, Tensor p_hat_b, Tensor? xt_u, "
-      "Tensor? x_u, float alpha) -> (Tensor loss, Tensor grad_xt_b, Tensor grad_xt_u)");
+      "Tensor? x_u, float alpha, str cross_entropy=\"logits\") -> (Tensor loss, Tensor grad_xt_b, Tensor grad_xt_u)");
 }
 
 }  // namespace cvr::ops

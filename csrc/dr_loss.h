@@ -22,6 +22,10 @@ namespace cvr::ops {
 enum class Estimator { naive, ips, snips, dr, badr };
 // Imputation-model losses (the `kind` argument), named as in IMPUTATION_LOSSES there.
 enum class ImputationKind { dr, mrdr, dr_bias, dr_mse, badr, badr_paper };
+// The form of the binary cross-entropy l(sigmoid(x), t) (the `cross_entropy` argument, as
+// CROSS_ENTROPIES there): `logits`, the exact softplus form; `clamped`, the published code's
+// F.binary_cross_entropy(torch.sigmoid(x), t), logs clamped at -100 (see bce_clamped).
+enum class CrossEntropy { logits, clamped };
 
 // The inputs of one call, checked and made contiguous.  Tensors a loss does not read are
 // undefined: U (x_u, xt_u, and xt_b) is read by the DR and BADR prediction losses and by the
@@ -29,11 +33,13 @@ enum class ImputationKind { dr, mrdr, dr_bias, dr_mse, badr, badr_paper };
 // E_hat - L, where the sums over U cancel, so its kernels do not read U.
 struct PredictionInputs {
   Estimator estimator;
+  CrossEntropy cross_entropy;
   at::Tensor x_b, r_b, p_hat_b, xt_b, x_u, xt_u;
 };
 
 struct ImputationInputs {
   ImputationKind kind;
+  CrossEntropy cross_entropy;
   at::Tensor xt_b, x_b, r_b, p_hat_b, xt_u, x_u;
   double alpha;
 };
@@ -56,11 +62,12 @@ struct InputPointers {
 // messages first; these checks keep a direct call to torch.ops.cvr.* from reading out of bounds.
 PredictionInputs prepare_prediction(std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b,
                                     const at::Tensor& p_hat_b, const std::optional<at::Tensor>& x_u,
-                                    const std::optional<at::Tensor>& xt_b, const std::optional<at::Tensor>& xt_u);
+                                    const std::optional<at::Tensor>& xt_b, const std::optional<at::Tensor>& xt_u,
+                                    std::string_view cross_entropy);
 
 ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b,
                                     const at::Tensor& r_b, const at::Tensor& p_hat_b,
                                     const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
-                                    double alpha);
+                                    double alpha, std::string_view cross_entropy);
 
 }  // namespace cvr::ops

@@ -16,7 +16,7 @@ detached.
 ``cross_entropy`` chooses how ``l`` is computed: ``"logits"`` (default) is the exact softplus
 form above; ``"clamped"`` is the published code's ``F.binary_cross_entropy(sigmoid(x), t)``
 (:func:`bce_clamped`), which saturates.  Only the clamped form reproduces the published
-tables (see reproduce/train.py); the fused kernels implement the exact form.
+tables (see reproduce/train.py); the fused kernels implement both.
 
 This module holds the pure-PyTorch reference; :func:`prediction_loss` and
 :func:`imputation_loss` are the entry points used by the trainers.
@@ -168,10 +168,9 @@ def _check_names(estimator_or_kind: str, allowed: tuple[str, ...], what: str, im
         raise ValueError(f"`cross_entropy` must be one of {CROSS_ENTROPIES}; got {cross_entropy!r}")
 
 
-def _fusable(imputation: str, cross_entropy: str, *logits: Optional[Tensor]) -> bool:
-    """The fused kernels implement the pseudo-label model with the exact (logits) cross-entropy."""
-    return (imputation == "pseudo_label" and cross_entropy == "logits" and _fused.backend() == "fused"
-            and _fused.supports(*logits))
+def _fusable(imputation: str, *logits: Optional[Tensor]) -> bool:
+    """The fused kernels implement the pseudo-label model, with either cross-entropy."""
+    return imputation == "pseudo_label" and _fused.backend() == "fused" and _fused.supports(*logits)
 
 
 def _check_same_shape(**tensors: Optional[Tensor]) -> None:
@@ -200,17 +199,17 @@ def prediction_loss(
     """Prediction-model loss of a joint-learning step; see :func:`prediction_loss_reference`.
 
     Runs on the fused operator (``estimators._fused``) when :func:`estimators.backend` is
-    ``"fused"``, ``imputation="pseudo_label"``, ``cross_entropy="logits"`` and the logits share
-    one float32/float64 dtype and a device the extension was built for; otherwise on the
-    reference.
+    ``"fused"``, ``imputation="pseudo_label"`` and the logits share one float32/float64 dtype
+    and a device the extension was built for; otherwise on the reference.
     """
     _check_names(estimator, PREDICTION_ESTIMATORS, "estimator", imputation, cross_entropy)
     if estimator in ("dr", "badr") and (x_u is None or xt_b is None or xt_u is None):
         raise ValueError(f"estimator {estimator!r} needs x_u, xt_b and xt_u (the imputation model's logits)")
     _check_same_shape(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
-    if _fusable(imputation, cross_entropy, x_b, x_u, xt_b, xt_u):
+    if _fusable(imputation, x_b, x_u, xt_b, xt_u):
         return _fused.prediction_loss(estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype), x_u,
-                                      None if xt_b is None else xt_b.detach(), None if xt_u is None else xt_u.detach())
+                                      None if xt_b is None else xt_b.detach(), None if xt_u is None else xt_u.detach(),
+                                      cross_entropy)
     return prediction_loss_reference(estimator, x_b, r_b, p_hat_b.detach(), x_u, xt_b, xt_u, imputation,
                                      cross_entropy)
 
@@ -235,8 +234,8 @@ def imputation_loss(
     if kind in ("badr", "badr_paper") and (xt_u is None or x_u is None):
         raise ValueError(f"imputation loss {kind!r} needs xt_u and x_u (logits on the sampled pairs U)")
     _check_same_shape(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
-    if _fusable(imputation, cross_entropy, xt_b, x_b, xt_u, x_u):
+    if _fusable(imputation, xt_b, x_b, xt_u, x_u):
         return _fused.imputation_loss(kind, xt_b, x_b.detach(), r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
-                                      xt_u, None if x_u is None else x_u.detach(), float(alpha))
+                                      xt_u, None if x_u is None else x_u.detach(), float(alpha), cross_entropy)
     return imputation_loss_reference(kind, xt_b, x_b, r_b, p_hat_b.detach(), xt_u, x_u, alpha, imputation,
                                      cross_entropy)

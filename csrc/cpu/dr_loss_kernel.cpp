@@ -86,6 +86,54 @@ struct Logit {
   Vec<T> dsigmoid() const { return z * inv * inv; }
 };
 
+// ---- The two forms of the cross-entropy ----------------------------------------------------
+
+// l(x, t) = -(t log p + (1 - t) log(1 - p)) with p = sigmoid(x), of one vector of logits x, in
+// one of two forms.  Both expose the same quantities, so that every kernel below is written
+// once:  value(t) = l(x, t);  dinput(t) = d l / d x;  gap() = g in l(x, r) - l(x, s) = (s - r) g
+// (no cancellation of two large cross-entropies);  neg_dtarget() = -d l / d t;  sigmoid() and
+// dsigmoid() of x, for x an imputation logit whose sigmoid is a target.
+//
+// ExactCE, the softplus form (cross_entropy="logits"): l = softplus(x) - t x, g = -d l / d t = x.
+template <typename T>
+struct ExactCE {
+  Vec<T> x;
+  Logit<T> lx;
+
+  explicit ExactCE(const Vec<T>& x) : x(x), lx(x) {}
+  Vec<T> value(const Vec<T>& t) const { return lx.softplus(x) - t * x; }
+  Vec<T> dinput(const Vec<T>& t) const { return lx.sigmoid - t; }
+  Vec<T> gap() const { return x; }
+  Vec<T> neg_dtarget() const { return x; }
+  Vec<T> sigmoid() const { return lx.sigmoid; }
+  Vec<T> dsigmoid() const { return lx.dsigmoid(); }
+};
+
+// ClampedCE (cross_entropy="clamped"), what the published code computes and autograd
+// differentiates: p = 1 / (1 + exp(-x)) as torch.sigmoid computes it; F.binary_cross_entropy's
+// value (t - 1) max(log1p(-p), -100) - t max(log p, -100), its input gradient
+// (p - t) / max(p (1 - p), 1e-12) times sigmoid's backward (1 - p) p (zero once p rounds to 0 or
+// 1), and its target gradient -logit(p) = -log(p / (1 - p)), which torch does not clamp (it is
+// infinite once p rounds to 0 or 1, and so is the reference's).
+template <typename T>
+struct ClampedCE {
+  Vec<T> p, log_p, log_q;  // sigmoid(x), max(log p, -100), max(log1p(-p), -100)
+
+  explicit ClampedCE(const Vec<T>& x)
+      : p((Vec<T>(1) + x.neg().exp()).reciprocal()),
+        log_p(at::vec::maximum(p.log(), Vec<T>(-100))),
+        log_q(at::vec::maximum(p.neg().log1p(), Vec<T>(-100))) {}
+  Vec<T> value(const Vec<T>& t) const { return (t - Vec<T>(1)) * log_q - t * log_p; }
+  Vec<T> dinput(const Vec<T>& t) const {
+    const Vec<T> v = (Vec<T>(1) - p) * p;
+    return (p - t) / at::vec::maximum(v, Vec<T>(1e-12)) * v;
+  }
+  Vec<T> gap() const { return log_p - log_q; }
+  Vec<T> neg_dtarget() const { return (p / (Vec<T>(1) - p)).log(); }
+  Vec<T> sigmoid() const { return p; }
+  Vec<T> dsigmoid() const { return (Vec<T>(1) - p) * p; }
+};
+
 // ---- Deterministic parallel sums ----------------------------------------------------------
 
 // Sums of K terms per lane: kFlush vectors are added in the input precision, then each lane
@@ -177,26 +225,26 @@ Vec<T> load(const T* data, int64_t i, int64_t n) {
 // (naive, IPS), sum_B w (SNIPS, BADR) or |U| (DR); N does not depend on the logits, so
 // d loss / dx = (d num / dx) / N.  The pass over B also computes sum_B w, so the gradient on B
 // is written unnormalised and scaled once N is known; the pass over U knows N already.
-template <Estimator E, typename T>
+template <Estimator E, template <typename> class CE, typename T>
 void prediction_kernel(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss) {
   const InputPointers<T> ptr(in);
   constexpr bool uses_u = E == Estimator::dr || E == Estimator::badr;
   const int64_t b = in.x_b.numel();
   const auto [num_b, sum_w] = reduce<2, T>(b, [&](int64_t i, int64_t n) {
-    const Vec<T> x = load<T>(ptr.x_b, i, n), r = load<T>(ptr.r_b, i, n);
-    const Logit<T> lx(x);
-    const Vec<T> e = lx.softplus(x) - r * x;  // l(x, r)
+    const Vec<T> r = load<T>(ptr.r_b, i, n);
+    const CE<T> lx(load<T>(ptr.x_b, i, n));
+    const Vec<T> e = lx.value(r);  // l(x, r)
     if constexpr (E == Estimator::naive) {
-      (lx.sigmoid - r).store(grad_b + i, n);
+      lx.dinput(r).store(grad_b + i, n);
       return std::array<Vec<T>, 2>{e, Vec<T>(0)};
     } else {
       const Vec<T> w = load<T>(ptr.p_hat_b, i, n).reciprocal();
-      Vec<T> term = w * e, grad = w * (lx.sigmoid - r);
+      Vec<T> term = w * e, grad = w * lx.dinput(r);
       if constexpr (uses_u) {
-        // - l(x, s(xt)) = -(softplus(x) - s(xt) x); its gradient is -(s(x) - s(xt)).
-        const Vec<T> st = Logit<T>(load<T>(ptr.xt_b, i, n)).sigmoid;
-        term = term - (e + (r - st) * x);
-        grad = grad - (lx.sigmoid - st);
+        // - l(x, s(xt)) = -(l(x, r) + (r - s(xt)) g), with its gradient.
+        const Vec<T> st = CE<T>(load<T>(ptr.xt_b, i, n)).sigmoid();
+        term = term - (e + (r - st) * lx.gap());
+        grad = grad - lx.dinput(st);
       }
       grad.store(grad_b + i, n);
       return std::array<Vec<T>, 2>{term, w};
@@ -209,10 +257,10 @@ void prediction_kernel(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss
   double num_u = 0.0;
   if constexpr (uses_u) {
     num_u = reduce<1, T>(in.x_u.numel(), [&](int64_t i, int64_t n) {
-      const Vec<T> x = load<T>(ptr.x_u, i, n);
-      const Logit<T> lx(x), lt(load<T>(ptr.xt_u, i, n));
-      ((lx.sigmoid - lt.sigmoid) * Vec<T>(inv_norm)).store(grad_u + i, n);
-      return std::array<Vec<T>, 1>{lx.softplus(x) - lt.sigmoid * x};  // l(x, s(xt))
+      const CE<T> lx(load<T>(ptr.x_u, i, n));
+      const Vec<T> st = CE<T>(load<T>(ptr.xt_u, i, n)).sigmoid();
+      (lx.dinput(st) * Vec<T>(inv_norm)).store(grad_u + i, n);
+      return std::array<Vec<T>, 1>{lx.value(st)};  // l(x, s(xt))
     })[0];
   }
   scale(grad_b, b, inv_norm);
@@ -221,19 +269,19 @@ void prediction_kernel(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss
 
 // ---- Imputation-model losses (eqs. 6, 8, 9, 10, 32 and the published BADR loss) ----------
 
-// sum_B c (e - e_hat)^2 with e - e_hat = l(x, r) - l(x, s(xt)) = x (s(xt) - r), computed in
-// that form (no cancellation of the two softplus terms), and
+// sum_B c (e - e_hat)^2 with e - e_hat = l(x, r) - l(x, s(xt)) = g (s(xt) - r) (g = x in the
+// exact form), computed in that form (no cancellation of the two cross-entropies), and
 //   c = w (DR, eq. 6), w^2 (1 - p_hat) (MRDR, eq. 8), w^3 (1 - p_hat)^2 (DR-BIAS, eq. 9),
 //       alpha DR-BIAS + (1 - alpha) MRDR (DR-MSE, eq. 10).
-// d/dxt: 2 c (e - e_hat) x s'(xt).  With p_hat = 1e-6, w^3 = 1e18, so a DR-BIAS term is at
+// d/dxt: 2 c (e - e_hat) (-d l / d t) s'(xt).  With p_hat = 1e-6, w^3 = 1e18, so a DR-BIAS term is at
 // most 1e18 x^2 and its gradient 0.5e18 |x|^3: finite in float32 while |x| < ~1e6.
-template <ImputationKind K, typename T>
+template <ImputationKind K, template <typename> class CE, typename T>
 void squared_error_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
   const InputPointers<T> ptr(in);
   const T alpha = static_cast<T>(in.alpha);
   const auto [sum] = reduce<1, T>(in.xt_b.numel(), [&](int64_t i, int64_t n) {
-    const Vec<T> x = load<T>(ptr.x_b, i, n), r = load<T>(ptr.r_b, i, n), p = load<T>(ptr.p_hat_b, i, n);
-    const Logit<T> lt(load<T>(ptr.xt_b, i, n));
+    const Vec<T> r = load<T>(ptr.r_b, i, n), p = load<T>(ptr.p_hat_b, i, n);
+    const CE<T> lx(load<T>(ptr.x_b, i, n)), lt(load<T>(ptr.xt_b, i, n));
     const Vec<T> w = p.reciprocal(), q = Vec<T>(1) - p;
     Vec<T> c = w;
     if constexpr (K == ImputationKind::mrdr) c = w * w * q;
@@ -241,20 +289,20 @@ void squared_error_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
     if constexpr (K == ImputationKind::dr_mse) {
       c = Vec<T>(alpha) * (w * w * w * q * q) + Vec<T>(1 - alpha) * (w * w * q);
     }
-    const Vec<T> d = x * (lt.sigmoid - r);
-    (Vec<T>(2) * c * d * x * lt.dsigmoid()).store(grad_b + i, n);
+    const Vec<T> d = lx.gap() * (lt.sigmoid() - r);
+    (Vec<T>(2) * c * d * lx.neg_dtarget() * lt.dsigmoid()).store(grad_b + i, n);
     return std::array<Vec<T>, 1>{c * d * d};
   });
   *loss = static_cast<T>(sum);
 }
 
-// Eq. 32 on B and U: sum_B w^2 (d - m)^2 / S^2 with d = e - e_hat = x (s(xt) - r), S = sum_B w
+// Eq. 32 on B and U: sum_B w^2 (d - m)^2 / S^2 with d = e - e_hat = g (s(xt) - r), S = sum_B w
 // and m = L - E_hat = sum_B w d / S (the U sums of L and E_hat cancel).  With
 // D = sum_B w^2 (d - m), through which every d_i moves the loss via m,
-//   d loss / d d_i = 2 [w_i^2 (d_i - m) - w_i D / S] / S^2,   d d_i / d xt_i = x_i s'(xt_i).
+//   d loss / d d_i = 2 [w_i^2 (d_i - m) - w_i D / S] / S^2,   d d_i / d xt_i = (-d l / d t) s'(xt_i).
 // The first pass gives the centring terms S and m and, as sum w^2 d - m sum w^2 in double, D,
 // so that the second pass writes the gradient with the loss.
-template <typename T>
+template <template <typename> class CE, typename T>
 void badr_paper_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
   const InputPointers<T> ptr(in);
   const int64_t b = in.xt_b.numel();
@@ -262,10 +310,9 @@ void badr_paper_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
     Vec<T> d, w, dd;  // e - e_hat, w, d (e - e_hat) / d xt
   };
   auto terms = [&](int64_t i, int64_t n) {
-    const Vec<T> x = load<T>(ptr.x_b, i, n);
-    const Logit<T> lt(load<T>(ptr.xt_b, i, n));
-    return Terms{x * (lt.sigmoid - load<T>(ptr.r_b, i, n)), load<T>(ptr.p_hat_b, i, n).reciprocal(),
-                 x * lt.dsigmoid()};
+    const CE<T> lx(load<T>(ptr.x_b, i, n)), lt(load<T>(ptr.xt_b, i, n));
+    return Terms{lx.gap() * (lt.sigmoid() - load<T>(ptr.r_b, i, n)), load<T>(ptr.p_hat_b, i, n).reciprocal(),
+                 lx.neg_dtarget() * lt.dsigmoid()};
   };
   const auto [s, swd, sw2d, sw2] = reduce<4, T>(b, [&](int64_t i, int64_t n) {
     const Terms t = terms(i, n);
@@ -288,28 +335,28 @@ void badr_paper_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
 // The published BADR loss: sum_B w^2 (a + E_U - L)^2 / |U| with a = l(x, r) - l(xt, s(x)) on B
 // (the imputed error with input and target swapped, detached), E_U = mean_U l(xt, s(x)) and L
 // = [sum_B w l(x, r) - sum_B l(xt, s(x)) + sum_U l(xt, s(x))] / S, detached.  Only E_U carries
-// a gradient:  d loss / d xt_u = [2 sum_B w^2 (a + c) / |U|^2] (s(xt_u) - s(x_u)), c = E_U - L.
+// a gradient:  d loss / d xt_u = [2 sum_B w^2 (a + c) / |U|^2] dl/dxt(xt_u, s(x_u)), c = E_U - L
+// (dl/dxt = s(xt_u) - s(x_u) in the exact form).
 // Pass 1 sums S, the terms of L and E_U, keeping a and s(xt_u) - s(x_u); pass 2 sums the
 // centred squares and gives the factor of the gradient on U.
-template <typename T>
+template <template <typename> class CE, typename T>
 void badr_kernel(const ImputationInputs& in, T* grad_u, T* loss) {
   const InputPointers<T> ptr(in);
   const int64_t b = in.xt_b.numel(), u = in.xt_u.numel();
   const at::Tensor a_buf = at::empty_like(in.xt_b);
   T* a = a_buf.mutable_data_ptr<T>();
   const auto [s, swe, sum_hat_b] = reduce<3, T>(b, [&](int64_t i, int64_t n) {
-    const Vec<T> x = load<T>(ptr.x_b, i, n), xt = load<T>(ptr.xt_b, i, n), r = load<T>(ptr.r_b, i, n);
-    const Vec<T> w = load<T>(ptr.p_hat_b, i, n).reciprocal();
-    const Logit<T> lx(x), lt(xt);
-    const Vec<T> e = lx.softplus(x) - r * x, e_hat = lt.softplus(xt) - lx.sigmoid * xt;
+    const Vec<T> r = load<T>(ptr.r_b, i, n), w = load<T>(ptr.p_hat_b, i, n).reciprocal();
+    const CE<T> lx(load<T>(ptr.x_b, i, n)), lt(load<T>(ptr.xt_b, i, n));
+    const Vec<T> e = lx.value(r), e_hat = lt.value(lx.sigmoid());
     (e - e_hat).store(a + i, n);
     return std::array<Vec<T>, 3>{w, w * e, e_hat};
   });
   const auto [sum_hat_u] = reduce<1, T>(u, [&](int64_t i, int64_t n) {
-    const Vec<T> xt = load<T>(ptr.xt_u, i, n);
-    const Logit<T> lx(load<T>(ptr.x_u, i, n)), lt(xt);
-    (lt.sigmoid - lx.sigmoid).store(grad_u + i, n);
-    return std::array<Vec<T>, 1>{lt.softplus(xt) - lx.sigmoid * xt};
+    const Vec<T> s = CE<T>(load<T>(ptr.x_u, i, n)).sigmoid();
+    const CE<T> lt(load<T>(ptr.xt_u, i, n));
+    lt.dinput(s).store(grad_u + i, n);
+    return std::array<Vec<T>, 1>{lt.value(s)};
   });
   const Vec<T> centre(static_cast<T>(sum_hat_u / static_cast<double>(u) - (swe - sum_hat_b + sum_hat_u) / s));
   const auto [sq, lin] = reduce<2, T>(b, [&](int64_t i, int64_t n) {
@@ -322,11 +369,35 @@ void badr_kernel(const ImputationInputs& in, T* grad_u, T* loss) {
 
 // ---- Operators ----------------------------------------------------------------------------
 
+template <template <typename> class CE, typename T>
+void prediction_kernels(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss) {
+  switch (in.estimator) {
+    case Estimator::naive: return prediction_kernel<Estimator::naive, CE, T>(in, grad_b, grad_u, loss);
+    case Estimator::ips: return prediction_kernel<Estimator::ips, CE, T>(in, grad_b, grad_u, loss);
+    case Estimator::snips: return prediction_kernel<Estimator::snips, CE, T>(in, grad_b, grad_u, loss);
+    case Estimator::dr: return prediction_kernel<Estimator::dr, CE, T>(in, grad_b, grad_u, loss);
+    case Estimator::badr: return prediction_kernel<Estimator::badr, CE, T>(in, grad_b, grad_u, loss);
+  }
+}
+
+// `grad` is the gradient on U for the published BADR loss and on B for every other.
+template <template <typename> class CE, typename T>
+void imputation_kernels(const ImputationInputs& in, T* grad, T* loss) {
+  switch (in.kind) {
+    case ImputationKind::dr: return squared_error_kernel<ImputationKind::dr, CE, T>(in, grad, loss);
+    case ImputationKind::mrdr: return squared_error_kernel<ImputationKind::mrdr, CE, T>(in, grad, loss);
+    case ImputationKind::dr_bias: return squared_error_kernel<ImputationKind::dr_bias, CE, T>(in, grad, loss);
+    case ImputationKind::dr_mse: return squared_error_kernel<ImputationKind::dr_mse, CE, T>(in, grad, loss);
+    case ImputationKind::badr_paper: return badr_paper_kernel<CE, T>(in, grad, loss);
+    case ImputationKind::badr: return badr_kernel<CE, T>(in, grad, loss);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prediction_loss_cpu(
     std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b, const at::Tensor& p_hat_b,
     const std::optional<at::Tensor>& x_u, const std::optional<at::Tensor>& xt_b,
-    const std::optional<at::Tensor>& xt_u) {
-  const PredictionInputs in = prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u);
+    const std::optional<at::Tensor>& xt_u, std::string_view cross_entropy) {
+  const PredictionInputs in = prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, cross_entropy);
   at::Tensor loss = at::empty({}, in.x_b.options());
   at::Tensor grad_b = at::empty_like(in.x_b);
   at::Tensor grad_u = in.x_u.defined() ? at::empty_like(in.x_u) : at::Tensor();
@@ -334,13 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prediction_loss_cpu(
     scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
     scalar_t* gu = grad_u.defined() ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* l = loss.mutable_data_ptr<scalar_t>();
-    switch (in.estimator) {
-      case Estimator::naive: return prediction_kernel<Estimator::naive, scalar_t>(in, gb, gu, l);
-      case Estimator::ips: return prediction_kernel<Estimator::ips, scalar_t>(in, gb, gu, l);
-      case Estimator::snips: return prediction_kernel<Estimator::snips, scalar_t>(in, gb, gu, l);
-      case Estimator::dr: return prediction_kernel<Estimator::dr, scalar_t>(in, gb, gu, l);
-      case Estimator::badr: return prediction_kernel<Estimator::badr, scalar_t>(in, gb, gu, l);
-    }
+    if (in.cross_entropy == CrossEntropy::clamped) return prediction_kernels<ClampedCE, scalar_t>(in, gb, gu, l);
+    return prediction_kernels<ExactCE, scalar_t>(in, gb, gu, l);
   });
   return {loss, grad_b, grad_u};
 }
@@ -348,8 +414,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prediction_loss_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> imputation_loss_cpu(
     std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b, const at::Tensor& r_b,
     const at::Tensor& p_hat_b, const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
-    double alpha) {
-  const ImputationInputs in = prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha);
+    double alpha, std::string_view cross_entropy) {
+  const ImputationInputs in = prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, cross_entropy);
   at::Tensor loss = at::empty({}, in.xt_b.options());
   // The published BADR loss has no gradient on B (its e_hat there is detached); every other
   // loss has none on U.
@@ -357,17 +423,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> imputation_loss_cpu(
   at::Tensor grad_b = on_u ? at::Tensor() : at::empty_like(in.xt_b);
   at::Tensor grad_u = on_u ? at::empty_like(in.xt_u) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.xt_b.scalar_type(), "cvr::imputation_loss", [&] {
+    scalar_t* gb = on_u ? grad_u.mutable_data_ptr<scalar_t>() : grad_b.mutable_data_ptr<scalar_t>();
     scalar_t* l = loss.mutable_data_ptr<scalar_t>();
-    if (on_u) return badr_kernel<scalar_t>(in, grad_u.mutable_data_ptr<scalar_t>(), l);
-    scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
-    switch (in.kind) {
-      case ImputationKind::dr: return squared_error_kernel<ImputationKind::dr, scalar_t>(in, gb, l);
-      case ImputationKind::mrdr: return squared_error_kernel<ImputationKind::mrdr, scalar_t>(in, gb, l);
-      case ImputationKind::dr_bias: return squared_error_kernel<ImputationKind::dr_bias, scalar_t>(in, gb, l);
-      case ImputationKind::dr_mse: return squared_error_kernel<ImputationKind::dr_mse, scalar_t>(in, gb, l);
-      case ImputationKind::badr_paper: return badr_paper_kernel<scalar_t>(in, gb, l);
-      case ImputationKind::badr: break;  // handled above
-    }
+    if (in.cross_entropy == CrossEntropy::clamped) return imputation_kernels<ClampedCE, scalar_t>(in, gb, l);
+    return imputation_kernels<ExactCE, scalar_t>(in, gb, l);
   });
   return {loss, grad_b, grad_u};
 }

@@ -48,6 +48,47 @@ struct Logit {
   __device__ T dsigmoid() const { return z * inv * inv; }
 };
 
+// The two forms of the cross-entropy l(x, t) of one logit, as in cpu/dr_loss_kernel.cpp (whose
+// comments derive them): value(t) = l(x, t), dinput(t) = d l / d x, gap() = g in
+// l(x, r) - l(x, s) = (s - r) g, neg_dtarget() = -d l / d t, sigmoid() and dsigmoid() of x.
+template <typename T>
+struct ExactCE {
+  T x;
+  Logit<T> lx;
+
+  __device__ explicit ExactCE(T x) : x(x), lx(x) {}
+  __device__ T value(T t) const { return lx.softplus(x) - t * x; }
+  __device__ T dinput(T t) const { return lx.sigmoid - t; }
+  __device__ T gap() const { return x; }
+  __device__ T neg_dtarget() const { return x; }
+  __device__ T sigmoid() const { return lx.sigmoid; }
+  __device__ T dsigmoid() const { return lx.dsigmoid(); }
+};
+
+// max(v, -100) that keeps a NaN (fmax would drop it), as std::max in torch's kernel does.
+template <typename T>
+__device__ T clamp_log(T v) {
+  return v < T(-100) ? T(-100) : v;
+}
+
+// F.binary_cross_entropy(torch.sigmoid(x), t) and its autograd gradients (the published code).
+template <typename T>
+struct ClampedCE {
+  T p, log_p, log_q;
+
+  __device__ explicit ClampedCE(T x)
+      : p(T(1) / (T(1) + exp(-x))), log_p(clamp_log(log(p))), log_q(clamp_log(log1p(-p))) {}
+  __device__ T value(T t) const { return (t - T(1)) * log_q - t * log_p; }
+  __device__ T dinput(T t) const {
+    const T v = (T(1) - p) * p;
+    return (p - t) / (v > T(1e-12) ? v : T(1e-12)) * v;
+  }
+  __device__ T gap() const { return log_p - log_q; }
+  __device__ T neg_dtarget() const { return log(p / (T(1) - p)); }
+  __device__ T sigmoid() const { return p; }
+  __device__ T dsigmoid() const { return (T(1) - p) * p; }
+};
+
 // Tree sum over the block of each thread's K values; thread 0 receives the totals in `out`.
 template <int K>
 __device__ void block_sum(const double (&value)[K], double* out) {
@@ -139,7 +180,7 @@ struct Workspace {
 
 // Pass 1 over B: numerator terms and S = sum_B w, unnormalised gradient.  Pass 2 over U then
 // B: terms over U with the gradient divided by N, and the gradient on B divided by N.
-template <typename T>
+template <template <typename> class CE, typename T>
 void prediction_cuda(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss) {
   const Estimator est = in.estimator;
   const bool uses_u = est == Estimator::dr || est == Estimator::badr;
@@ -150,14 +191,14 @@ void prediction_cuda(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss) 
   ws.reduce<2>(
       b,
       [=] __device__(int64_t i, double* acc) {
-        const T x = ld(ptr.x_b, i), r = ld(ptr.r_b, i), w = est == Estimator::naive ? T(1) : T(1) / ld(ptr.p_hat_b, i);
-        const Logit<T> lx(x);
-        const T e = lx.softplus(x) - r * x;
-        T term = w * e, grad = w * (lx.sigmoid - r);
+        const T r = ld(ptr.r_b, i), w = est == Estimator::naive ? T(1) : T(1) / ld(ptr.p_hat_b, i);
+        const CE<T> lx(ld(ptr.x_b, i));
+        const T e = lx.value(r);
+        T term = w * e, grad = w * lx.dinput(r);
         if (uses_u) {
-          const T st = Logit<T>(ld(ptr.xt_b, i)).sigmoid;
-          term -= e + (r - st) * x;
-          grad -= lx.sigmoid - st;
+          const T st = CE<T>(ld(ptr.xt_b, i)).sigmoid();
+          term -= e + (r - st) * lx.gap();
+          grad -= lx.dinput(st);
         }
         grad_b[i] = grad;
         acc[0] += term;
@@ -178,16 +219,16 @@ void prediction_cuda(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss) 
           grad_b[i - u] *= inv_norm;
           return;
         }
-        const T x = ld(ptr.x_u, i);
-        const Logit<T> lx(x), lt(ld(ptr.xt_u, i));
-        grad_u[i] = (lx.sigmoid - lt.sigmoid) * inv_norm;
-        acc[0] += lx.softplus(x) - lt.sigmoid * x;
+        const CE<T> lx(ld(ptr.x_u, i));
+        const T st = CE<T>(ld(ptr.xt_u, i)).sigmoid();
+        grad_u[i] = lx.dinput(st) * inv_norm;
+        acc[0] += lx.value(st);
       },
       [=] __device__(const double* sums) { *loss = static_cast<T>((sc[0] + sums[0]) * sc[1]); });
 }
 
 // DR, MRDR, DR-BIAS, DR-MSE (eqs. 6, 8, 9, 10): one pass over B.
-template <typename T>
+template <template <typename> class CE, typename T>
 void squared_error_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
   const ImputationKind kind = in.kind;
   const T alpha = static_cast<T>(in.alpha);
@@ -196,15 +237,15 @@ void squared_error_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
   ws.reduce<1>(
       in.xt_b.numel(),
       [=] __device__(int64_t i, double* acc) {
-        const T x = ld(ptr.x_b, i), p = ld(ptr.p_hat_b, i), w = T(1) / p, q = T(1) - p;
-        const Logit<T> lt(ld(ptr.xt_b, i));
+        const T p = ld(ptr.p_hat_b, i), w = T(1) / p, q = T(1) - p;
+        const CE<T> lx(ld(ptr.x_b, i)), lt(ld(ptr.xt_b, i));
         const T mrdr = w * w * q, bias = mrdr * w * q;
         const T c = kind == ImputationKind::dr        ? w
                     : kind == ImputationKind::mrdr    ? mrdr
                     : kind == ImputationKind::dr_bias ? bias
                                                       : alpha * bias + (T(1) - alpha) * mrdr;
-        const T d = x * (lt.sigmoid - ld(ptr.r_b, i));
-        grad_b[i] = T(2) * c * d * x * lt.dsigmoid();
+        const T d = lx.gap() * (lt.sigmoid() - ld(ptr.r_b, i));
+        grad_b[i] = T(2) * c * d * lx.neg_dtarget() * lt.dsigmoid();
         acc[0] += c * d * d;
       },
       [=] __device__(const double* sums) { *loss = static_cast<T>(sums[0]); });
@@ -212,7 +253,7 @@ void squared_error_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
 
 // Eq. 32: pass 1 sums the centring terms S, sum w d, sum w^2 d, sum w^2; pass 2 the centred
 // squares with the gradient.
-template <typename T>
+template <template <typename> class CE, typename T>
 void badr_paper_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
   const InputPointers<T> ptr(in);
   const int64_t b = in.xt_b.numel();
@@ -221,8 +262,8 @@ void badr_paper_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
   ws.reduce<4>(
       b,
       [=] __device__(int64_t i, double* acc) {
-        const T x = ld(ptr.x_b, i), w = T(1) / ld(ptr.p_hat_b, i);
-        const T d = x * (Logit<T>(ld(ptr.xt_b, i)).sigmoid - ld(ptr.r_b, i));
+        const T w = T(1) / ld(ptr.p_hat_b, i);
+        const T d = CE<T>(ld(ptr.x_b, i)).gap() * (CE<T>(ld(ptr.xt_b, i)).sigmoid() - ld(ptr.r_b, i));
         acc[0] += w;
         acc[1] += w * d;
         acc[2] += w * w * d;
@@ -238,10 +279,11 @@ void badr_paper_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
   ws.reduce<1>(
       b,
       [=] __device__(int64_t i, double* acc) {
-        const T x = ld(ptr.x_b, i), w = T(1) / ld(ptr.p_hat_b, i);
-        const Logit<T> lt(ld(ptr.xt_b, i));
-        const T dev = x * (lt.sigmoid - ld(ptr.r_b, i)) - static_cast<T>(sc[0]);
-        grad_b[i] = x * lt.dsigmoid() * (static_cast<T>(sc[1]) * w * w * dev - static_cast<T>(sc[2]) * w);
+        const T w = T(1) / ld(ptr.p_hat_b, i);
+        const CE<T> lx(ld(ptr.x_b, i)), lt(ld(ptr.xt_b, i));
+        const T dev = lx.gap() * (lt.sigmoid() - ld(ptr.r_b, i)) - static_cast<T>(sc[0]);
+        grad_b[i] =
+            lx.neg_dtarget() * lt.dsigmoid() * (static_cast<T>(sc[1]) * w * w * dev - static_cast<T>(sc[2]) * w);
         acc[0] += w * w * dev * dev;
       },
       [=] __device__(const double* sums) { *loss = static_cast<T>(sums[0] * sc[3]); });
@@ -249,7 +291,7 @@ void badr_paper_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
 
 // The published BADR loss: pass 1 over B then U (S, the terms of L and E_U; a on B, the
 // unscaled gradient on U), pass 2 over B (the centred squares), then the gradient's scale.
-template <typename T>
+template <template <typename> class CE, typename T>
 void badr_cuda(const ImputationInputs& in, T* grad_u, T* loss) {
   const InputPointers<T> ptr(in);
   const int64_t b = in.xt_b.numel(), u = in.xt_u.numel();
@@ -261,18 +303,18 @@ void badr_cuda(const ImputationInputs& in, T* grad_u, T* loss) {
       b + u,
       [=] __device__(int64_t i, double* acc) {
         if (i < b) {
-          const T x = ld(ptr.x_b, i), xt = ld(ptr.xt_b, i), w = T(1) / ld(ptr.p_hat_b, i);
-          const Logit<T> lx(x), lt(xt);
-          const T e = lx.softplus(x) - ld(ptr.r_b, i) * x, e_hat = lt.softplus(xt) - lx.sigmoid * xt;
+          const T w = T(1) / ld(ptr.p_hat_b, i);
+          const CE<T> lx(ld(ptr.x_b, i)), lt(ld(ptr.xt_b, i));
+          const T e = lx.value(ld(ptr.r_b, i)), e_hat = lt.value(lx.sigmoid());
           a[i] = e - e_hat;
           acc[0] += w;
           acc[1] += w * e;
           acc[2] += e_hat;
         } else {
-          const T xt = ld(ptr.xt_u, i - b);
-          const Logit<T> lx(ld(ptr.x_u, i - b)), lt(xt);
-          grad_u[i - b] = lt.sigmoid - lx.sigmoid;
-          acc[3] += lt.softplus(xt) - lx.sigmoid * xt;
+          const T s = CE<T>(ld(ptr.x_u, i - b)).sigmoid();
+          const CE<T> lt(ld(ptr.xt_u, i - b));
+          grad_u[i - b] = lt.dinput(s);
+          acc[3] += lt.value(s);
         }
       },
       [=] __device__(const double* sums) {
@@ -293,19 +335,29 @@ void badr_cuda(const ImputationInputs& in, T* grad_u, T* loss) {
   ws.scale(u, grad_u, sc + 1);
 }
 
+// `grad` is the gradient on U for the published BADR loss and on B for every other.
+template <template <typename> class CE, typename T>
+void imputation_cuda(const ImputationInputs& in, T* grad, T* loss) {
+  if (in.kind == ImputationKind::badr) return badr_cuda<CE, T>(in, grad, loss);
+  if (in.kind == ImputationKind::badr_paper) return badr_paper_cuda<CE, T>(in, grad, loss);
+  squared_error_cuda<CE, T>(in, grad, loss);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prediction_loss_cuda(
     std::string_view estimator, const at::Tensor& x_b, const at::Tensor& r_b, const at::Tensor& p_hat_b,
     const std::optional<at::Tensor>& x_u, const std::optional<at::Tensor>& xt_b,
-    const std::optional<at::Tensor>& xt_u) {
-  const PredictionInputs in = prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u);
+    const std::optional<at::Tensor>& xt_u, std::string_view cross_entropy) {
+  const PredictionInputs in = prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, cross_entropy);
   const c10::cuda::CUDAGuard guard(in.x_b.device());
   at::Tensor loss = at::empty({}, in.x_b.options());
   at::Tensor grad_b = at::empty_like(in.x_b);
   at::Tensor grad_u = in.x_u.defined() ? at::empty_like(in.x_u) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.x_b.scalar_type(), "cvr::prediction_loss", [&] {
-    prediction_cuda<scalar_t>(in, grad_b.mutable_data_ptr<scalar_t>(),
-                              grad_u.defined() ? grad_u.mutable_data_ptr<scalar_t>() : nullptr,
-                              loss.mutable_data_ptr<scalar_t>());
+    scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
+    scalar_t* gu = grad_u.defined() ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* l = loss.mutable_data_ptr<scalar_t>();
+    if (in.cross_entropy == CrossEntropy::clamped) return prediction_cuda<ClampedCE, scalar_t>(in, gb, gu, l);
+    return prediction_cuda<ExactCE, scalar_t>(in, gb, gu, l);
   });
   return {loss, grad_b, grad_u};
 }
@@ -313,22 +365,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prediction_loss_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> imputation_loss_cuda(
     std::string_view kind, const at::Tensor& xt_b, const at::Tensor& x_b, const at::Tensor& r_b,
     const at::Tensor& p_hat_b, const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
-    double alpha) {
-  const ImputationInputs in = prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha);
+    double alpha, std::string_view cross_entropy) {
+  const ImputationInputs in = prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, cross_entropy);
   const c10::cuda::CUDAGuard guard(in.xt_b.device());
   at::Tensor loss = at::empty({}, in.xt_b.options());
   const bool on_u = in.kind == ImputationKind::badr;
   at::Tensor grad_b = on_u ? at::Tensor() : at::empty_like(in.xt_b);
   at::Tensor grad_u = on_u ? at::empty_like(in.xt_u) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(in.xt_b.scalar_type(), "cvr::imputation_loss", [&] {
+    scalar_t* g = on_u ? grad_u.mutable_data_ptr<scalar_t>() : grad_b.mutable_data_ptr<scalar_t>();
     scalar_t* l = loss.mutable_data_ptr<scalar_t>();
-    if (on_u) {
-      badr_cuda<scalar_t>(in, grad_u.mutable_data_ptr<scalar_t>(), l);
-    } else if (in.kind == ImputationKind::badr_paper) {
-      badr_paper_cuda<scalar_t>(in, grad_b.mutable_data_ptr<scalar_t>(), l);
-    } else {
-      squared_error_cuda<scalar_t>(in, grad_b.mutable_data_ptr<scalar_t>(), l);
-    }
+    if (in.cross_entropy == CrossEntropy::clamped) return imputation_cuda<ClampedCE, scalar_t>(in, g, l);
+    return imputation_cuda<ExactCE, scalar_t>(in, g, l);
   });
   return {loss, grad_b, grad_u};
 }
