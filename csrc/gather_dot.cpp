@@ -27,6 +27,15 @@ void check_gather_dot(const at::Tensor& P, const at::Tensor& Q, const at::Tensor
                     ", rows on ", rows.device(), ", cols on ", cols.device());
 }
 
+void check_gather_dot_backward(const at::Tensor& grad, const at::Tensor& P, const at::Tensor& Q,
+                               const at::Tensor& rows, const at::Tensor& cols) {
+  check_gather_dot(P, Q, rows, cols);
+  TORCH_CHECK_VALUE(grad.sizes() == rows.sizes() && grad.scalar_type() == P.scalar_type() &&
+                        grad.device() == P.device(),
+                    "cvr::gather_dot_backward: `grad` must have the shape of `rows` and the dtype and device of "
+                    "`P`; got shape ", grad.sizes(), ", ", grad.scalar_type(), " on ", grad.device());
+}
+
 // gather_dot_backward returns the gradients of the tables the caller asks for (need_P,
 // need_Q); a gradient not asked for is an undefined tensor (None in Python).
 TORCH_LIBRARY_FRAGMENT(cvr, m) {

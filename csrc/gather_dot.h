@@ -17,5 +17,8 @@ namespace cvr::ops {
 // ranges are checked by the kernels, which read the indices anyway.  Failures raise Python's
 // ValueError naming the argument (the Python wrapper checks the same before calling).
 void check_gather_dot(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& rows, const at::Tensor& cols);
+// The same, and `grad` (the gradient of x) of the shape of rows and the dtype and device of P.
+void check_gather_dot_backward(const at::Tensor& grad, const at::Tensor& P, const at::Tensor& Q,
+                               const at::Tensor& rows, const at::Tensor& cols);
 
 }  // namespace cvr::ops

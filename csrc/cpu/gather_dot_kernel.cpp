@@ -134,11 +134,7 @@ at::Tensor gather_dot_cpu(const at::Tensor& P, const at::Tensor& Q, const at::Te
 std::tuple<at::Tensor, at::Tensor> gather_dot_backward_cpu(const at::Tensor& grad, const at::Tensor& P,
                                                            const at::Tensor& Q, const at::Tensor& rows,
                                                            const at::Tensor& cols, bool need_P, bool need_Q) {
-  check_gather_dot(P, Q, rows, cols);
-  TORCH_CHECK_VALUE(grad.sizes() == rows.sizes() && grad.scalar_type() == P.scalar_type() &&
-                        grad.device() == P.device(),
-                    "cvr::gather_dot_backward: `grad` must have the shape of `rows` and the dtype and device of "
-                    "`P`; got shape ", grad.sizes(), ", ", grad.scalar_type(), " on ", grad.device());
+  check_gather_dot_backward(grad, P, Q, rows, cols);
   const at::Tensor g = grad.contiguous(), Pc = P.contiguous(), Qc = Q.contiguous(), r = rows.contiguous(),
                    c = cols.contiguous();
   const int64_t n = r.numel(), dim = Pc.size(1);

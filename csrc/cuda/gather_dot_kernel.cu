@@ -92,10 +92,7 @@ at::Tensor gather_dot_cuda(const at::Tensor& P, const at::Tensor& Q, const at::T
 std::tuple<at::Tensor, at::Tensor> gather_dot_backward_cuda(const at::Tensor& grad, const at::Tensor& P,
                                                             const at::Tensor& Q, const at::Tensor& rows,
                                                             const at::Tensor& cols, bool need_P, bool need_Q) {
-  check_gather_dot(P, Q, rows, cols);
-  TORCH_CHECK_VALUE(grad.sizes() == rows.sizes() && grad.scalar_type() == P.scalar_type() &&
-                        grad.device() == P.device(),
-                    "cvr::gather_dot_backward: `grad` must have the shape of `rows` and the dtype and device of `P`");
+  check_gather_dot_backward(grad, P, Q, rows, cols);
   const c10::cuda::CUDAGuard guard(P.device());
   const at::Tensor g = grad.contiguous(), Pc = P.contiguous(), Qc = Q.contiguous(), r = rows.contiguous(),
                    c = cols.contiguous();
