@@ -11,6 +11,7 @@ from .imputation import (
     dr_mse_imputation_loss,
     mrdr_imputation_loss,
 )
+from .gather import gather_dot
 from .joint import JointConfig, JointLearner
 from .loss import badr, dr, eib, ips, naive, snips
 from .models import MF, PropensityModel, fit_propensity
@@ -41,6 +42,6 @@ __all__ = [
     "naive", "ips", "snips", "eib", "dr", "badr",
     "dr_imputation_loss", "mrdr_imputation_loss", "dr_bias_imputation_loss", "dr_mse_imputation_loss",
     "badr_imputation_loss", "ESTIMATORS", "IMPUTATION_LOSSES",
-    "MF", "PropensityModel", "fit_propensity", "JointConfig", "JointLearner",
+    "MF", "PropensityModel", "fit_propensity", "gather_dot", "JointConfig", "JointLearner",
     "prediction_loss", "imputation_loss", "ESCM2", "escm2_loss",
 ]

@@ -18,9 +18,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._adam import Adam
+from .gather import gather_dot, gather_dot_grad
 from .models import MF
-from .training_loss import (CROSS_ENTROPIES, IMPUTATION_LOSSES, IMPUTATIONS, PREDICTION_ESTIMATORS, imputation_loss,
-                            prediction_loss)
+from .training_loss import (CROSS_ENTROPIES, IMPUTATION_LOSSES, IMPUTATIONS, PREDICTION_ESTIMATORS, cross_entropy_fn,
+                            imputation_loss, prediction_loss)
+
+# Imputation losses that read the sampled pairs U (BADR's, eq. 32 and the published form).
+_ON_U = ("badr", "badr_paper")
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,18 @@ class JointLearner:
     """Prediction model (+ imputation model) trained by joint learning on frozen propensities.
 
     ``propensities`` is the (n_users, n_items) tensor of clipped learned propensities
-    ``p_hat``; it is treated as a constant (never part of any graph).
+    ``p_hat``; it is treated as a constant (never part of any graph).  ``generator`` drives the
+    sampled pairs U.
+
+    A step computes each model's logits once per parameter state with :func:`gather_dot`
+    (the imputation logits before the step serve both the prediction update, detached, and the
+    imputation update; the prediction logits after its update serve the imputation update),
+    differentiates only the loss (autograd from the logits), scatters the logits' gradient into
+    the embeddings by hand (:func:`gather_dot_grad`) and updates with Adam
+    (:class:`estimators._adam.Adam`, bitwise ``torch.optim.Adam(fused=True)``).  The random draws,
+    the losses and the update order are those of Algorithm 1 as the published code runs it, so
+    the parameters follow the plain ``nn.Embedding`` + ``torch.optim.Adam`` trajectory up to
+    float rounding (``tests/test_joint.py``).
     """
 
     def __init__(self, propensities: Tensor, config: JointConfig, *, generator: Optional[torch.Generator] = None):
@@ -74,12 +90,11 @@ class JointLearner:
         self.p_hat = propensities.detach().reshape(-1)
         self.generator = generator
         self.prediction = MF(self.n_users, self.n_items, config.dim)
-        self.pred_opt = torch.optim.Adam(self.prediction.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.pred_opt = Adam(self.prediction.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.imputation: Optional[MF] = None
         if config.imputation_loss is not None:
             self.imputation = MF(self.n_users, self.n_items, config.dim)
-            self.imp_opt = torch.optim.Adam(self.imputation.parameters(), lr=config.imp_lr,
-                                            weight_decay=config.imp_weight_decay)
+            self.imp_opt = Adam(self.imputation.parameters(), lr=config.imp_lr, weight_decay=config.imp_weight_decay)
 
     def sample_pairs(self, n: int) -> tuple[Tensor, Tensor]:
         """``n`` user-item pairs drawn uniformly (with replacement) from all pairs."""
@@ -87,54 +102,87 @@ class JointLearner:
         items = torch.randint(self.n_items, (n,), generator=self.generator)
         return users, items
 
-    def _prediction_step(self, users, items, r, p_hat, users_u, items_u) -> float:
-        cfg = self.config
-        x_b = self.prediction(users, items)
-        if self.imputation is None:
-            loss = prediction_loss(cfg.estimator, x_b, r, p_hat, cross_entropy=cfg.cross_entropy)
-        else:
-            with torch.no_grad():
-                xt_b = self.imputation(users, items)
-                xt_u = self.imputation(users_u, items_u)
-            loss = prediction_loss(cfg.estimator, x_b, r, p_hat, self.prediction(users_u, items_u), xt_b, xt_u,
-                                   cfg.imputation, cfg.cross_entropy)
-        self.pred_opt.zero_grad(set_to_none=True)
+    @staticmethod
+    def _logits(model: MF, rows: Tensor, cols: Tensor) -> Tensor:
+        with torch.no_grad():
+            return gather_dot(model.user.weight, model.item.weight, rows, cols)
+
+    @staticmethod
+    def _update(model: MF, opt: Adam, loss: Tensor, logits: Tensor, rows: Tensor, cols: Tensor) -> float:
+        """Backpropagate ``loss`` to the leaf ``logits``, scatter into the embeddings, one Adam step."""
         loss.backward()
-        self.pred_opt.step()
+        grad_p, grad_q = gather_dot_grad(logits.grad, model.user.weight, model.item.weight, rows, cols)
+        opt.step([grad_p, grad_q])
         return float(loss.detach())
 
-    def _imputation_step(self, users, items, r, p_hat, users_u, items_u) -> float:
+    def _prediction_update(self, x: Tensor, b: int, r: Tensor, p_hat: Tensor, xt: Optional[Tensor], rows: Tensor,
+                           cols: Tensor) -> float:
+        """Prediction step (eq. 2, 3, 37, 7 or 13) from the current prediction logits ``x`` on B (then U)."""
         cfg = self.config
-        with torch.no_grad():
-            x_b = self.prediction(users, items)
-            x_u = self.prediction(users_u, items_u)
-        loss = imputation_loss(cfg.imputation_loss, self.imputation(users, items), x_b, r, p_hat,
-                               self.imputation(users_u, items_u), x_u, cfg.alpha, cfg.imputation, cfg.cross_entropy)
-        self.imp_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.imp_opt.step()
-        return float(loss.detach())
+        x = x.detach().requires_grad_()
+        if xt is None:
+            loss = prediction_loss(cfg.estimator, x, r, p_hat, cross_entropy=cfg.cross_entropy)
+        else:
+            loss = prediction_loss(cfg.estimator, x[:b], r, p_hat, x[b:], xt[:b], xt[b:], cfg.imputation,
+                                   cfg.cross_entropy)
+        return self._update(self.prediction, self.pred_opt, loss, x, rows, cols)
+
+    def _imputation_update(self, xt: Tensor, x: Tensor, b: int, r: Tensor, p_hat: Tensor, rows: Tensor,
+                           cols: Tensor) -> float:
+        """Imputation step (eq. 6, 8, 9, 10 or 32) from the current imputation logits ``xt``.
+
+        ``xt`` and ``x`` cover B then U when the loss reads U, else B only.
+        """
+        cfg = self.config
+        xt = xt.detach().requires_grad_()
+        on_u = xt.numel() > b
+        loss = imputation_loss(cfg.imputation_loss, xt[:b], x[:b], r, p_hat, xt[b:] if on_u else None,
+                               x[b:] if on_u else None, cfg.alpha, cfg.imputation, cfg.cross_entropy)
+        return self._update(self.imputation, self.imp_opt, loss, xt, rows, cols)
 
     def step(self, users: Tensor, items: Tensor, r: Tensor) -> dict[str, float]:
         """One joint-learning step on the clicked batch ``(users, items)`` with labels ``r``.
 
-        Returns the prediction loss and (when there is an imputation model) the imputation loss.
+        Returns the prediction loss, the imputation loss (when there is an imputation model)
+        and ``"monitor"``: ``sum_B w * l(y_hat', r)`` with ``y_hat'`` the prediction after the
+        step (before it for the estimators without imputation model), the quantity the
+        published early stopping sums over an epoch.
         """
         if not (users.shape == items.shape == r.shape) or users.dim() != 1 or users.numel() == 0:
             raise ValueError(f"`users`, `items` and `r` must be non-empty 1-D tensors of one shape; got "
                              f"{tuple(users.shape)}, {tuple(items.shape)}, {tuple(r.shape)}")
+        cfg = self.config
         r = r.to(torch.float32)
         p_hat = self.p_hat[users * self.n_items + items]
-        users_u = items_u = None
-        if self.imputation is not None:
-            users_u, items_u = self.sample_pairs(self.config.G * users.numel())
-        args = (users, items, r, p_hat, users_u, items_u)
+        pred, imp = self.prediction, self.imputation
+        l_monitor = cross_entropy_fn(cfg.cross_entropy)
         out: dict[str, float] = {}
-        if self.imputation is not None and self.config.imputation_first:
-            out["imputation_loss"] = self._imputation_step(*args)
-        out["prediction_loss"] = self._prediction_step(*args)
-        if self.imputation is not None and not self.config.imputation_first:
-            out["imputation_loss"] = self._imputation_step(*args)
+        if imp is None:
+            x_b = self._logits(pred, users, items)
+            out["prediction_loss"] = self._prediction_update(x_b, users.numel(), r, p_hat, None, users, items)
+            out["monitor"] = float((l_monitor(x_b, r) / p_hat).sum())
+            return out
+        b = users.numel()
+        users_u, items_u = self.sample_pairs(cfg.G * b)
+        rows, cols = torch.cat([users, users_u]), torch.cat([items, items_u])  # B then U
+        # Pairs the imputation loss differentiates: B and U for BADR's losses, else B.
+        imp_rows, imp_cols = (rows, cols) if cfg.imputation_loss in _ON_U else (users, items)
+        if cfg.imputation_first:  # Algorithm 1's order
+            x = self._logits(pred, rows, cols)
+            out["imputation_loss"] = self._imputation_update(self._logits(imp, imp_rows, imp_cols), x, b, r, p_hat,
+                                                             imp_rows, imp_cols)
+            out["prediction_loss"] = self._prediction_update(x, b, r, p_hat, self._logits(imp, rows, cols), rows,
+                                                             cols)
+            x_b = self._logits(pred, users, items)
+        else:  # the published code's order; the imputation model is unchanged until its own update
+            xt = self._logits(imp, rows, cols)
+            out["prediction_loss"] = self._prediction_update(self._logits(pred, rows, cols), b, r, p_hat, xt, rows,
+                                                             cols)
+            x = self._logits(pred, imp_rows, imp_cols)
+            out["imputation_loss"] = self._imputation_update(xt[:imp_rows.numel()], x, b, r, p_hat, imp_rows,
+                                                             imp_cols)
+            x_b = x[:b]
+        out["monitor"] = float((l_monitor(x_b, r) / p_hat).sum())
         return out
 
     @torch.no_grad()

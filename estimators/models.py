@@ -8,7 +8,11 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._adam import Adam
+from .gather import gather_dot
 
 
 class MF(nn.Module):
@@ -25,7 +29,7 @@ class MF(nn.Module):
         self.item = nn.Embedding(n_items, dim)
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        return (self.user(users) * self.item(items)).sum(dim=-1)
+        return gather_dot(self.user.weight, self.item.weight, users, items)
 
     @torch.no_grad()
     def predict(self, users: Tensor, items: Tensor) -> Tensor:
@@ -91,39 +95,69 @@ def fit_propensity(
     epoch (the last partial batch is dropped); stops when the relative decrease of the summed
     epoch loss has been below ``tol`` in ``patience`` epochs (not necessarily consecutive), as
     the published protocol does.  Returns the number of epochs run.
+
+    The model is additive, ``logit(u, i) = a_u + b_i`` with ``a = P w_1 + c`` and ``b = Q w_2``,
+    so the gradients are written out instead of taped: with ``g = dloss / dlogit`` on the batch,
+    ``g_a = sum of g per user``, ``dP = g_a w_1^T``, ``dw_1 = P^T g_a``, ``dc = sum g`` (and likewise
+    for items), into preallocated buffers; Adam as ``torch.optim.Adam`` (:class:`estimators._adam.Adam`).
+    The parameters follow the autograd + ``torch.optim.Adam`` trajectory up to float rounding
+    (``tests/test_models.py``).
     """
     if loss not in ("mse", "bce"):
         raise ValueError(f"`loss` must be 'mse' (published code) or 'bce' (eq. 4); got {loss!r}")
-    n_items = model.item.num_embeddings
+    n_users, n_items = model.user.num_embeddings, model.item.num_embeddings
+    dim = model.user.embedding_dim
     n = clicks.numel()
-    if n != model.user.num_embeddings * n_items:
-        raise ValueError(f"`clicks` must have n_users * n_items = {model.user.num_embeddings * n_items} "
+    if n != n_users * n_items:
+        raise ValueError(f"`clicks` must have n_users * n_items = {n_users * n_items} "
                          f"entries (one per user-item pair); got {n}")
     if batch_size < 1 or batch_size > n:
         raise ValueError(f"`batch_size` must lie in [1, {n}]; got {batch_size}")
     target = clicks.to(torch.float32)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    P, Q = model.user.weight, model.item.weight
+    W, c = model.linear.weight, model.linear.bias  # (1, 2 dim), (1,)
+    opt = Adam([P, Q, W, c], lr, weight_decay)
+    grads = [torch.empty_like(P), torch.empty_like(Q), torch.empty_like(W), torch.empty_like(c)]
+    grad_p, grad_q, grad_w, grad_c = grads
+    a, b = torch.empty(n_users), torch.empty(n_items)
+    g_a, g_b = torch.empty(n_users), torch.empty(n_items)
+    n_full = n - n % batch_size  # the last partial batch is dropped
     last, stalls = None, 0
-    for epoch in range(1, max_epochs + 1):
-        perm = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = perm[start:start + batch_size]
-            logit = model(idx // n_items, idx % n_items)
-            t = target[idx]
-            if loss == "mse":
-                batch_loss = ((torch.sigmoid(logit) - t) ** 2).mean()
-            else:
-                batch_loss = nn.functional.binary_cross_entropy_with_logits(logit, t)
-            opt.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            opt.step()
-            total += float(batch_loss.detach())
-        if on_epoch is not None:
-            on_epoch(epoch, total)
-        if last is not None and (last - total) / (last + 1e-12) < tol:
-            stalls += 1
-            if stalls >= patience:
-                return epoch
-        last = total
+    with torch.no_grad():
+        for epoch in range(1, max_epochs + 1):
+            perm = torch.randperm(n, generator=generator)[:n_full]
+            t_epoch = target.index_select(0, perm)
+            u_epoch, i_epoch = perm // n_items, perm % n_items
+            del perm
+            total = torch.zeros((), dtype=torch.float64)
+            for start in range(0, n_full, batch_size):
+                u, i, t = u_epoch[start:start + batch_size], i_epoch[start:start + batch_size], \
+                    t_epoch[start:start + batch_size]
+                w1, w2 = W[0, :dim], W[0, dim:]
+                torch.addmv(c.expand(n_users), P, w1, out=a)
+                torch.mv(Q, w2, out=b)
+                prob = torch.sigmoid(a.index_select(0, u) + b.index_select(0, i))
+                diff = prob - t
+                if loss == "mse":
+                    total += (diff * diff).mean()
+                    g = diff * prob * (1 - prob) * (2.0 / batch_size)
+                else:
+                    total += F.binary_cross_entropy(prob, t)
+                    g = diff * (1.0 / batch_size)
+                g_a.zero_().index_add_(0, u, g)
+                g_b.zero_().index_add_(0, i, g)
+                torch.outer(g_a, w1, out=grad_p)
+                torch.outer(g_b, w2, out=grad_q)
+                torch.mv(P.t(), g_a, out=grad_w[0, :dim])
+                torch.mv(Q.t(), g_b, out=grad_w[0, dim:])
+                grad_c.copy_(g_a.sum())
+                opt.step(grads)
+            total = float(total)
+            if on_epoch is not None:
+                on_epoch(epoch, total)
+            if last is not None and (last - total) / (last + 1e-12) < tol:
+                stalls += 1
+                if stalls >= patience:
+                    return epoch
+            last = total
     return max_epochs

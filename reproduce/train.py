@@ -7,7 +7,7 @@
    squared error (``propensity_loss``), Adam, batches of ``prop_batch_size`` from a fresh
    permutation per epoch, at most ``propensity_max_epochs`` epochs with the published early
    stopping; then frozen and clipped to ``[gamma, 1]``.
-3. Joint learning (:class:`reproduce.fast.FastJointLearner`): each epoch shuffles the clicked
+3. Joint learning (:class:`estimators.JointLearner`): each epoch shuffles the clicked
    training pairs and walks them in batches of ``batch_size`` (the last partial batch dropped,
    as the published code does), one step per batch; at most ``max_epochs`` (100) epochs with
    the published early stopping on the epoch sum of ``sum_B w * l(y_hat', r)`` (training loss
@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from estimators.data import CVRData
-from estimators.joint import JointConfig
-from estimators.models import PropensityModel
+from estimators.joint import JointConfig, JointLearner
+from estimators.models import PropensityModel, fit_propensity
 
-from .fast import FastJointLearner, fit_propensity_fast
 from .methods import Method
 from .metrics import auc, ndcg_recall_at_k
 from .progress import Progress
@@ -86,14 +85,14 @@ def fit_propensities(data: CVRData, cfg: dict[str, Any], params: dict[str, Any],
         if progress is not None:
             progress.update(0, f"propensity epoch {epoch}", f"loss {loss:.4g}")
 
-    epochs = fit_propensity_fast(model, clicks, lr=params["prop_lr"], weight_decay=params["prop_weight_decay"],
-                                 batch_size=params["prop_batch_size"], max_epochs=cfg["propensity_max_epochs"],
-                                 loss=cfg["propensity_loss"], tol=stop["tol"], patience=stop["patience"],
-                                 generator=generator, on_epoch=on_epoch)
+    epochs = fit_propensity(model, clicks, lr=params["prop_lr"], weight_decay=params["prop_weight_decay"],
+                            batch_size=params["prop_batch_size"], max_epochs=cfg["propensity_max_epochs"],
+                            loss=cfg["propensity_loss"], tol=stop["tol"], patience=stop["patience"],
+                            generator=generator, on_epoch=on_epoch)
     return model.propensities(params["gamma"]), epochs
 
 
-def evaluate(learner: FastJointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
+def evaluate(learner: JointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
     """AUC, NDCG@k and Recall@k (both variants) of the prediction model on pairs ``x``."""
     xt = torch.from_numpy(x)
     scores = learner.predict(xt[:, 0], xt[:, 1]).numpy().astype(np.float64)
@@ -129,7 +128,7 @@ def run_one(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str
                        imp_lr=params.get("imp_lr", 0.0), imp_weight_decay=params.get("imp_weight_decay", 0.0),
                        alpha=params.get("alpha", 0.5), imputation=cfg.get("imputation", "pseudo_label"),
                        cross_entropy=cfg.get("cross_entropy", "clamped"))
-    learner = FastJointLearner(p_hat, jcfg, generator=generator)
+    learner = JointLearner(p_hat, jcfg, generator=generator)
 
     x = torch.from_numpy(data.x_train)
     users_all, items_all, r_all = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train)

@@ -189,3 +189,103 @@ def test_joint_config_and_learner_validation():
     learner = JointLearner(torch.full((3, 4), 0.5), JointConfig(estimator="ips", imputation_loss=None, dim=2))
     with pytest.raises(ValueError, match="users"):
         learner.step(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0, 0.0]))
+
+
+# --------------------------------------------- the learner against the plain PyTorch trajectory
+class _PlainJointLearner:
+    """Algorithm 1 written the plain way, as the published code runs it: ``nn.Embedding``
+    lookups taped by autograd and ``torch.optim.Adam``; the random draws in the learner's order."""
+
+    def __init__(self, p_hat, cfg, *, generator):
+        self.cfg, self.generator = cfg, generator
+        self.n_users, self.n_items = p_hat.shape
+        self.p_hat = p_hat.reshape(-1)
+        self.prediction = torch.nn.ModuleList([torch.nn.Embedding(self.n_users, cfg.dim),
+                                               torch.nn.Embedding(self.n_items, cfg.dim)])
+        self.pred_opt = torch.optim.Adam(self.prediction.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.imputation = None
+        if cfg.imputation_loss is not None:
+            self.imputation = torch.nn.ModuleList([torch.nn.Embedding(self.n_users, cfg.dim),
+                                                   torch.nn.Embedding(self.n_items, cfg.dim)])
+            self.imp_opt = torch.optim.Adam(self.imputation.parameters(), lr=cfg.imp_lr,
+                                            weight_decay=cfg.imp_weight_decay)
+
+    @staticmethod
+    def logits(model, users, items):
+        return (model[0](users) * model[1](items)).sum(-1)
+
+    def _prediction_step(self, users, items, r, p_hat, users_u, items_u):
+        cfg = self.cfg
+        x_b = self.logits(self.prediction, users, items)
+        if self.imputation is None:
+            loss = prediction_loss(cfg.estimator, x_b, r, p_hat, cross_entropy=cfg.cross_entropy)
+        else:
+            with torch.no_grad():
+                xt_b, xt_u = self.logits(self.imputation, users, items), self.logits(self.imputation, users_u, items_u)
+            loss = prediction_loss(cfg.estimator, x_b, r, p_hat, self.logits(self.prediction, users_u, items_u), xt_b,
+                                   xt_u, cfg.imputation, cfg.cross_entropy)
+        self.pred_opt.zero_grad()
+        loss.backward()
+        self.pred_opt.step()
+
+    def _imputation_step(self, users, items, r, p_hat, users_u, items_u):
+        cfg = self.cfg
+        with torch.no_grad():
+            x_b, x_u = self.logits(self.prediction, users, items), self.logits(self.prediction, users_u, items_u)
+        loss = imputation_loss(cfg.imputation_loss, self.logits(self.imputation, users, items), x_b, r, p_hat,
+                               self.logits(self.imputation, users_u, items_u), x_u, cfg.alpha, cfg.imputation,
+                               cfg.cross_entropy)
+        self.imp_opt.zero_grad()
+        loss.backward()
+        self.imp_opt.step()
+
+    def step(self, users, items, r):
+        p_hat = self.p_hat[users * self.n_items + items]
+        users_u = items_u = None
+        if self.imputation is not None:
+            users_u = torch.randint(self.n_users, (self.cfg.G * users.numel(),), generator=self.generator)
+            items_u = torch.randint(self.n_items, (self.cfg.G * users.numel(),), generator=self.generator)
+        args = (users, items, r, p_hat, users_u, items_u)
+        if self.imputation is not None and self.cfg.imputation_first:
+            self._imputation_step(*args)
+        self._prediction_step(*args)
+        if self.imputation is not None and not self.cfg.imputation_first:
+            self._imputation_step(*args)
+
+
+@pytest.mark.parametrize("estimator, kind, cross_entropy, imputation_first", [
+    ("badr", "badr", "logits", False), ("badr", "badr", "clamped", False), ("dr", "dr", "logits", False),
+    ("badr", "mrdr", "clamped", False), ("badr", "badr_paper", "logits", False), ("ips", None, "logits", False),
+    ("naive", None, "logits", False), ("badr", "badr", "clamped", True), ("dr", "dr_mse", "logits", True),
+])
+def test_learner_follows_the_plain_trajectory(estimator, kind, cross_entropy, imputation_first):
+    """Same draws, same losses, same update order: the plain trajectory's parameters up to rounding."""
+    cfg = JointConfig(estimator=estimator, imputation_loss=kind, dim=4, G=3, lr=0.01, weight_decay=1e-4,
+                      imp_lr=0.05, imp_weight_decay=1e-5, cross_entropy=cross_entropy,
+                      imputation_first=imputation_first)
+    p_hat = torch.rand(7, 9, generator=torch.Generator().manual_seed(3)).clamp(0.1, 1)
+    params = []
+    for cls in (_PlainJointLearner, JointLearner):
+        torch.manual_seed(0)
+        learner = cls(p_hat, cfg, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(2)
+        for _ in range(20):
+            u, i = torch.randint(7, (5,), generator=g), torch.randint(9, (5,), generator=g)
+            learner.step(u, i, torch.randint(2, (5,), generator=g).float())
+        models = [learner.prediction] + ([learner.imputation] if learner.imputation is not None else [])
+        params.append([t.detach().clone() for m in models for t in m.parameters()])
+    assert len(params[0]) == len(params[1])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_learner_reports_the_published_monitor():
+    """``monitor`` is sum_B w * l(y_hat', r) with the prediction after the step."""
+    cfg = JointConfig(estimator="badr", imputation_loss="badr", dim=4, G=2, cross_entropy="clamped")
+    torch.manual_seed(0)
+    learner = JointLearner(torch.full((5, 6), 0.25), cfg, generator=torch.Generator().manual_seed(0))
+    u, i, r = torch.tensor([0, 3, 4]), torch.tensor([5, 1, 2]), torch.tensor([1.0, 0.0, 1.0])
+    out = learner.step(u, i, r)
+    x = learner.prediction(u, i).detach()
+    expected = (torch.nn.functional.binary_cross_entropy(torch.sigmoid(x), r, reduction="none") / 0.25).sum()
+    assert out["monitor"] == pytest.approx(float(expected), rel=1e-6)

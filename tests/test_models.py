@@ -55,3 +55,42 @@ def test_fit_propensity_validation():
         fit_propensity(model, torch.zeros(12), lr=0.1, weight_decay=0.0, batch_size=0)
     with pytest.raises(ValueError, match="gamma"):
         model.propensities(gamma=0.0)
+
+
+def _plain_fit(model, clicks, *, lr, weight_decay, batch_size, max_epochs, generator):
+    """The published propensity fit written the plain way: autograd on ``w^T [P_u; Q_i] + c`` and
+    ``torch.optim.Adam``, squared error on the probabilities, the same stopping rule."""
+    n_items = model.item.num_embeddings
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    last, stalls = None, 0
+    for epoch in range(1, max_epochs + 1):
+        perm = torch.randperm(clicks.numel(), generator=generator)
+        total = 0.0
+        for start in range(0, clicks.numel() - batch_size + 1, batch_size):
+            idx = perm[start:start + batch_size]
+            concat = torch.cat([model.user(idx // n_items), model.item(idx % n_items)], dim=1)
+            loss = ((torch.sigmoid(model.linear(concat).squeeze(-1)) - clicks[idx]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        if last is not None and (last - total) / (last + 1e-12) < 1e-4:
+            stalls += 1
+            if stalls >= 7:
+                return epoch
+        last = total
+    return max_epochs
+
+
+def test_fit_propensity_follows_the_plain_trajectory():
+    clicks = (torch.rand(6 * 8, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    models, epochs = [], []
+    for fit in (_plain_fit, fit_propensity):
+        torch.manual_seed(0)
+        model = PropensityModel(6, 8, 3)
+        epochs.append(fit(model, clicks, lr=0.05, weight_decay=1e-4, batch_size=10, max_epochs=30,
+                          generator=torch.Generator().manual_seed(1)))
+        models.append(model)
+    assert epochs[0] == epochs[1]
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The reproduction CLI (``python -m reproduce``): metrics, registry/configs, fast trainer, end to end."""
+"""The reproduction CLI (``python -m reproduce``): metrics, registry/configs, end to end."""
 import csv
 import json
 import shutil
@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from estimators.joint import JointConfig, JointLearner
-from estimators.models import PropensityModel, fit_propensity
 from estimators.training_loss import bce_clamped, bce_with_logits
 from reproduce import config as C
 from reproduce.__main__ import main
-from reproduce.fast import FastJointLearner, fit_propensity_fast
 from reproduce.methods import METHODS, TABLE3_ROWS, parse_methods
 from reproduce.metrics import auc, ndcg_recall_at_k
 from reproduce.table import COLUMNS, PUBLISHED, read_results
@@ -109,45 +106,6 @@ def test_parse_methods():
     assert len(parse_methods("all")) == len(METHODS)
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("mf,stable_dr")
-
-
-# ---------------------------------------------------------------------------------------- fast trainer
-@pytest.mark.parametrize("estimator, kind, cross_entropy", [
-    ("badr", "badr", "logits"), ("badr", "badr", "clamped"), ("dr", "dr", "logits"),
-    ("badr", "mrdr", "clamped"), ("badr", "badr_paper", "logits"), ("ips", None, "logits"),
-    ("naive", None, "logits"),
-])
-def test_fast_learner_follows_reference(estimator, kind, cross_entropy):
-    """Same draws, same losses, same update order: same parameters as JointLearner up to rounding."""
-    cfg = JointConfig(estimator=estimator, imputation_loss=kind, dim=4, G=3, lr=0.01, weight_decay=1e-4,
-                      imp_lr=0.05, imp_weight_decay=1e-5, cross_entropy=cross_entropy)
-    p_hat = torch.rand(7, 9, generator=torch.Generator().manual_seed(3)).clamp(0.1, 1)
-    params = []
-    for cls in (JointLearner, FastJointLearner):
-        torch.manual_seed(0)
-        learner = cls(p_hat, cfg, generator=torch.Generator().manual_seed(1))
-        g = torch.Generator().manual_seed(2)
-        for _ in range(20):
-            u, i = torch.randint(7, (5,), generator=g), torch.randint(9, (5,), generator=g)
-            learner.step(u, i, torch.randint(2, (5,), generator=g).float())
-        models = [learner.prediction] + ([learner.imputation] if learner.imputation is not None else [])
-        params.append([t.detach().clone() for m in models for t in m.parameters()])
-    for a, b in zip(*params):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_fast_propensity_fit_follows_reference():
-    clicks = (torch.rand(6 * 8, generator=torch.Generator().manual_seed(0)) < 0.3).float()
-    models, epochs = [], []
-    for fit in (fit_propensity, fit_propensity_fast):
-        torch.manual_seed(0)
-        model = PropensityModel(6, 8, 3)
-        epochs.append(fit(model, clicks, lr=0.05, weight_decay=1e-4, batch_size=10, max_epochs=30,
-                          generator=torch.Generator().manual_seed(1)))
-        models.append(model)
-    assert epochs[0] == epochs[1]
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bce_clamped_is_the_published_cross_entropy():
