@@ -125,3 +125,22 @@ def test_adam_equals_torch_adam_bitwise(backend, n, monkeypatch):
     assert torch.equal(ours, theirs.detach())
     with pytest.raises(ValueError, match="grads"):
         opt.step([])
+
+
+@needs_operator
+@pytest.mark.skipif(not (gather.HAS_OPERATOR and torch.cuda.is_available() and gather._fused._C.with_cuda),
+                    reason="needs a GPU and an extension built with CUDA")
+@pytest.mark.parametrize("dtype, close", [(torch.float64, dict(rtol=1e-10, atol=1e-10)),
+                                          (torch.float32, dict(rtol=1e-5, atol=1e-3))])
+def test_cuda_equals_cpu(dtype, close):
+    """The CUDA kernel (atomic adds in its backward) against the CPU operator."""
+    P, Q, rows, cols = _tables(n_rows=300, n_cols=200, dim=64, n=40000, dtype=dtype)
+    grad = torch.randn(rows.numel(), generator=torch.Generator().manual_seed(1), dtype=dtype)
+    outs = []
+    for device in ("cpu", "cuda"):
+        p, q = P.detach().to(device).requires_grad_(), Q.detach().to(device).requires_grad_()
+        x = gather_dot(p, q, rows.to(device), cols.to(device))
+        x.backward(grad.to(device))
+        outs.append([t.detach().cpu() for t in (x, p.grad, q.grad)])
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, **close)

@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,7 +29,7 @@ constexpr int64_t kMaxBlocks = 4096;
 int blocks_for(int64_t n) { return static_cast<int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, kMaxBlocks)); }
 
 // Out-of-range indices: flagged in device memory and reported after the kernel, since a kernel
-// cannot raise.
+// cannot raise (reading the flag synchronises with the device once per call).
 template <typename T>
 __global__ void forward_kernel(const T* P, const T* Q, const int64_t* rows, const int64_t* cols, int64_t n,
                                int64_t dim, int64_t n_rows, int64_t n_cols, T* out, int* bad) {
