@@ -32,13 +32,15 @@ try:
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     _IMPORT_ERROR: Optional[ImportError] = exc
-    prediction_loss = imputation_loss = None
+    prediction_loss = imputation_loss = prediction_loss_and_grads = imputation_loss_and_grads = None
 else:
     _IMPORT_ERROR = None
     # The overloads themselves: calling them skips the packet's Python-level overload
     # resolution, a few microseconds per call that a small batch would notice.
     prediction_loss = torch.ops.cvr.prediction_loss.default
     imputation_loss = torch.ops.cvr.imputation_loss.default
+    prediction_loss_and_grads = torch.ops.cvr.prediction_loss_and_grads.default
+    imputation_loss_and_grads = torch.ops.cvr.imputation_loss_and_grads.default
 
 BACKENDS = ("fused", "reference")
 _DTYPES = (torch.float32, torch.float64)

@@ -101,6 +101,17 @@ def gather_dot(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return gather_dot_reference(P, Q, rows, cols)
 
 
+def gather_dot_value(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """The value of :func:`gather_dot` (no graph) on the compiled operator where
+    :func:`use_operator` holds, which checks index ranges itself (``ValueError``), and on the
+    checked reference otherwise: the joint learner's per-step path, whose tables and indices
+    have the right types by construction."""
+    if use_operator(P):
+        return _FORWARD(P, Q, rows, cols)
+    with torch.no_grad():
+        return gather_dot(P, Q, rows, cols)
+
+
 def gather_dot_grad(grad: Tensor, P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """``(dP, dQ)``: the gradient of ``sum(grad * gather_dot(P, Q, rows, cols))`` (the scatter above).
 

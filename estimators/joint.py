@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from ._adam import Adam
-from .gather import gather_dot, gather_dot_grad
+from . import _fused
+from .gather import gather_dot_grad, gather_dot_value
 from .models import MF
-from .training_loss import (CROSS_ENTROPIES, IMPUTATION_LOSSES, IMPUTATIONS, PREDICTION_ESTIMATORS, cross_entropy_fn,
-                            imputation_loss, prediction_loss)
+from .training_loss import (CROSS_ENTROPIES, IMPUTATION_LOSSES, IMPUTATIONS, PREDICTION_ESTIMATORS,
+                            _imputation_loss_and_grads, _prediction_loss_and_grads, cross_entropy_fn)
 
 # Imputation losses that read the sampled pairs U (BADR's, eq. 32 and the published form).
 _ON_U = ("badr", "badr_paper")
@@ -72,8 +73,9 @@ class JointLearner:
     A step computes each model's logits once per parameter state with :func:`gather_dot`
     (the imputation logits before the step serve both the prediction update, detached, and the
     imputation update; the prediction logits after its update serve the imputation update),
-    differentiates only the loss (autograd from the logits), scatters the logits' gradient into
-    the embeddings by hand (:func:`gather_dot_grad`) and updates with Adam
+    takes the loss's gradients with respect to the logits from one fused call
+    (:func:`~estimators.training_loss.prediction_loss_and_grads`; autograd on the reference
+    where the kernels are not built), scatters them into the embeddings by hand (:func:`gather_dot_grad`) and updates with Adam
     (:class:`estimators._adam.Adam`, bitwise ``torch.optim.Adam(fused=True)``).  The random draws,
     the losses and the update order are those of Algorithm 1 as the published code runs it, so
     the parameters follow the plain ``nn.Embedding`` + ``torch.optim.Adam`` trajectory up to
@@ -87,7 +89,8 @@ class JointLearner:
             raise ValueError("`propensities` must lie in (0, 1]; clip them with PropensityModel.propensities(gamma)")
         self.config = config
         self.n_users, self.n_items = propensities.shape
-        self.p_hat = propensities.detach().reshape(-1)
+        self.p_hat = propensities.detach().reshape(-1).to(torch.float32)  # the models' dtype
+        self._fused = False
         self.generator = generator
         self.prediction = MF(self.n_users, self.n_items, config.dim)
         self.pred_opt = Adam(self.prediction.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -104,28 +107,30 @@ class JointLearner:
 
     @staticmethod
     def _logits(model: MF, rows: Tensor, cols: Tensor) -> Tensor:
-        with torch.no_grad():
-            return gather_dot(model.user.weight, model.item.weight, rows, cols)
+        return gather_dot_value(model.user.weight.detach(), model.item.weight.detach(), rows, cols)
 
     @staticmethod
-    def _update(model: MF, opt: Adam, loss: Tensor, logits: Tensor, rows: Tensor, cols: Tensor) -> float:
-        """Backpropagate ``loss`` to the leaf ``logits``, scatter into the embeddings, one Adam step."""
-        loss.backward()
-        grad_p, grad_q = gather_dot_grad(logits.grad, model.user.weight, model.item.weight, rows, cols)
+    def _update(model: MF, opt: Adam, grad_b: Optional[Tensor], grad_u: Optional[Tensor], b: int, rows: Tensor,
+                cols: Tensor) -> None:
+        """Scatter the gradients of the logits on B (then U) into the embeddings; one Adam step."""
+        if grad_b is None:  # the published BADR imputation loss reaches U only
+            grad_b = torch.zeros(b, dtype=grad_u.dtype)
+        grad = grad_b if grad_u is None else torch.cat([grad_b, grad_u])
+        grad_p, grad_q = gather_dot_grad(grad, model.user.weight, model.item.weight, rows, cols)
         opt.step([grad_p, grad_q])
-        return float(loss.detach())
 
     def _prediction_update(self, x: Tensor, b: int, r: Tensor, p_hat: Tensor, xt: Optional[Tensor], rows: Tensor,
                            cols: Tensor) -> float:
         """Prediction step (eq. 2, 3, 37, 7 or 13) from the current prediction logits ``x`` on B (then U)."""
         cfg = self.config
-        x = x.detach().requires_grad_()
         if xt is None:
-            loss = prediction_loss(cfg.estimator, x, r, p_hat, cross_entropy=cfg.cross_entropy)
+            loss, grad_b, grad_u = _prediction_loss_and_grads(self._fused, cfg.estimator, x, r, p_hat, None, None, None,
+                                                              cfg.imputation, cfg.cross_entropy)
         else:
-            loss = prediction_loss(cfg.estimator, x[:b], r, p_hat, x[b:], xt[:b], xt[b:], cfg.imputation,
-                                   cfg.cross_entropy)
-        return self._update(self.prediction, self.pred_opt, loss, x, rows, cols)
+            loss, grad_b, grad_u = _prediction_loss_and_grads(self._fused, cfg.estimator, x[:b], r, p_hat, x[b:],
+                                                              xt[:b], xt[b:], cfg.imputation, cfg.cross_entropy)
+        self._update(self.prediction, self.pred_opt, grad_b, grad_u, b, rows, cols)
+        return float(loss)
 
     def _imputation_update(self, xt: Tensor, x: Tensor, b: int, r: Tensor, p_hat: Tensor, rows: Tensor,
                            cols: Tensor) -> float:
@@ -134,11 +139,15 @@ class JointLearner:
         ``xt`` and ``x`` cover B then U when the loss reads U, else B only.
         """
         cfg = self.config
-        xt = xt.detach().requires_grad_()
         on_u = xt.numel() > b
-        loss = imputation_loss(cfg.imputation_loss, xt[:b], x[:b], r, p_hat, xt[b:] if on_u else None,
-                               x[b:] if on_u else None, cfg.alpha, cfg.imputation, cfg.cross_entropy)
-        return self._update(self.imputation, self.imp_opt, loss, xt, rows, cols)
+        loss, grad_b, grad_u = _imputation_loss_and_grads(
+            self._fused, cfg.imputation_loss, xt[:b], x[:b], r, p_hat, xt[b:] if on_u else None,
+            x[b:] if on_u else None, cfg.alpha, cfg.imputation, cfg.cross_entropy)
+        # eq. 32's U terms cancel (no gradient there), but its pairs B then U were gathered.
+        if on_u and grad_u is None:
+            grad_u = torch.zeros(xt.numel() - b, dtype=xt.dtype)
+        self._update(self.imputation, self.imp_opt, grad_b, grad_u, b, rows, cols)
+        return float(loss)
 
     def step(self, users: Tensor, items: Tensor, r: Tensor) -> dict[str, float]:
         """One joint-learning step on the clicked batch ``(users, items)`` with labels ``r``.
@@ -155,12 +164,15 @@ class JointLearner:
         r = r.to(torch.float32)
         p_hat = self.p_hat[users * self.n_items + items]
         pred, imp = self.prediction, self.imputation
-        l_monitor = cross_entropy_fn(cfg.cross_entropy)
+        # Whether this step's losses run on the fused operators (read once per step: the
+        # per-call checks of the public loss functions cost more than a Coat-sized kernel).
+        self._fused = (cfg.imputation == "pseudo_label" and _fused.backend() == "fused"
+                       and _fused.supports(pred.user.weight))
         out: dict[str, float] = {}
         if imp is None:
             x_b = self._logits(pred, users, items)
             out["prediction_loss"] = self._prediction_update(x_b, users.numel(), r, p_hat, None, users, items)
-            out["monitor"] = float((l_monitor(x_b, r) / p_hat).sum())
+            out["monitor"] = self._monitor(x_b, r, p_hat)
             return out
         b = users.numel()
         users_u, items_u = self.sample_pairs(cfg.G * b)
@@ -182,8 +194,15 @@ class JointLearner:
             out["imputation_loss"] = self._imputation_update(xt[:imp_rows.numel()], x, b, r, p_hat, imp_rows,
                                                              imp_cols)
             x_b = x[:b]
-        out["monitor"] = float((l_monitor(x_b, r) / p_hat).sum())
+        out["monitor"] = self._monitor(x_b, r, p_hat)
         return out
+
+    def _monitor(self, x_b: Tensor, r: Tensor, p_hat: Tensor) -> float:
+        """``sum_B w * l(x_b, r)``: the IPS numerator, |B| times the fused IPS loss."""
+        if self._fused:
+            loss = _fused.prediction_loss_and_grads("ips", x_b, r, p_hat, None, None, None, self.config.cross_entropy)[0]
+            return float(loss) * x_b.numel()
+        return float((cross_entropy_fn(self.config.cross_entropy)(x_b, r) / p_hat).sum())
 
     @torch.no_grad()
     def predict(self, users: Tensor, items: Tensor) -> Tensor:

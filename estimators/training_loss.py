@@ -239,3 +239,93 @@ def imputation_loss(
                                       xt_u, None if x_u is None else x_u.detach(), float(alpha), cross_entropy)
     return imputation_loss_reference(kind, xt_b, x_b, r_b, p_hat_b.detach(), xt_u, x_u, alpha, imputation,
                                      cross_entropy)
+
+
+def _grads(loss: Tensor, *logits: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(loss, d loss / d logits...)`` by autograd, None for a logit that is absent or unused."""
+    present = [t for t in logits if t is not None]
+    grads = iter(torch.autograd.grad(loss, present, allow_unused=True))
+    return (loss.detach(), *(None if t is None else next(grads) for t in logits))
+
+
+def prediction_loss_and_grads(
+    estimator: str,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    x_u: Optional[Tensor] = None,
+    xt_b: Optional[Tensor] = None,
+    xt_u: Optional[Tensor] = None,
+    imputation: str = "pseudo_label",
+    cross_entropy: str = "logits",
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(loss, d loss / d x_b, d loss / d x_u)`` of :func:`prediction_loss`, for trainers that
+    scatter the logits' gradients themselves.
+
+    One call of the fused operator ``cvr::prediction_loss_and_grads`` under the conditions of
+    :func:`prediction_loss` (no autograd graph, no engine call); else autograd on the reference.
+    A gradient that is identically zero (or whose logits are absent) is None.
+    """
+    _check_names(estimator, PREDICTION_ESTIMATORS, "estimator", imputation, cross_entropy)
+    if estimator in ("dr", "badr") and (x_u is None or xt_b is None or xt_u is None):
+        raise ValueError(f"estimator {estimator!r} needs x_u, xt_b and xt_u (the imputation model's logits)")
+    _check_same_shape(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
+    fused = _fusable(imputation, x_b, x_u, xt_b, xt_u)
+    return _prediction_loss_and_grads(fused, estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype),
+                                      x_u, xt_b, xt_u, imputation, cross_entropy)
+
+
+def _prediction_loss_and_grads(fused: bool, estimator: str, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor,
+                               x_u: Optional[Tensor], xt_b: Optional[Tensor], xt_u: Optional[Tensor], imputation: str,
+                               cross_entropy: str) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """:func:`prediction_loss_and_grads` on checked inputs (labels and propensities in the
+    logits' dtype), on the fused operator when ``fused``: the joint learner's per-step path."""
+    if fused:
+        return _fused.prediction_loss_and_grads(
+            estimator, x_b.detach(), r_b, p_hat_b.detach(), None if x_u is None else x_u.detach(),
+            None if xt_b is None else xt_b.detach(), None if xt_u is None else xt_u.detach(), cross_entropy)
+    x_b = x_b.detach().requires_grad_()
+    x_u = None if x_u is None else x_u.detach().requires_grad_()
+    with torch.enable_grad():
+        loss = prediction_loss_reference(estimator, x_b, r_b, p_hat_b.detach(), x_u, xt_b, xt_u, imputation,
+                                         cross_entropy)
+        return _grads(loss, x_b, x_u if estimator in ("dr", "badr") else None)
+
+
+def imputation_loss_and_grads(
+    kind: str,
+    xt_b: Tensor,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    xt_u: Optional[Tensor] = None,
+    x_u: Optional[Tensor] = None,
+    alpha: float = 0.5,
+    imputation: str = "pseudo_label",
+    cross_entropy: str = "logits",
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(loss, d loss / d xt_b, d loss / d xt_u)`` of :func:`imputation_loss`, as
+    :func:`prediction_loss_and_grads` (fused operator ``cvr::imputation_loss_and_grads``)."""
+    _check_names(kind, IMPUTATION_LOSSES, "kind", imputation, cross_entropy)
+    if kind in ("badr", "badr_paper") and (xt_u is None or x_u is None):
+        raise ValueError(f"imputation loss {kind!r} needs xt_u and x_u (logits on the sampled pairs U)")
+    _check_same_shape(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
+    fused = _fusable(imputation, xt_b, x_b, xt_u, x_u)
+    return _imputation_loss_and_grads(fused, kind, xt_b, x_b, r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
+                                      xt_u, x_u, float(alpha), imputation, cross_entropy)
+
+
+def _imputation_loss_and_grads(fused: bool, kind: str, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor,
+                               xt_u: Optional[Tensor], x_u: Optional[Tensor], alpha: float, imputation: str,
+                               cross_entropy: str) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """:func:`imputation_loss_and_grads` on checked inputs, as :func:`_prediction_loss_and_grads`."""
+    if fused:
+        return _fused.imputation_loss_and_grads(
+            kind, xt_b.detach(), x_b.detach(), r_b, p_hat_b.detach(), None if xt_u is None else xt_u.detach(),
+            None if x_u is None else x_u.detach(), alpha, cross_entropy)
+    xt_b = xt_b.detach().requires_grad_()
+    xt_u = None if xt_u is None else xt_u.detach().requires_grad_()
+    with torch.enable_grad():
+        loss = imputation_loss_reference(kind, xt_b, x_b, r_b, p_hat_b.detach(), xt_u, x_u, alpha, imputation,
+                                         cross_entropy)
+        return _grads(loss, xt_b, xt_u if kind in ("badr", "badr_paper") else None)
