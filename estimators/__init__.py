@@ -17,7 +17,7 @@ from .loss import badr, dr, eib, ips, naive, snips
 from .models import MF, PropensityModel, fit_propensity
 from .multitask import ESCM2, escm2_loss
 from ._fused import backend
-from .training_loss import imputation_loss, prediction_loss
+from .training_loss import imputation_loss, imputation_loss_and_grads, prediction_loss, prediction_loss_and_grads
 
 #: Estimators of the ideal loss, by name; each takes the arguments listed with it, in order.
 ESTIMATORS = {
@@ -43,5 +43,6 @@ __all__ = [
     "dr_imputation_loss", "mrdr_imputation_loss", "dr_bias_imputation_loss", "dr_mse_imputation_loss",
     "badr_imputation_loss", "ESTIMATORS", "IMPUTATION_LOSSES",
     "MF", "PropensityModel", "fit_propensity", "gather_dot", "JointConfig", "JointLearner",
-    "prediction_loss", "imputation_loss", "ESCM2", "escm2_loss",
+    "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
+    "ESCM2", "escm2_loss",
 ]
