@@ -16,7 +16,8 @@ import numpy as np
 from .methods import METHODS, TABLE3_ROWS
 
 COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "ndcg_strict", "recall_strict",
-           "epochs", "propensity_epochs", "propensity_seconds", "max_epochs", "signature", "threads", "status")
+           "epochs", "propensity_epochs", "propensity_seconds", "propensity_cached", "max_epochs", "signature",
+           "threads", "status")
 DATASET_LABELS = {"yahoo": "Yahoo! R3", "coat": "Coat", "kuairec": "KuaiRec"}
 
 #: BADR paper, Table 3: (mean, std) of AUC, NDCG@K, Recall@K on Yahoo! R3, Coat, KuaiRec.
@@ -65,6 +66,9 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
         for row in reader:
             for key, value in row.items():
                 if key in ("dataset", "method", "signature", "status") or value in (None, ""):
+                    continue
+                if key == "propensity_cached":
+                    row[key] = value == "True"
                     continue
                 row[key] = int(value) if key in ("seed", "k", "epochs", "propensity_epochs", "max_epochs",
                                                   "threads") else float(value)

@@ -23,7 +23,11 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -76,7 +80,7 @@ class EarlyStopping:
 
 def fit_propensities(data: CVRData, cfg: dict[str, Any], params: dict[str, Any], generator: torch.Generator,
                      progress: Optional[Progress] = None) -> tuple[torch.Tensor, int]:
-    """Clipped propensities ``(n_users, n_items)`` of the published LR model, and its epoch count."""
+    """Unclipped propensities ``(n_users, n_items)`` of the published LR model, and its epoch count."""
     model = PropensityModel(data.n_users, data.n_items, cfg["dim"])
     clicks = torch.from_numpy(data.click_matrix())
     stop = cfg["early_stopping"]
@@ -89,7 +93,57 @@ def fit_propensities(data: CVRData, cfg: dict[str, Any], params: dict[str, Any],
                             batch_size=params["prop_batch_size"], max_epochs=cfg["propensity_max_epochs"],
                             loss=cfg["propensity_loss"], tol=stop["tol"], patience=stop["patience"],
                             generator=generator, on_epoch=on_epoch)
-    return model.propensities(params["gamma"]), epochs
+    with torch.no_grad():
+        a, b = model.user_item_logits()
+        return torch.sigmoid(a[:, None] + b[None, :]), epochs
+
+
+def _data_signature(data: CVRData) -> str:
+    """The data a propensity fit reads: the shape and the clicked training pairs."""
+    digest = hashlib.sha256(np.ascontiguousarray(data.x_train).tobytes()).hexdigest()[:16]
+    return f"{data.name}:{data.n_users}x{data.n_items}:{digest}"
+
+
+class PropensityCache:
+    """Fitted propensity models shared by the runs that would fit the same one.
+
+    The fit depends only on the data, the seed, the propensity settings and the thread count,
+    and every baseline of a data set shares one propensity block (BADR and its ablations share
+    the authors'), so a table of 12 methods needs 2 fits per data set and seed, not 11.  An
+    entry stores the unclipped propensities and the states of the seeded generator and of
+    torch's global generator after the fit, which a hit restores: the run then makes exactly
+    the draws it would have made after fitting (same parameters, bitwise).  Entries are
+    written atomically under ``root``; ``seconds`` of a run that hits counts the load only and
+    its ``propensity_cached`` column says so.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def key(self, data: CVRData, cfg: dict[str, Any], params: dict[str, Any], seed: int) -> str:
+        fields = {"data": _data_signature(data), "seed": seed, "threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "dim": cfg["dim"], "loss": cfg["propensity_loss"],
+                  "max_epochs": cfg["propensity_max_epochs"], "early_stopping": cfg["early_stopping"],
+                  **{k: params[k] for k in ("prop_lr", "prop_weight_decay", "prop_batch_size")}}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return f"{data.name}-{seed}-{digest}"
+
+    def load(self, key: str, generator: torch.Generator) -> Optional[tuple[torch.Tensor, int]]:
+        path = self.root / f"{key}.pt"
+        if not path.exists():
+            return None
+        entry = torch.load(path, weights_only=True)
+        generator.set_state(entry["generator"])
+        torch.set_rng_state(entry["global_rng"])
+        return entry["propensities"], int(entry["epochs"])
+
+    def save(self, key: str, propensities: torch.Tensor, epochs: int, generator: torch.Generator) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{key}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"propensities": propensities, "epochs": epochs, "generator": generator.get_state(),
+                    "global_rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, path)
 
 
 def evaluate(learner: JointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
@@ -103,8 +157,13 @@ def evaluate(learner: JointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dic
 
 def run_one(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str, Any], seed: int, *,
             max_epochs: Optional[int] = None, split: str = "test", label: str = "",
-            show_progress: bool = True, on_epoch: Optional[Callable[[int, float], None]] = None) -> dict[str, Any]:
-    """Train ``method`` with ``params`` on ``data`` with ``seed``; return metrics on ``split`` and timings."""
+            show_progress: bool = True, on_epoch: Optional[Callable[[int, float], None]] = None,
+            propensity_cache: Optional[PropensityCache] = None) -> dict[str, Any]:
+    """Train ``method`` with ``params`` on ``data`` with ``seed``; return metrics on ``split`` and timings.
+
+    With ``propensity_cache``, a propensity model fitted before (same data, seed, settings and
+    thread count) is loaded instead of refitted; the run is the same either way.
+    """
     if split not in ("test", "val"):
         raise ValueError(f"`split` must be 'test' or 'val'; got {split!r}")
     max_epochs = cfg["max_epochs"] if max_epochs is None else max_epochs
@@ -115,9 +174,19 @@ def run_one(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str
     generator = torch.Generator().manual_seed(seed)
     progress = Progress(label or f"{data.name} {method.name} seed {seed}", max_epochs) if show_progress else None
 
-    prop_epochs = 0
+    prop_epochs, cached = 0, False
     if method.uses_propensity:
-        p_hat, prop_epochs = fit_propensities(data, cfg, params, generator, progress)
+        key = None if propensity_cache is None else propensity_cache.key(data, cfg, params, seed)
+        hit = None if key is None else propensity_cache.load(key, generator)
+        if hit is None:
+            p_hat, prop_epochs = fit_propensities(data, cfg, params, generator, progress)
+            if key is not None:
+                propensity_cache.save(key, p_hat, prop_epochs, generator)
+        else:
+            (p_hat, prop_epochs), cached = hit, True
+        if not 0.0 < params["gamma"] <= 1.0:
+            raise ValueError(f"gamma (propensity clipping floor) must lie in (0, 1]; got {params['gamma']}")
+        p_hat = p_hat.clamp(params["gamma"], 1.0)
     else:  # MF: no propensity model; w = 1 everywhere
         p_hat = torch.ones(data.n_users, data.n_items)
     prop_seconds = time.perf_counter() - start
@@ -170,4 +239,4 @@ def run_one(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str
                        f"Recall@{cfg['k']} {metrics['recall']:.4f}  {epoch} epochs, {seconds:.1f}s "
                        f"(propensity {prop_seconds:.1f}s)")
     return {**metrics, "k": cfg["k"], "seconds": seconds, "epochs": epoch, "propensity_epochs": prop_epochs,
-            "propensity_seconds": prop_seconds, "fit_seconds": fit_seconds}
+            "propensity_seconds": prop_seconds, "propensity_cached": cached, "fit_seconds": fit_seconds}
