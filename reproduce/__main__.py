@@ -14,7 +14,7 @@ from estimators.data import load_dataset, resolve_data_dir
 from . import config as C
 from .methods import METHODS, get_method, parse_methods
 from .table import append_result, read_results, render_table, run_key, write_table
-from .train import run_one, setup_runtime
+from .train import PropensityCache, run_one, setup_runtime
 
 
 def _positive(text: str) -> int:
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train nothing: render table3.md from the finished runs in results.csv")
     t3.add_argument("--strict-ndcg", action="store_true",
                     help="exclude users without a positive test item from NDCG/Recall (published: NDCG = 1)")
+    t3.add_argument("--no-propensity-cache", action="store_true",
+                    help="fit every run's propensity model (default: share fits through OUT/propensity-cache; "
+                         "the runs are the same either way)")
     common(t3)
 
     tu = sub.add_parser("tune", help="tune a method on the validation split and write its config")
@@ -91,6 +94,7 @@ def cmd_table3(args: argparse.Namespace) -> int:
     csv_path, md_path = out / "results.csv", out / "table3.md"
     done = {run_key(r) for r in read_results(csv_path)}
     threads = torch.get_num_threads()
+    cache = None if args.no_propensity_cache else PropensityCache(out / "propensity-cache")
     keys: set = set()
     for ds in args.datasets:
         cfg = C.load_config(ds, args.config_dir)
@@ -116,7 +120,8 @@ def cmd_table3(args: argparse.Namespace) -> int:
         for method, params, seed, sig in plan:
             start = time.perf_counter()
             try:
-                result = {**run_one(data, cfg, method, params, seed, max_epochs=max_epochs), "status": "ok"}
+                result = {**run_one(data, cfg, method, params, seed, max_epochs=max_epochs, propensity_cache=cache),
+                          "status": "ok"}
             except FloatingPointError as exc:  # recorded, so that a resumed job does not retry it
                 print(f"{ds} {method.name} seed {seed}: {exc}", file=sys.stderr)
                 nan = float("nan")
