@@ -27,6 +27,11 @@ from .training_loss import (CROSS_ENTROPIES, IMPUTATION_LOSSES, IMPUTATIONS, PRE
 
 # Imputation losses that read the sampled pairs U (BADR's, eq. 32 and the published form).
 _ON_U = ("badr", "badr_paper")
+#: How the G * |B| pairs U of a step are drawn from all pairs: "uniform", independently with
+#: replacement; "permutation", as consecutive slices of one permutation of all pairs per epoch
+#: (the published code: no pair twice within an epoch).  Both draw every pair with probability
+#: G |B| / (n_users n_items) per step.
+SAMPLINGS = ("uniform", "permutation")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class JointConfig:
     imputation: str = "pseudo_label"
     cross_entropy: str = "logits"
     imputation_first: bool = False
+    sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.estimator not in PREDICTION_ESTIMATORS:
@@ -61,6 +67,8 @@ class JointConfig:
             raise ValueError(f"`cross_entropy` must be one of {CROSS_ENTROPIES}; got {self.cross_entropy!r}")
         if self.G < 1 or self.dim < 1:
             raise ValueError(f"`G` and `dim` must be positive; got G={self.G}, dim={self.dim}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"`sampling` must be one of {SAMPLINGS}; got {self.sampling!r}")
 
 
 class JointLearner:
@@ -91,6 +99,8 @@ class JointLearner:
         self.n_users, self.n_items = propensities.shape
         self.p_hat = propensities.detach().reshape(-1).to(torch.float32)  # the models' dtype
         self._fused = False
+        self._permutation: Optional[Tensor] = None
+        self._position = 0
         self.generator = generator
         self.prediction = MF(self.n_users, self.n_items, config.dim)
         self.pred_opt = Adam(self.prediction.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -99,11 +109,25 @@ class JointLearner:
             self.imputation = MF(self.n_users, self.n_items, config.dim)
             self.imp_opt = Adam(self.imputation.parameters(), lr=config.imp_lr, weight_decay=config.imp_weight_decay)
 
+    def start_epoch(self) -> None:
+        """Mark an epoch boundary: with ``sampling="permutation"`` the next step draws a fresh
+        permutation of all pairs, whose consecutive slices are the epoch's U."""
+        self._permutation = None
+
     def sample_pairs(self, n: int) -> tuple[Tensor, Tensor]:
-        """``n`` user-item pairs drawn uniformly (with replacement) from all pairs."""
-        users = torch.randint(self.n_users, (n,), generator=self.generator)
-        items = torch.randint(self.n_items, (n,), generator=self.generator)
-        return users, items
+        """``n`` user-item pairs drawn from all pairs, as ``config.sampling`` says."""
+        if self.config.sampling == "uniform":
+            users = torch.randint(self.n_users, (n,), generator=self.generator)
+            items = torch.randint(self.n_items, (n,), generator=self.generator)
+            return users, items
+        total = self.n_users * self.n_items
+        if n > total:
+            raise ValueError(f"cannot draw {n} distinct pairs from {total}; lower G or the batch size")
+        if self._permutation is None or self._position + n > total:  # a new epoch, or this one ran out
+            self._permutation, self._position = torch.randperm(total, generator=self.generator), 0
+        pairs = self._permutation[self._position:self._position + n]
+        self._position += n
+        return pairs // self.n_items, pairs % self.n_items
 
     @staticmethod
     def _logits(model: MF, rows: Tensor, cols: Tensor) -> Tensor:

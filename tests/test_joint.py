@@ -289,3 +289,22 @@ def test_learner_reports_the_published_monitor():
     x = learner.prediction(u, i).detach()
     expected = (torch.nn.functional.binary_cross_entropy(torch.sigmoid(x), r, reduction="none") / 0.25).sum()
     assert out["monitor"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_permutation_sampling_draws_distinct_pairs_per_epoch():
+    """sampling="permutation": consecutive slices of one permutation of all pairs per epoch."""
+    propensities = torch.full((6, 5), 0.5)
+    learner = JointLearner(propensities, JointConfig(dim=2, G=2, sampling="permutation"),
+                           generator=torch.Generator().manual_seed(0))
+    learner.start_epoch()
+    drawn = [learner.sample_pairs(7) for _ in range(4)]  # 28 of the 30 pairs
+    ids = torch.cat([u * 5 + i for u, i in drawn])
+    assert ids.unique().numel() == 28 and int(ids.max()) < 30
+    u, i = learner.sample_pairs(7)  # runs past the end: a fresh permutation
+    assert (u * 5 + i).unique().numel() == 7
+    learner.start_epoch()
+    assert not torch.equal(torch.cat(learner.sample_pairs(7)), torch.cat(drawn[0]))
+    with pytest.raises(ValueError, match="distinct pairs"):
+        learner.sample_pairs(31)
+    with pytest.raises(ValueError, match="sampling"):
+        JointConfig(sampling="bootstrap")
