@@ -185,6 +185,22 @@ def _check_same_shape(**tensors: Optional[Tensor]) -> None:
                              f"tensors on {'B' if name[-1] == 'b' else 'U'}")
 
 
+def _check_prediction_args(estimator: str, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, x_u: Optional[Tensor],
+                           xt_b: Optional[Tensor], xt_u: Optional[Tensor], imputation: str, cross_entropy: str) -> None:
+    _check_names(estimator, PREDICTION_ESTIMATORS, "estimator", imputation, cross_entropy)
+    if estimator in ("dr", "badr") and (x_u is None or xt_b is None or xt_u is None):
+        raise ValueError(f"estimator {estimator!r} needs x_u, xt_b and xt_u (the imputation model's logits)")
+    _check_same_shape(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
+
+
+def _check_imputation_args(kind: str, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, xt_u: Optional[Tensor],
+                           x_u: Optional[Tensor], imputation: str, cross_entropy: str) -> None:
+    _check_names(kind, IMPUTATION_LOSSES, "kind", imputation, cross_entropy)
+    if kind in ("badr", "badr_paper") and (xt_u is None or x_u is None):
+        raise ValueError(f"imputation loss {kind!r} needs xt_u and x_u (logits on the sampled pairs U)")
+    _check_same_shape(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
+
+
 def prediction_loss(
     estimator: str,
     x_b: Tensor,
@@ -202,10 +218,7 @@ def prediction_loss(
     ``"fused"``, ``imputation="pseudo_label"`` and the logits share one float32/float64 dtype
     and a device the extension was built for; otherwise on the reference.
     """
-    _check_names(estimator, PREDICTION_ESTIMATORS, "estimator", imputation, cross_entropy)
-    if estimator in ("dr", "badr") and (x_u is None or xt_b is None or xt_u is None):
-        raise ValueError(f"estimator {estimator!r} needs x_u, xt_b and xt_u (the imputation model's logits)")
-    _check_same_shape(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
+    _check_prediction_args(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy)
     if _fusable(imputation, x_b, x_u, xt_b, xt_u):
         return _fused.prediction_loss(estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype), x_u,
                                       None if xt_b is None else xt_b.detach(), None if xt_u is None else xt_u.detach(),
@@ -230,10 +243,7 @@ def imputation_loss(
 
     Runs on the fused operator under the same conditions as :func:`prediction_loss`.
     """
-    _check_names(kind, IMPUTATION_LOSSES, "kind", imputation, cross_entropy)
-    if kind in ("badr", "badr_paper") and (xt_u is None or x_u is None):
-        raise ValueError(f"imputation loss {kind!r} needs xt_u and x_u (logits on the sampled pairs U)")
-    _check_same_shape(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
+    _check_imputation_args(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, imputation, cross_entropy)
     if _fusable(imputation, xt_b, x_b, xt_u, x_u):
         return _fused.imputation_loss(kind, xt_b, x_b.detach(), r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
                                       xt_u, None if x_u is None else x_u.detach(), float(alpha), cross_entropy)
@@ -266,10 +276,7 @@ def prediction_loss_and_grads(
     :func:`prediction_loss` (no autograd graph, no engine call); else autograd on the reference.
     A gradient that is identically zero (or whose logits are absent) is None.
     """
-    _check_names(estimator, PREDICTION_ESTIMATORS, "estimator", imputation, cross_entropy)
-    if estimator in ("dr", "badr") and (x_u is None or xt_b is None or xt_u is None):
-        raise ValueError(f"estimator {estimator!r} needs x_u, xt_b and xt_u (the imputation model's logits)")
-    _check_same_shape(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
+    _check_prediction_args(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy)
     fused = _fusable(imputation, x_b, x_u, xt_b, xt_u)
     return _prediction_loss_and_grads(fused, estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype),
                                       x_u, xt_b, xt_u, imputation, cross_entropy)
@@ -306,10 +313,7 @@ def imputation_loss_and_grads(
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(loss, d loss / d xt_b, d loss / d xt_u)`` of :func:`imputation_loss`, as
     :func:`prediction_loss_and_grads` (fused operator ``cvr::imputation_loss_and_grads``)."""
-    _check_names(kind, IMPUTATION_LOSSES, "kind", imputation, cross_entropy)
-    if kind in ("badr", "badr_paper") and (xt_u is None or x_u is None):
-        raise ValueError(f"imputation loss {kind!r} needs xt_u and x_u (logits on the sampled pairs U)")
-    _check_same_shape(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
+    _check_imputation_args(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, imputation, cross_entropy)
     fused = _fusable(imputation, xt_b, x_b, xt_u, x_u)
     return _imputation_loss_and_grads(fused, kind, xt_b, x_b, r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
                                       xt_u, x_u, float(alpha), imputation, cross_entropy)
