@@ -91,8 +91,8 @@ struct Logit {
 // l(x, t) = -(t log p + (1 - t) log(1 - p)) with p = sigmoid(x), of one vector of logits x, in
 // one of two forms.  Both expose the same quantities, so that every kernel below is written
 // once:  value(t) = l(x, t);  dinput(t) = d l / d x;  gap() = g in l(x, r) - l(x, s) = (s - r) g
-// (no cancellation of two large cross-entropies);  neg_dtarget() = -d l / d t;  sigmoid() and
-// dsigmoid() of x, for x an imputation logit whose sigmoid is a target.
+// (no cancellation of two large cross-entropies), which is also -d l / d t, l being linear in t;
+// sigmoid() and dsigmoid() of x, for x an imputation logit whose sigmoid is a target.
 //
 // ExactCE, the softplus form (cross_entropy="logits"): l = softplus(x) - t x, g = -d l / d t = x.
 template <typename T>
@@ -104,7 +104,6 @@ struct ExactCE {
   Vec<T> value(const Vec<T>& t) const { return lx.softplus(x) - t * x; }
   Vec<T> dinput(const Vec<T>& t) const { return lx.sigmoid - t; }
   Vec<T> gap() const { return x; }
-  Vec<T> neg_dtarget() const { return x; }
   Vec<T> sigmoid() const { return lx.sigmoid; }
   Vec<T> dsigmoid() const { return lx.dsigmoid(); }
 };
@@ -113,8 +112,8 @@ struct ExactCE {
 // differentiates: p = 1 / (1 + exp(-x)) as torch.sigmoid computes it; F.binary_cross_entropy's
 // value (t - 1) max(log1p(-p), -100) - t max(log p, -100), its input gradient
 // (p - t) / max(p (1 - p), 1e-12) times sigmoid's backward (1 - p) p (zero once p rounds to 0 or
-// 1), and its target gradient -logit(p) = -log(p / (1 - p)), which torch does not clamp (it is
-// infinite once p rounds to 0 or 1, and so is the reference's).
+// 1); its derivative in t is -gap(), finite (bce_clamped's target gradient; torch's own,
+// -logit(p), is infinite once p rounds to 0 or 1).
 template <typename T>
 struct ClampedCE {
   Vec<T> p, log_p, log_q;  // sigmoid(x), max(log p, -100), max(log1p(-p), -100)
@@ -129,7 +128,6 @@ struct ClampedCE {
     return (p - t) / at::vec::maximum(v, Vec<T>(1e-12)) * v;
   }
   Vec<T> gap() const { return log_p - log_q; }
-  Vec<T> neg_dtarget() const { return (p / (Vec<T>(1) - p)).log(); }
   Vec<T> sigmoid() const { return p; }
   Vec<T> dsigmoid() const { return (Vec<T>(1) - p) * p; }
 };
@@ -273,7 +271,7 @@ void prediction_kernel(const PredictionInputs& in, T* grad_b, T* grad_u, T* loss
 // exact form), computed in that form (no cancellation of the two cross-entropies), and
 //   c = w (DR, eq. 6), w^2 (1 - p_hat) (MRDR, eq. 8), w^3 (1 - p_hat)^2 (DR-BIAS, eq. 9),
 //       alpha DR-BIAS + (1 - alpha) MRDR (DR-MSE, eq. 10).
-// d/dxt: 2 c (e - e_hat) (-d l / d t) s'(xt).  With p_hat = 1e-6, w^3 = 1e18, so a DR-BIAS term is at
+// d/dxt: 2 c (e - e_hat) g s'(xt).  With p_hat = 1e-6, w^3 = 1e18, so a DR-BIAS term is at
 // most 1e18 x^2 and its gradient 0.5e18 |x|^3: finite in float32 while |x| < ~1e6.
 template <ImputationKind K, template <typename> class CE, typename T>
 void squared_error_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
@@ -290,7 +288,7 @@ void squared_error_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
       c = Vec<T>(alpha) * (w * w * w * q * q) + Vec<T>(1 - alpha) * (w * w * q);
     }
     const Vec<T> d = lx.gap() * (lt.sigmoid() - r);
-    (Vec<T>(2) * c * d * lx.neg_dtarget() * lt.dsigmoid()).store(grad_b + i, n);
+    (Vec<T>(2) * c * d * lx.gap() * lt.dsigmoid()).store(grad_b + i, n);
     return std::array<Vec<T>, 1>{c * d * d};
   });
   *loss = static_cast<T>(sum);
@@ -299,7 +297,7 @@ void squared_error_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
 // Eq. 32 on B and U: sum_B w^2 (d - m)^2 / S^2 with d = e - e_hat = g (s(xt) - r), S = sum_B w
 // and m = L - E_hat = sum_B w d / S (the U sums of L and E_hat cancel).  With
 // D = sum_B w^2 (d - m), through which every d_i moves the loss via m,
-//   d loss / d d_i = 2 [w_i^2 (d_i - m) - w_i D / S] / S^2,   d d_i / d xt_i = (-d l / d t) s'(xt_i).
+//   d loss / d d_i = 2 [w_i^2 (d_i - m) - w_i D / S] / S^2,   d d_i / d xt_i = g_i s'(xt_i).
 // The first pass gives the centring terms S and m and, as sum w^2 d - m sum w^2 in double, D,
 // so that the second pass writes the gradient with the loss.
 template <template <typename> class CE, typename T>
@@ -312,7 +310,7 @@ void badr_paper_kernel(const ImputationInputs& in, T* grad_b, T* loss) {
   auto terms = [&](int64_t i, int64_t n) {
     const CE<T> lx(load<T>(ptr.x_b, i, n)), lt(load<T>(ptr.xt_b, i, n));
     return Terms{lx.gap() * (lt.sigmoid() - load<T>(ptr.r_b, i, n)), load<T>(ptr.p_hat_b, i, n).reciprocal(),
-                 lx.neg_dtarget() * lt.dsigmoid()};
+                 lx.gap() * lt.dsigmoid()};
   };
   const auto [s, swd, sw2d, sw2] = reduce<4, T>(b, [&](int64_t i, int64_t n) {
     const Terms t = terms(i, n);

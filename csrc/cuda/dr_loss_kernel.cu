@@ -50,7 +50,7 @@ struct Logit {
 
 // The two forms of the cross-entropy l(x, t) of one logit, as in cpu/dr_loss_kernel.cpp (whose
 // comments derive them): value(t) = l(x, t), dinput(t) = d l / d x, gap() = g in
-// l(x, r) - l(x, s) = (s - r) g, neg_dtarget() = -d l / d t, sigmoid() and dsigmoid() of x.
+// l(x, r) - l(x, s) = (s - r) g (also -d l / d t), sigmoid() and dsigmoid() of x.
 template <typename T>
 struct ExactCE {
   T x;
@@ -60,7 +60,6 @@ struct ExactCE {
   __device__ T value(T t) const { return lx.softplus(x) - t * x; }
   __device__ T dinput(T t) const { return lx.sigmoid - t; }
   __device__ T gap() const { return x; }
-  __device__ T neg_dtarget() const { return x; }
   __device__ T sigmoid() const { return lx.sigmoid; }
   __device__ T dsigmoid() const { return lx.dsigmoid(); }
 };
@@ -84,7 +83,6 @@ struct ClampedCE {
     return (p - t) / (v > T(1e-12) ? v : T(1e-12)) * v;
   }
   __device__ T gap() const { return log_p - log_q; }
-  __device__ T neg_dtarget() const { return log(p / (T(1) - p)); }
   __device__ T sigmoid() const { return p; }
   __device__ T dsigmoid() const { return (T(1) - p) * p; }
 };
@@ -245,7 +243,7 @@ void squared_error_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
                     : kind == ImputationKind::dr_bias ? bias
                                                       : alpha * bias + (T(1) - alpha) * mrdr;
         const T d = lx.gap() * (lt.sigmoid() - ld(ptr.r_b, i));
-        grad_b[i] = T(2) * c * d * lx.neg_dtarget() * lt.dsigmoid();
+        grad_b[i] = T(2) * c * d * lx.gap() * lt.dsigmoid();
         acc[0] += c * d * d;
       },
       [=] __device__(const double* sums) { *loss = static_cast<T>(sums[0]); });
@@ -283,7 +281,7 @@ void badr_paper_cuda(const ImputationInputs& in, T* grad_b, T* loss) {
         const CE<T> lx(ld(ptr.x_b, i)), lt(ld(ptr.xt_b, i));
         const T dev = lx.gap() * (lt.sigmoid() - ld(ptr.r_b, i)) - static_cast<T>(sc[0]);
         grad_b[i] =
-            lx.neg_dtarget() * lt.dsigmoid() * (static_cast<T>(sc[1]) * w * w * dev - static_cast<T>(sc[2]) * w);
+            lx.gap() * lt.dsigmoid() * (static_cast<T>(sc[1]) * w * w * dev - static_cast<T>(sc[2]) * w);
         acc[0] += w * w * dev * dev;
       },
       [=] __device__(const double* sums) { *loss = static_cast<T>(sums[0] * sc[3]); });
