@@ -1,4 +1,10 @@
-"""Per-data-set experiment configs (``reproduce/configs/<dataset>.json``): reading, checking, writing."""
+"""Per-data-set experiment configs (``reproduce/configs/<dataset>.json``): reading, checking, writing.
+
+A config holds the protocol (split, sizes, epochs, early stopping, seeds), one "propensity" block
+with the propensity model's settings (:data:`reproduce.methods.PROPENSITY_KEYS`, shared by every
+method that uses propensities) and one entry per method under "methods" with that method's own
+keys (:attr:`reproduce.methods.Method.own_keys`), written by the tuner.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .methods import Method
+from .methods import PROPENSITY_KEYS, Method
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DATASETS = ("coat", "yahoo", "kuairec")
 _TOP_KEYS = ("split", "dim", "batch_size", "k", "max_epochs", "propensity_max_epochs", "propensity_loss",
-             "early_stopping", "seeds", "methods")
+             "early_stopping", "seeds", "propensity", "methods")
 
 
 def config_path(dataset: str, config_dir: str | os.PathLike | None = None) -> Path:
@@ -38,15 +44,23 @@ def load_config(dataset: str, config_dir: str | os.PathLike | None = None) -> di
 
 
 def method_params(cfg: dict[str, Any], method: Method) -> dict[str, Any]:
-    """The hyperparameters ``method`` reads from ``cfg`` (its own entry under ``methods``)."""
+    """The hyperparameters ``method`` reads from ``cfg``: its own entry under ``methods``, plus the
+    shared ``propensity`` block for the methods that use propensities."""
+    name = cfg.get("dataset")
     entry = cfg["methods"].get(method.name)
     if entry is None:
-        raise ValueError(f"config of {cfg.get('dataset')!r} has no entry for method {method.name!r}; add one "
-                         f"under 'methods' with the keys {', '.join(method.keys)}")
-    missing = [k for k in method.keys if k not in entry]
+        raise ValueError(f"config of {name!r} has no entry for method {method.name!r}; add one "
+                         f"under 'methods' with the keys {', '.join(method.own_keys)}")
+    repeated = [k for k in PROPENSITY_KEYS if k in entry]
+    if repeated:
+        raise ValueError(f"config of {name!r}, method {method.name!r}: {', '.join(repeated)} belong in the "
+                         f"'propensity' block, shared by every method; remove them from the method's entry")
+    missing = [k for k in method.own_keys if k not in entry]
+    if method.uses_propensity:
+        missing += [f"propensity.{k}" for k in PROPENSITY_KEYS if k not in cfg["propensity"]]
     if missing:
-        raise ValueError(f"config of {cfg.get('dataset')!r}, method {method.name!r}: missing {', '.join(missing)}")
-    return {k: entry[k] for k in method.keys}
+        raise ValueError(f"config of {name!r}, method {method.name!r}: missing {', '.join(missing)}")
+    return {k: cfg["propensity"][k] if k in PROPENSITY_KEYS else entry[k] for k in method.keys}
 
 
 def run_signature(cfg: dict[str, Any], method: Method, params: dict[str, Any], max_epochs: int) -> str:
@@ -60,10 +74,11 @@ def run_signature(cfg: dict[str, Any], method: Method, params: dict[str, Any], m
 
 def save_method_params(dataset: str, method: Method, params: dict[str, Any], status: str,
                        config_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``params`` as ``method``'s entry of the dataset config (atomic replace, other entries kept)."""
+    """Write ``params`` as ``method``'s entry of the dataset config (its own keys only; atomic replace,
+    the propensity block and the other entries kept)."""
     path = config_path(dataset, config_dir)
     cfg = load_config(dataset, config_dir)
-    cfg["methods"][method.name] = {"status": status, **{k: params[k] for k in method.keys}}
+    cfg["methods"][method.name] = {"status": status, **{k: params[k] for k in method.own_keys}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(cfg, f, indent=2)

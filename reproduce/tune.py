@@ -1,6 +1,8 @@
 """Hyperparameter search on the validation split only (never the test labels).
 
-A seeded random search: each trial draws every tunable key of the method from its range in
+A seeded random search: each trial draws every key of the method's own config entry
+(:attr:`reproduce.methods.Method.own_keys`: not the propensity model's, which the config's
+"propensity" block shares across methods) from its range in
 :data:`reproduce.methods.SEARCH_SPACE` (log-uniform for learning rates and weight decays,
 uniform for gamma and alpha, uniform integers for G), trains one run per seed with the first
 ``n_seeds`` seeds of the config and scores the trial by the mean validation AUC of the final
@@ -16,16 +18,14 @@ import numpy as np
 
 from estimators.data import CVRData
 
-from .methods import FIXED_KEYS, SEARCH_SPACE, Method
+from .methods import SEARCH_SPACE, Method
 from .train import run_one
 
 
 def sample_params(method: Method, base: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """One random draw of ``method``'s tunable keys; fixed keys are kept from ``base``."""
+    """One random draw of ``method``'s own keys; the propensity model's are kept from ``base``."""
     params = dict(base)
-    for key in method.keys:
-        if key in FIXED_KEYS:
-            continue
+    for key in method.own_keys:
         low, high, scale = SEARCH_SPACE[key]
         if scale == "log":
             params[key] = float(math.exp(rng.uniform(math.log(low), math.log(high))))

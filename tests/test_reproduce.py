@@ -13,7 +13,7 @@ from estimators.training_loss import bce_clamped, bce_with_logits
 from reproduce import config as C
 from reproduce.__main__ import main
 from reproduce.fast import FastJointLearner, fit_propensity_fast
-from reproduce.methods import METHODS, TABLE3_ROWS, parse_methods
+from reproduce.methods import METHODS, PROPENSITY_KEYS, SEARCH_SPACE, TABLE3_ROWS, parse_methods
 from reproduce.metrics import auc, ndcg_recall_at_k
 from reproduce.table import COLUMNS, PUBLISHED, read_results
 
@@ -102,6 +102,23 @@ def test_configs_cover_registry_and_badr_values():
         assert tuple(p[k] for k in keys) == pytest.approx(values)
     assert set(PUBLISHED) == set(TABLE3_ROWS)
     assert {m.table3_row for m in METHODS.values() if m.table3_row} <= set(TABLE3_ROWS)
+
+
+def test_propensity_block_is_shared():
+    cfg = C.load_config("coat")
+    for method in METHODS.values():
+        assert not set(PROPENSITY_KEYS) & set(cfg["methods"][method.name])
+        params = C.method_params(cfg, method)
+        if method.uses_propensity:
+            assert {k: params[k] for k in PROPENSITY_KEYS} == {k: cfg["propensity"][k] for k in PROPENSITY_KEYS}
+        else:
+            assert not set(PROPENSITY_KEYS) & set(params)
+    cfg["methods"]["ips"]["prop_lr"] = 0.01
+    with pytest.raises(ValueError, match="'propensity' block"):
+        C.method_params(cfg, METHODS["ips"])
+    del cfg["methods"]["ips"]["prop_lr"], cfg["propensity"]["prop_lr"]
+    with pytest.raises(ValueError, match="propensity.prop_lr"):
+        C.method_params(cfg, METHODS["ips"])
 
 
 def test_parse_methods():
@@ -202,7 +219,18 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
                  "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
     entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
     assert entry["status"].startswith("tuned: 2 random-search trials") and "validation AUC" in entry["status"]
-    assert 5e-3 <= entry["lr"] <= 1e-1 or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
+    low, high, _ = SEARCH_SPACE["lr"]
+    assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
+
+
+def test_tune_searches_own_keys_only(data_dir, tmp_path):
+    cfg_dir = tmp_path / "configs"
+    shutil.copytree(C.CONFIG_DIR, cfg_dir)
+    assert main(["tune", "ips", "coat", "--trials", "2", "--max-epochs", "1", "--threads", "1",
+                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
+    new = json.loads((cfg_dir / "coat.json").read_text())
+    assert set(new["methods"]["ips"]) == {"status", *METHODS["ips"].own_keys}
+    assert new["propensity"] == C.load_config("coat")["propensity"]
 
 
 @pytest.mark.parametrize("argv, match", [
