@@ -104,21 +104,22 @@ def test_configs_cover_registry_and_badr_values():
     assert {m.table3_row for m in METHODS.values() if m.table3_row} <= set(TABLE3_ROWS)
 
 
-def test_propensity_block_is_shared():
+def test_propensity_block_shared_unless_overridden():
     cfg = C.load_config("coat")
     for method in METHODS.values():
-        assert not set(PROPENSITY_KEYS) & set(cfg["methods"][method.name])
-        params = C.method_params(cfg, method)
-        if method.uses_propensity:
-            assert {k: params[k] for k in PROPENSITY_KEYS} == {k: cfg["propensity"][k] for k in PROPENSITY_KEYS}
-        else:
+        params, entry = C.method_params(cfg, method), cfg["methods"][method.name]
+        if not method.uses_propensity:
             assert not set(PROPENSITY_KEYS) & set(params)
-    cfg["methods"]["ips"]["prop_lr"] = 0.01
-    with pytest.raises(ValueError, match="'propensity' block"):
-        C.method_params(cfg, METHODS["ips"])
-    del cfg["methods"]["ips"]["prop_lr"], cfg["propensity"]["prop_lr"]
+            continue
+        source = entry if method.estimator == "badr" else cfg["propensity"]  # BADR: the authors' values
+        assert {k: params[k] for k in PROPENSITY_KEYS} == {k: source[k] for k in PROPENSITY_KEYS}
+    cfg["methods"]["mf"]["prop_lr"] = 0.01
+    with pytest.raises(ValueError, match="uses no propensity model"):
+        C.method_params(cfg, METHODS["mf"])
+    del cfg["propensity"]["prop_lr"]
     with pytest.raises(ValueError, match="propensity.prop_lr"):
         C.method_params(cfg, METHODS["ips"])
+    C.method_params(cfg, METHODS["badr"])  # overrides the block
 
 
 def test_parse_methods():
@@ -223,14 +224,28 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
     assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
 
 
-def test_tune_searches_own_keys_only(data_dir, tmp_path):
+@pytest.mark.parametrize("method, propensity", [("ips", False), ("ips", True), ("badr_dr", False)])
+def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, method, propensity):
     cfg_dir = tmp_path / "configs"
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
-    assert main(["tune", "ips", "coat", "--trials", "2", "--max-epochs", "1", "--threads", "1",
-                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
+    old = C.load_config("coat")
+    assert main(["tune", method, "coat", "--trials", "3", "--max-epochs", "1", "--threads", "1",
+                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)] + ["--propensity"] * propensity) == 0
     new = json.loads((cfg_dir / "coat.json").read_text())
-    assert set(new["methods"]["ips"]) == {"status", *METHODS["ips"].own_keys}
-    assert new["propensity"] == C.load_config("coat")["propensity"]
+    overrides = {k for k in PROPENSITY_KEYS if k in old["methods"][method]}
+    assert set(new["methods"][method]) == {"status", *METHODS[method].own_keys, *overrides}
+    assert {k: new["methods"][method][k] for k in overrides} == {k: old["methods"][method][k] for k in overrides}
+    if propensity:
+        assert new["propensity"]["status"].startswith("tuned: 3 random-search trials")
+        assert new["propensity"]["prop_batch_size"] == old["propensity"]["prop_batch_size"]
+    else:
+        assert new["propensity"] == old["propensity"]
+
+
+def test_tune_propensity_refused_for_an_override(data_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "badr_dr", "coat", "--trials", "1", "--propensity", "--data-dir", str(data_dir)])
+    assert exc.value.code == 2 and "overrides the shared propensity block" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [
