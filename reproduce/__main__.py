@@ -12,7 +12,7 @@ import torch
 from estimators.data import load_dataset, resolve_data_dir
 
 from . import config as C
-from .methods import METHODS, get_method, parse_methods
+from .methods import METHODS, PROPENSITY_KEYS, get_method, parse_methods
 from .table import append_result, read_results, render_table, run_key, write_table
 from .train import PropensityCache, run_one, setup_runtime
 
@@ -82,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--search-seed", type=int, default=0, help="seed of the random search (default 0)")
     tu.add_argument("--tune-seeds", type=_positive, default=1,
                     help="training seeds per trial, scored by their mean validation AUC (default 1)")
+    tu.add_argument("--propensity", action="store_true",
+                    help="also search the propensity model's lr and weight decay and write them to the config's "
+                         "shared 'propensity' block (used by every method that does not override it)")
     tu.add_argument("--dry-run", action="store_true", help="report the best values without writing the config")
+    tu.add_argument("--propensity-cache", default="results/propensity-cache", metavar="DIR",
+                    help="where trials share their propensity fits (default results/propensity-cache)")
+    tu.add_argument("--no-propensity-cache", action="store_true", help="fit the propensity model in every trial")
     common(tu)
     return parser
 
@@ -145,6 +151,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = C.load_config(args.dataset, args.config_dir)
     method = args.method
     base = C.method_params(cfg, method)
+    overrides = [k for k in PROPENSITY_KEYS if k in cfg["methods"][method.name]]
+    if args.propensity and overrides:
+        raise ValueError(f"--propensity: method {method.name!r} overrides the shared propensity block on "
+                         f"{args.dataset!r} ({', '.join(overrides)}); tune the block with a method that uses it")
     data = load_dataset(args.dataset, data_dir, threshold=cfg["split"]["threshold"],
                         val_fraction=cfg["split"]["val_pct"] / 100)
     start = time.perf_counter()
@@ -153,12 +163,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"trial {trial}: validation AUC {score:.4f}  {params}", file=sys.stderr)
 
     best, best_auc = tune(data, cfg, method, base, args.trials, seed=args.search_seed,
-                          max_epochs=args.max_epochs, n_seeds=args.tune_seeds, on_trial=on_trial)
+                          max_epochs=args.max_epochs, n_seeds=args.tune_seeds, propensity=args.propensity,
+                          on_trial=on_trial,
+                          propensity_cache=None if args.no_propensity_cache else PropensityCache(args.propensity_cache))
     print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s)")
     if not args.dry_run:
         status = (f"tuned: {args.trials} random-search trials (seed {args.search_seed}, {args.tune_seeds} training "
                   f"seed(s) each) on the validation split, validation AUC {best_auc:.4f}")
-        path = C.save_method_params(args.dataset, method, best, status, args.config_dir)
+        prop_status = f"{status}, jointly with {method.name}'s own keys" if args.propensity else None
+        path = C.save_method_params(args.dataset, method, best, status, args.config_dir, prop_status)
         print(f"wrote {path}")
     return 0
 

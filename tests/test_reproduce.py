@@ -10,7 +10,7 @@ import torch
 from estimators.training_loss import bce_clamped, bce_with_logits
 from reproduce import config as C
 from reproduce.__main__ import main
-from reproduce.methods import METHODS, TABLE3_ROWS, parse_methods
+from reproduce.methods import METHODS, PROPENSITY_KEYS, SEARCH_SPACE, TABLE3_ROWS, parse_methods
 from reproduce.metrics import auc, ndcg_recall_at_k
 from reproduce.table import COLUMNS, PUBLISHED, read_results
 
@@ -101,6 +101,24 @@ def test_configs_cover_registry_and_badr_values():
     assert {m.table3_row for m in METHODS.values() if m.table3_row} <= set(TABLE3_ROWS)
 
 
+def test_propensity_block_shared_unless_overridden():
+    cfg = C.load_config("coat")
+    for method in METHODS.values():
+        params, entry = C.method_params(cfg, method), cfg["methods"][method.name]
+        if not method.uses_propensity:
+            assert not set(PROPENSITY_KEYS) & set(params)
+            continue
+        source = entry if method.estimator == "badr" else cfg["propensity"]  # BADR: the authors' values
+        assert {k: params[k] for k in PROPENSITY_KEYS} == {k: source[k] for k in PROPENSITY_KEYS}
+    cfg["methods"]["mf"]["prop_lr"] = 0.01
+    with pytest.raises(ValueError, match="uses no propensity model"):
+        C.method_params(cfg, METHODS["mf"])
+    del cfg["propensity"]["prop_lr"]
+    with pytest.raises(ValueError, match="propensity.prop_lr"):
+        C.method_params(cfg, METHODS["ips"])
+    C.method_params(cfg, METHODS["badr"])  # overrides the block
+
+
 def test_parse_methods():
     assert [m.name for m in parse_methods("mf, badr")] == ["mf", "badr"]
     assert len(parse_methods("all")) == len(METHODS)
@@ -160,7 +178,32 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
                  "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
     entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
     assert entry["status"].startswith("tuned: 2 random-search trials") and "validation AUC" in entry["status"]
-    assert 5e-3 <= entry["lr"] <= 1e-1 or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
+    low, high, _ = SEARCH_SPACE["lr"]
+    assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
+
+
+@pytest.mark.parametrize("method, propensity", [("ips", False), ("ips", True), ("badr_dr", False)])
+def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, method, propensity):
+    cfg_dir = tmp_path / "configs"
+    shutil.copytree(C.CONFIG_DIR, cfg_dir)
+    old = C.load_config("coat")
+    assert main(["tune", method, "coat", "--trials", "3", "--max-epochs", "1", "--threads", "1",
+                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)] + ["--propensity"] * propensity) == 0
+    new = json.loads((cfg_dir / "coat.json").read_text())
+    overrides = {k for k in PROPENSITY_KEYS if k in old["methods"][method]}
+    assert set(new["methods"][method]) == {"status", *METHODS[method].own_keys, *overrides}
+    assert {k: new["methods"][method][k] for k in overrides} == {k: old["methods"][method][k] for k in overrides}
+    if propensity:
+        assert new["propensity"]["status"].startswith("tuned: 3 random-search trials")
+        assert new["propensity"]["prop_batch_size"] == old["propensity"]["prop_batch_size"]
+    else:
+        assert new["propensity"] == old["propensity"]
+
+
+def test_tune_propensity_refused_for_an_override(data_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "badr_dr", "coat", "--trials", "1", "--propensity", "--data-dir", str(data_dir)])
+    assert exc.value.code == 2 and "overrides the shared propensity block" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [
