@@ -35,12 +35,13 @@ class Adam:
         self.steps = [0] * len(self.params)
 
     @torch.no_grad()
-    def step(self, grads: Sequence[Optional[Tensor]]) -> None:
-        """One update of every tensor whose gradient is given."""
+    def step(self, grads: Sequence[Optional[Tensor]], compiled: Optional[bool] = None) -> None:
+        """One update of every tensor whose gradient is given; ``compiled``: whether to use
+        ``cvr::adam_`` on CPU tensors (default: when built and the backend is "fused")."""
         if len(grads) != len(self.params):
             raise ValueError(f"`grads` must hold one gradient (or None) per parameter, {len(self.params)}; "
                              f"got {len(grads)}")
-        compiled = _HAS_OPERATOR and _fused.backend() == "fused"
+        compiled = _HAS_OPERATOR and (_fused.backend() == "fused" if compiled is None else compiled)
         for k, (p, g) in enumerate(zip(self.params, grads)):
             if g is None:
                 continue

@@ -15,6 +15,8 @@ up to float rounding; it is used when the extension is not built or ``CVR_BACKEN
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -101,25 +103,28 @@ def gather_dot(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return gather_dot_reference(P, Q, rows, cols)
 
 
-def gather_dot_value(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def gather_dot_value(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor, compiled: Optional[bool] = None) -> Tensor:
     """The value of :func:`gather_dot` (no graph) on the compiled operator where
-    :func:`use_operator` holds, which checks index ranges itself (``ValueError``), and on the
-    checked reference otherwise: the joint learner's per-step path, whose tables and indices
-    have the right types by construction."""
-    if use_operator(P):
+    :func:`use_operator` holds (``compiled``, when the caller has asked it already), which
+    checks index ranges itself (``ValueError``), and on the checked reference otherwise: the
+    joint learner's per-step path, whose tables and indices have the right types by
+    construction."""
+    if use_operator(P) if compiled is None else compiled:
         return _FORWARD(P, Q, rows, cols)
     with torch.no_grad():
         return gather_dot(P, Q, rows, cols)
 
 
-def gather_dot_grad(grad: Tensor, P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+def gather_dot_grad(grad: Tensor, P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor,
+                    compiled: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """``(dP, dQ)``: the gradient of ``sum(grad * gather_dot(P, Q, rows, cols))`` (the scatter above).
 
     For callers that hold the gradient of the logits already (the joint learner computes it
     from the loss alone) and want the tables' gradients without building a graph.  Inputs as
-    validated by :func:`gather_dot`, which must have accepted them.
+    validated by :func:`gather_dot`, which must have accepted them; ``compiled`` as in
+    :func:`gather_dot_value`.
     """
-    if use_operator(P):
+    if use_operator(P) if compiled is None else compiled:
         grad_p, grad_q = _BACKWARD(grad.contiguous(), P, Q, rows, cols, True, True)
         return grad_p, grad_q
     g = grad.unsqueeze(1)

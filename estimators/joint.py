@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._adam import Adam
 from . import _fused
-from .gather import gather_dot_grad, gather_dot_value
+from .gather import gather_dot_grad, gather_dot_value, use_operator
 from .models import MF
 from .training_loss import (CROSS_ENTROPIES, IMPUTATION_LOSSES, IMPUTATIONS, PREDICTION_ESTIMATORS,
                             _imputation_loss_and_grads, _prediction_loss_and_grads, cross_entropy_fn)
@@ -108,6 +108,12 @@ class JointLearner:
         if config.imputation_loss is not None:
             self.imputation = MF(self.n_users, self.n_items, config.dim)
             self.imp_opt = Adam(self.imputation.parameters(), lr=config.imp_lr, weight_decay=config.imp_weight_decay)
+        # Each model's (user, item) tables, detached once: views of the parameters' storage, so
+        # they see every in-place Adam update (per step, a Module attribute lookup and a detach
+        # per use would cost more than a Coat-sized kernel).
+        self._tables = {id(m): (m.user.weight.detach(), m.item.weight.detach())
+                        for m in (self.prediction, self.imputation) if m is not None}
+        self._compiled = False
 
     def start_epoch(self) -> None:
         """Mark an epoch boundary: with ``sampling="permutation"`` the next step draws a fresh
@@ -129,19 +135,17 @@ class JointLearner:
         self._position += n
         return pairs // self.n_items, pairs % self.n_items
 
-    @staticmethod
-    def _logits(model: MF, rows: Tensor, cols: Tensor) -> Tensor:
-        return gather_dot_value(model.user.weight.detach(), model.item.weight.detach(), rows, cols)
+    def _logits(self, model: MF, rows: Tensor, cols: Tensor) -> Tensor:
+        return gather_dot_value(*self._tables[id(model)], rows, cols, self._compiled)
 
-    @staticmethod
-    def _update(model: MF, opt: Adam, grad_b: Optional[Tensor], grad_u: Optional[Tensor], b: int, rows: Tensor,
+    def _update(self, model: MF, opt: Adam, grad_b: Optional[Tensor], grad_u: Optional[Tensor], b: int, rows: Tensor,
                 cols: Tensor) -> None:
         """Scatter the gradients of the logits on B (then U) into the embeddings; one Adam step."""
         if grad_b is None:  # the published BADR imputation loss reaches U only
             grad_b = torch.zeros(b, dtype=grad_u.dtype)
         grad = grad_b if grad_u is None else torch.cat([grad_b, grad_u])
-        grad_p, grad_q = gather_dot_grad(grad, model.user.weight, model.item.weight, rows, cols)
-        opt.step([grad_p, grad_q])
+        grad_p, grad_q = gather_dot_grad(grad, *self._tables[id(model)], rows, cols, self._compiled)
+        opt.step([grad_p, grad_q], self._compiled)
 
     def _prediction_update(self, x: Tensor, b: int, r: Tensor, p_hat: Tensor, xt: Optional[Tensor], rows: Tensor,
                            cols: Tensor) -> float:
@@ -190,8 +194,9 @@ class JointLearner:
         pred, imp = self.prediction, self.imputation
         # Whether this step's losses run on the fused operators (read once per step: the
         # per-call checks of the public loss functions cost more than a Coat-sized kernel).
-        self._fused = (cfg.imputation == "pseudo_label" and _fused.backend() == "fused"
-                       and _fused.supports(pred.user.weight))
+        P = self._tables[id(pred)][0]
+        self._fused = cfg.imputation == "pseudo_label" and _fused.backend() == "fused" and _fused.supports(P)
+        self._compiled = use_operator(P)
         out: dict[str, float] = {}
         if imp is None:
             x_b = self._logits(pred, users, items)
