@@ -72,7 +72,7 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
         uses_u = est in ("dr", "badr")
 
         def with_grads(d, est=est):
-            return _C_OPS["prediction"](est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+            return _fused.prediction_loss_and_grads(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
 
         def fused(d, est=est):
             return _fused.prediction_loss(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
@@ -86,7 +86,7 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
         ops.append((f"prediction/{est}", with_grads, fused, reference, moved))
     for kind in IMPUTATION_LOSSES:
         def with_grads(d, kind=kind):
-            return _C_OPS["imputation"](kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
+            return _fused.imputation_loss_and_grads(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
 
         def fused(d, kind=kind):
             return _fused.imputation_loss(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
@@ -102,9 +102,6 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
 
         ops.append((f"imputation/{kind}", with_grads, fused, reference, moved))
     return ops
-
-
-_C_OPS: dict[str, Callable] = {}
 
 
 def _time_us(fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str,
@@ -166,8 +163,6 @@ def copy_gbps(device: str, nbytes: int = 1 << 28) -> float:
 
 def run(device: str = "cpu", sizes=SIZES, groups=GROUPS, only: tuple[str, ...] = ()) -> list[dict]:
     """The benchmark records (see the module docstring)."""
-    _C_OPS.update(prediction=torch.ops.cvr.prediction_loss_and_grads.default,
-                  imputation=torch.ops.cvr.imputation_loss_and_grads.default)
     generator = torch.Generator().manual_seed(0)
     ceiling = round(copy_gbps(device), 1)
     engine = round(engine_us(device), 1)

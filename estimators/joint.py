@@ -140,10 +140,17 @@ class JointLearner:
 
     def _update(self, model: MF, opt: Adam, grad_b: Optional[Tensor], grad_u: Optional[Tensor], b: int, rows: Tensor,
                 cols: Tensor) -> None:
-        """Scatter the gradients of the logits on B (then U) into the embeddings; one Adam step."""
-        if grad_b is None:  # the published BADR imputation loss reaches U only
-            grad_b = torch.zeros(b, dtype=grad_u.dtype)
-        grad = grad_b if grad_u is None else torch.cat([grad_b, grad_u])
+        """Scatter the gradients of the logits on B (then U) into the embeddings; one Adam step.
+
+        ``rows`` and ``cols`` are B (then U); a part without gradient (None: the published BADR
+        imputation loss has none on B, eq. 32 none on U) is not scattered.
+        """
+        if grad_b is None:
+            grad, rows, cols = grad_u, rows[b:], cols[b:]
+        elif grad_u is None:
+            grad, rows, cols = grad_b, rows[:b], cols[:b]
+        else:
+            grad = torch.cat([grad_b, grad_u])
         grad_p, grad_q = gather_dot_grad(grad, *self._tables[id(model)], rows, cols, self._compiled)
         opt.step([grad_p, grad_q], self._compiled)
 
@@ -171,9 +178,6 @@ class JointLearner:
         loss, grad_b, grad_u = _imputation_loss_and_grads(
             self._fused, cfg.imputation_loss, xt[:b], x[:b], r, p_hat, xt[b:] if on_u else None,
             x[b:] if on_u else None, cfg.alpha, cfg.imputation, cfg.cross_entropy)
-        # eq. 32's U terms cancel (no gradient there), but its pairs B then U were gathered.
-        if on_u and grad_u is None:
-            grad_u = torch.zeros(xt.numel() - b, dtype=xt.dtype)
         self._update(self.imputation, self.imp_opt, grad_b, grad_u, b, rows, cols)
         return float(loss)
 
