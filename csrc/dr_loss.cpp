@@ -2,6 +2,8 @@
 // the argument checks shared by their CPU and CUDA kernels.
 #include "dr_loss.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -97,6 +99,19 @@ ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_
     check_group(op, xt_b, {&in.xt_u, &in.x_u});
   }
   return in;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const PredictionInputs& in) {
+  return {at::empty({}, in.x_b.options()), at::empty_like(in.x_b),
+          in.x_u.defined() ? at::empty_like(in.x_u) : at::Tensor()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const ImputationInputs& in) {
+  // The published BADR loss has no gradient on B (its e_hat there is detached); every other
+  // loss has none on U.
+  const bool on_u = in.kind == ImputationKind::badr;
+  return {at::empty({}, in.xt_b.options()), on_u ? at::Tensor() : at::empty_like(in.xt_b),
+          on_u ? at::empty_like(in.xt_u) : at::Tensor()};
 }
 
 // The estimator and the imputation loss are named by the strings of

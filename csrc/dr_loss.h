@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 #include <string_view>
 
 namespace cvr::ops {
@@ -69,5 +70,18 @@ ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_
                                     const at::Tensor& r_b, const at::Tensor& p_hat_b,
                                     const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
                                     double alpha, std::string_view cross_entropy);
+
+// The outputs of one call, allocated like the inputs: the scalar loss and the gradients the
+// loss has (on B and U for the prediction losses that read U, on B only for the others; on U
+// only for the published BADR imputation loss, on B for the other imputation losses), the rest
+// undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const PredictionInputs& in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const ImputationInputs& in);
+
+// A defined tensor's data, else null.
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
 
 }  // namespace cvr::ops

@@ -225,6 +225,8 @@ def test_operator_rejects_bad_input():
         op("ips", d["x_b"].half(), d["r_b"].half(), d["p_hat_b"].half(), None, None, None)
     with pytest.raises(RuntimeError, match="one dtype"):
         op("ips", d["x_b"], d["r_b"].double(), d["p_hat_b"], None, None, None)
+    with pytest.raises(RuntimeError, match="cross_entropy must be one of"):
+        op("ips", d["x_b"], d["r_b"], d["p_hat_b"], None, None, None, "softmax")
     with pytest.raises(RuntimeError, match="kind must be one of"):
         torch.ops.cvr.imputation_loss_and_grads("drr", d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], None, None, 0.5)
 
@@ -341,6 +343,12 @@ def test_loss_and_grads_agree_on_both_backends(name, cross_entropy, monkeypatch)
             torch.testing.assert_close(g_f, g_r, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="estimator"):
         prediction_loss_and_grads("dr", d["x_b"], d["r_b"], d["p_hat_b"])
+    with pytest.raises(ValueError, match="xt_u and x_u"):
+        imputation_loss_and_grads("badr", d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"])
+    with pytest.raises(ValueError, match="cross_entropy"):
+        prediction_loss_and_grads("ips", d["x_b"], d["r_b"], d["p_hat_b"], cross_entropy="softmax")
+    with pytest.raises(ValueError, match="p_hat_b"):
+        prediction_loss_and_grads("ips", d["x_b"], d["r_b"], d["p_hat_b"][:5])
 
 
 def test_clamped_cross_entropy_differentiates_its_clamped_value_in_the_target():

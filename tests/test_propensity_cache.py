@@ -30,3 +30,11 @@ def test_hit_restores_the_run_exactly(coat, tmp_path):
     assert cache.key(coat, cfg, params, 2025) != cache.key(coat, cfg, params, 2024)
     assert cache.key(coat, cfg, {**params, "prop_lr": params["prop_lr"] * 2}, 2024) != \
         cache.key(coat, cfg, params, 2024)
+
+
+def test_gamma_outside_the_unit_interval_is_a_value_error(coat):
+    cfg = load_config("coat")
+    method = get_method("ips")
+    params = {**method_params(cfg, method), "gamma": 0.0}
+    with pytest.raises(ValueError, match="gamma"):
+        run_one(coat, cfg, method, params, 2024, max_epochs=1, show_progress=False)

@@ -396,12 +396,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prediction_loss_cpu(
     const std::optional<at::Tensor>& x_u, const std::optional<at::Tensor>& xt_b,
     const std::optional<at::Tensor>& xt_u, std::string_view cross_entropy) {
   const PredictionInputs in = prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, cross_entropy);
-  at::Tensor loss = at::empty({}, in.x_b.options());
-  at::Tensor grad_b = at::empty_like(in.x_b);
-  at::Tensor grad_u = in.x_u.defined() ? at::empty_like(in.x_u) : at::Tensor();
+  at::Tensor loss, grad_b, grad_u;  // not a structured binding: lambdas capture these (C++17)
+  std::tie(loss, grad_b, grad_u) = empty_outputs(in);
   AT_DISPATCH_FLOATING_TYPES(in.x_b.scalar_type(), "cvr::prediction_loss", [&] {
     scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
-    scalar_t* gu = grad_u.defined() ? grad_u.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gu = data_or_null<scalar_t>(grad_u);
     scalar_t* l = loss.mutable_data_ptr<scalar_t>();
     if (in.cross_entropy == CrossEntropy::clamped) return prediction_kernels<ClampedCE, scalar_t>(in, gb, gu, l);
     return prediction_kernels<ExactCE, scalar_t>(in, gb, gu, l);
@@ -414,14 +413,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> imputation_loss_cpu(
     const at::Tensor& p_hat_b, const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
     double alpha, std::string_view cross_entropy) {
   const ImputationInputs in = prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, cross_entropy);
-  at::Tensor loss = at::empty({}, in.xt_b.options());
-  // The published BADR loss has no gradient on B (its e_hat there is detached); every other
-  // loss has none on U.
-  const bool on_u = in.kind == ImputationKind::badr;
-  at::Tensor grad_b = on_u ? at::Tensor() : at::empty_like(in.xt_b);
-  at::Tensor grad_u = on_u ? at::empty_like(in.xt_u) : at::Tensor();
+  at::Tensor loss, grad_b, grad_u;  // not a structured binding: lambdas capture these (C++17)
+  std::tie(loss, grad_b, grad_u) = empty_outputs(in);
   AT_DISPATCH_FLOATING_TYPES(in.xt_b.scalar_type(), "cvr::imputation_loss", [&] {
-    scalar_t* gb = on_u ? grad_u.mutable_data_ptr<scalar_t>() : grad_b.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_b.defined() ? grad_b.mutable_data_ptr<scalar_t>() : grad_u.mutable_data_ptr<scalar_t>();
     scalar_t* l = loss.mutable_data_ptr<scalar_t>();
     if (in.cross_entropy == CrossEntropy::clamped) return imputation_kernels<ClampedCE, scalar_t>(in, gb, l);
     return imputation_kernels<ExactCE, scalar_t>(in, gb, l);
