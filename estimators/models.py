@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import _fused
 from ._adam import Adam
+from .early_stopping import EarlyStopping
 from .gather import gather_dot
 from .permutation import randperm
 
@@ -130,17 +131,14 @@ def fit_propensity(
         fused = _HAS_STEP and _fused.backend() == "fused" and model.user.weight.device.type == "cpu"
     epoch_fn = (_fused_epoch if fused else _reference_epoch)(model, clicks, lr, weight_decay, batch_size, loss)
     n_full = n - n % batch_size  # the last partial batch is dropped
-    last, stalls = None, 0
+    stop = EarlyStopping(tol, patience)
     with torch.no_grad():
         for epoch in range(1, max_epochs + 1):
             total = epoch_fn(randperm(n, generator)[:n_full])
             if on_epoch is not None:
                 on_epoch(epoch, total)
-            if last is not None and (last - total) / (last + 1e-12) < tol:
-                stalls += 1
-                if stalls >= patience:
-                    return epoch
-            last = total
+            if stop.should_stop(total):
+                return epoch
     return max_epochs
 
 

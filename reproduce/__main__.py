@@ -50,6 +50,17 @@ def _method(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _grid_axis(text: str) -> tuple[str, list[float]]:
+    key, sep, values = text.partition("=")
+    try:
+        parsed = [float(v) for v in values.split(",")]
+    except ValueError:
+        parsed = []
+    if not sep or not key.strip() or not parsed:
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,... with numeric values, got {text!r}")
+    return key.strip(), parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reproduce", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="tune a method on the validation split and write its config")
     tu.add_argument("method", type=_method, help=", ".join(METHODS))
     tu.add_argument("dataset", choices=C.DATASETS)
-    tu.add_argument("--trials", type=_positive, required=True, help="number of random-search trials")
+    how = tu.add_mutually_exclusive_group(required=True)
+    how.add_argument("--trials", type=_positive, help="number of random-search trials (the first: the config's values)")
+    how.add_argument("--grid", type=_grid_axis, action="append", metavar="KEY=V1,V2,...",
+                     help="search a grid instead: the product of the values given per key (repeat the option, "
+                          "one key each), the other keys kept from the config; the config's values are scored too")
     tu.add_argument("--search-seed", type=int, default=0, help="seed of the random search (default 0)")
     tu.add_argument("--tune-seeds", type=_positive, default=1,
                     help="training seeds per trial, scored by their mean validation AUC (default 1)")
@@ -145,7 +160,7 @@ def cmd_table3(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import tune
+    from .tune import grid_candidates, random_candidates, tune
 
     data_dir = resolve_data_dir(args.data_dir)
     cfg = C.load_config(args.dataset, args.config_dir)
@@ -162,14 +177,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def on_trial(trial, params, score):
         print(f"trial {trial}: validation AUC {score:.4f}  {params}", file=sys.stderr)
 
-    best, best_auc = tune(data, cfg, method, base, args.trials, seed=args.search_seed,
-                          max_epochs=args.max_epochs, n_seeds=args.tune_seeds, propensity=args.propensity,
+    if args.grid:
+        grid = dict(args.grid)
+        if len(grid) < len(args.grid):
+            raise ValueError("--grid: each key may be given once")
+        candidates = grid_candidates(method, base, grid, args.propensity)
+        axes = " x ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vs)}}}" for k, vs in grid.items())
+        search = f"grid of {len(candidates) - 1} points ({axes}; the config's values scored too;"
+    else:
+        candidates = random_candidates(method, base, args.trials, args.search_seed, args.propensity)
+        search = f"{args.trials} random-search trials (seed {args.search_seed},"
+    best, best_auc = tune(data, cfg, method, candidates, max_epochs=args.max_epochs, n_seeds=args.tune_seeds,
                           on_trial=on_trial,
                           propensity_cache=None if args.no_propensity_cache else PropensityCache(args.propensity_cache))
     print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s)")
     if not args.dry_run:
-        status = (f"tuned: {args.trials} random-search trials (seed {args.search_seed}, {args.tune_seeds} training "
-                  f"seed(s) each) on the validation split, validation AUC {best_auc:.4f}")
+        status = (f"tuned: {search} {args.tune_seeds} training seed(s) each) on the validation split, "
+                  f"validation AUC {best_auc:.4f}")
         prop_status = f"{status}, jointly with {method.name}'s own keys" if args.propensity else None
         path = C.save_method_params(args.dataset, method, best, status, args.config_dir, prop_status)
         print(f"wrote {path}")

@@ -6,7 +6,8 @@ methods that use propensities) and one entry per method under "methods" with tha
 keys (:attr:`reproduce.methods.Method.own_keys`), written by the tuner.  An entry that sets
 propensity keys overrides the block for that method (BADR and its ablations: the authors' values).
 The optional protocol key "imputed_error" ("paper" when absent, or "published") is how the
-methods with a DR-family imputation loss write the imputed error (:func:`imputed_error`).
+methods with a DR-family imputation loss write the imputed error; a method's entry may override
+it (:func:`imputed_error`).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def method_params(cfg: dict[str, Any], method: Method) -> dict[str, Any]:
     if not method.uses_propensity and any(k in entry for k in PROPENSITY_KEYS):
         raise ValueError(f"config of {name!r}, method {method.name!r}: the method uses no propensity model; "
                          f"remove {', '.join(k for k in PROPENSITY_KEYS if k in entry)} from its entry")
+    _check_entry_form(cfg, method)
     merged = {**cfg["propensity"], **entry}
     missing = [k if k in method.own_keys else f"propensity.{k}" for k in method.keys if k not in merged]
     if missing:
@@ -66,15 +68,24 @@ def method_params(cfg: dict[str, Any], method: Method) -> dict[str, Any]:
     return {k: merged[k] for k in method.keys}
 
 
+def _check_entry_form(cfg: dict[str, Any], method: Method) -> None:
+    if "imputed_error" in cfg["methods"].get(method.name, {}) and method.imputation_loss not in IMPUTATION_LOSSES_DR:
+        raise ValueError(f"config of {cfg.get('dataset')!r}, method {method.name!r}: 'imputed_error' applies only "
+                         f"to the DR-family imputation losses; remove it from the entry")
+
+
 def imputed_error(cfg: dict[str, Any], method: Method) -> str:
-    """The form of the imputed error ``method`` trains with: the config's "imputed_error"
-    ("paper" when absent) for a method whose imputation loss is of the DR family (dr_jl, mrdr,
-    dr_bias, dr_mse and the ablations badr_dr, badr_v, badr_b, badr_m), else "paper" (BADR's
-    own loss defines its imputed error; the methods without imputation model have none)."""
-    value = cfg.get("imputed_error", "paper")
+    """The form of the imputed error ``method`` trains with: its entry's "imputed_error", else the
+    config's, else "paper", for a method whose imputation loss is of the DR family (dr_jl, mrdr,
+    dr_bias, dr_mse and the ablations badr_dr, badr_v, badr_b, badr_m); "paper" for the others
+    (BADR's own loss defines its imputed error; the methods without imputation model have none)."""
+    entry = cfg["methods"].get(method.name, {})
+    where = f"method {method.name!r}" if "imputed_error" in entry else "protocol"
+    value = entry.get("imputed_error", cfg.get("imputed_error", "paper"))
     if value not in IMPUTED_ERRORS:
-        raise ValueError(f"config of {cfg.get('dataset')!r}: 'imputed_error' must be one of {IMPUTED_ERRORS}; "
-                         f"got {value!r}")
+        raise ValueError(f"config of {cfg.get('dataset')!r}, {where}: 'imputed_error' must be one of "
+                         f"{IMPUTED_ERRORS}; got {value!r}")
+    _check_entry_form(cfg, method)
     return value if method.imputation_loss in IMPUTATION_LOSSES_DR else "paper"
 
 
@@ -103,8 +114,8 @@ def run_signature(cfg: dict[str, Any], method: Method, params: dict[str, Any], m
 
 def save_method_params(dataset: str, method: Method, params: dict[str, Any], status: str,
                        config_dir: str | os.PathLike | None = None, propensity_status: str | None = None) -> Path:
-    """Write ``params`` as ``method``'s entry of the dataset config: its own keys, and the propensity
-    keys it overrides.  With ``propensity_status``, the propensity keys go to the shared block instead
+    """Write ``params`` as ``method``'s entry of the dataset config: its own keys, the propensity
+    keys it overrides and its "imputed_error" where it sets one.  With ``propensity_status``, the propensity keys go to the shared block instead
     (with that status).  Atomic replace; everything else is kept."""
     path = config_path(dataset, config_dir)
     cfg = load_config(dataset, config_dir)
@@ -113,7 +124,9 @@ def save_method_params(dataset: str, method: Method, params: dict[str, Any], sta
     if propensity_status is not None:
         cfg["propensity"] = {"about": cfg["propensity"].get("about", ""), "status": propensity_status,
                              **{k: params[k] for k in PROPENSITY_KEYS}}
-    cfg["methods"][method.name] = {"status": status, **{k: params[k] for k in method.own_keys + tuple(overrides)}}
+    kept = {"imputed_error": old["imputed_error"]} if "imputed_error" in old else {}
+    cfg["methods"][method.name] = {"status": status, **kept,
+                                   **{k: params[k] for k in method.own_keys + tuple(overrides)}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(cfg, f, indent=2)

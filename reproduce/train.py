@@ -62,6 +62,7 @@ import torch
 
 from estimators import backend
 from estimators.data import CVRData
+from estimators.early_stopping import EarlyStopping
 from estimators.joint import JointConfig, JointLearner
 from estimators.models import PropensityModel, fit_propensity
 
@@ -90,21 +91,6 @@ def setup_runtime(threads: Optional[int] = None) -> None:
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-
-
-class EarlyStopping:
-    """The published rule: count epochs whose loss fell by less than ``tol`` relative (never reset)."""
-
-    def __init__(self, tol: float = 1e-4, patience: int = 7) -> None:
-        self.tol, self.patience = tol, patience
-        self.last: Optional[float] = None
-        self.stalls = 0
-
-    def should_stop(self, loss: float) -> bool:
-        if self.last is not None and (self.last - loss) / (self.last + 1e-12) < self.tol:
-            self.stalls += 1
-        self.last = loss
-        return self.stalls >= self.patience
 
 
 def fit_propensities(data: CVRData, cfg: dict[str, Any], params: dict[str, Any], generator: torch.Generator,

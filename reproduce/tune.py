@@ -1,19 +1,26 @@
 """Hyperparameter search on the validation split only (never the test labels).
 
-A seeded random search: each trial draws every one of the method's own keys
-(:attr:`reproduce.methods.Method.own_keys`) and, with ``propensity=True``, the propensity
-model's learning rate and weight decay (which the config's "propensity" block then shares
-across the baselines) from its range in
-:data:`reproduce.methods.SEARCH_SPACE` (log-uniform for learning rates and weight decays,
-uniform for gamma and alpha, uniform integers for G), trains one run per seed with the first
-``n_seeds`` seeds of the config and scores the trial by the mean validation AUC of the final
-models (a diverged run scores minus infinity).  Trial 0 evaluates the config's current
-values, so tuning never returns something worse on validation than what it started from.
+Two ways to propose candidates, both starting with the config's current values (so tuning never
+returns something worse on validation than what it started from):
+
+- :func:`random_candidates`, a seeded random search: each trial draws every one of the method's
+  own keys (:attr:`reproduce.methods.Method.own_keys`) and, with ``propensity=True``, the
+  propensity model's learning rate and weight decay (which the config's "propensity" block then
+  shares across the baselines) from its range in :data:`reproduce.methods.SEARCH_SPACE`
+  (log-uniform for learning rates and weight decays, uniform for gamma and alpha, uniform integers
+  for G);
+- :func:`grid_candidates`, a grid: the Cartesian product of the values given per key, the other
+  keys kept (a local refinement around values a random search found, or one key fixed).
+
+:func:`tune` trains one run per seed with the first ``n_seeds`` seeds of the config for each
+candidate and scores it by the mean validation AUC of the final models (a diverged run scores
+minus infinity).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -23,12 +30,19 @@ from .methods import SEARCH_SPACE, TUNED_PROPENSITY_KEYS, Method
 from .train import PropensityCache, run_one
 
 
+def searchable_keys(method: Method, propensity: bool = False) -> tuple[str, ...]:
+    """The keys a search may set: ``method``'s own, and with ``propensity`` the propensity model's."""
+    if propensity and not method.uses_propensity:
+        raise ValueError(f"--propensity: method {method.name!r} uses no propensity model")
+    return method.own_keys + (TUNED_PROPENSITY_KEYS if propensity else ())
+
+
 def sample_params(method: Method, base: dict[str, Any], rng: np.random.Generator,
                   propensity: bool = False) -> dict[str, Any]:
     """One random draw of ``method``'s own keys (and of the propensity model's with ``propensity``);
     the other keys are kept from ``base``."""
     params = dict(base)
-    for key in method.own_keys + (TUNED_PROPENSITY_KEYS if propensity else ()):
+    for key in searchable_keys(method, propensity):
         low, high, scale = SEARCH_SPACE[key]
         if scale == "log":
             params[key] = float(math.exp(rng.uniform(math.log(low), math.log(high))))
@@ -39,22 +53,47 @@ def sample_params(method: Method, base: dict[str, Any], rng: np.random.Generator
     return params
 
 
-def tune(data: CVRData, cfg: dict[str, Any], method: Method, base: dict[str, Any], trials: int, *,
-         seed: int = 0, max_epochs: Optional[int] = None, n_seeds: int = 1, propensity: bool = False,
+def random_candidates(method: Method, base: dict[str, Any], trials: int, seed: int = 0,
+                      propensity: bool = False) -> list[dict[str, Any]]:
+    """``base`` followed by ``trials - 1`` draws of :func:`sample_params` from ``seed``."""
+    if trials < 1:
+        raise ValueError(f"--trials must be a positive integer; got {trials}")
+    rng = np.random.default_rng(seed)
+    return [base] + [sample_params(method, base, rng, propensity) for _ in range(trials - 1)]
+
+
+def grid_candidates(method: Method, base: dict[str, Any], grid: dict[str, Sequence[float]],
+                    propensity: bool = False) -> list[dict[str, Any]]:
+    """``base`` followed by every point of the product of ``grid``'s values (``{key: values}``), the
+    keys not in ``grid`` kept from ``base``; integer keys (G) must be given integral values."""
+    allowed = searchable_keys(method, propensity)
+    for key, values in grid.items():
+        if key not in allowed:
+            hint = " (propensity keys need --propensity)" if key in TUNED_PROPENSITY_KEYS else ""
+            raise ValueError(f"--grid: {method.name} has no searchable key {key!r}{hint}; "
+                             f"expected one of {', '.join(allowed)}")
+        if not values:
+            raise ValueError(f"--grid: no values for {key!r}; give KEY=V1,V2,...")
+        if SEARCH_SPACE[key][2] == "int" and any(float(v) != int(v) for v in values):
+            raise ValueError(f"--grid: {key!r} takes integers; got {list(values)}")
+    keys = list(grid)
+    points = itertools.product(*(grid[k] for k in keys))
+    cast = {k: (int if SEARCH_SPACE[k][2] == "int" else float) for k in keys}
+    return [base] + [{**base, **{k: cast[k](v) for k, v in zip(keys, point)}} for point in points]
+
+
+def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequence[dict[str, Any]], *,
+         max_epochs: Optional[int] = None, n_seeds: int = 1,
          on_trial: Optional[Callable[[int, dict[str, Any], float], None]] = None,
          propensity_cache: Optional[PropensityCache] = None) -> tuple[dict[str, Any], float]:
-    """Best ``(params, validation AUC)`` over ``trials`` trials (trial 0: ``base``).
+    """Best ``(params, validation AUC)`` over ``candidates`` (trial ``t`` is ``candidates[t]``).
 
     Trials that share propensity settings share their fits through ``propensity_cache``.
     """
-    if trials < 1:
-        raise ValueError(f"--trials must be a positive integer; got {trials}")
-    if propensity and not method.uses_propensity:
-        raise ValueError(f"--propensity: method {method.name!r} uses no propensity model")
-    rng = np.random.default_rng(seed)
+    if not candidates:
+        raise ValueError("no candidates to tune over")
     best, best_auc = None, -math.inf
-    for trial in range(trials):
-        params = base if trial == 0 else sample_params(method, base, rng, propensity)
+    for trial, params in enumerate(candidates):
         try:
             score = float(np.mean([
                 run_one(data, cfg, method, params, s, max_epochs=max_epochs, split="val",

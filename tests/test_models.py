@@ -6,6 +6,7 @@ import torch
 
 from estimators import MF, PropensityModel, fit_propensity
 from estimators import _fused
+from estimators.early_stopping import EarlyStopping
 from estimators.models import _HAS_STEP
 from estimators.permutation import randperm
 
@@ -51,6 +52,16 @@ def test_fit_propensity_recovers_additive_click_rates(loss):
     fitted = torch.logit(model.propensities(gamma=1e-6)).reshape(-1)
     corr = torch.corrcoef(torch.stack([fitted, true_logit.reshape(-1)]))[0, 1]
     assert corr > 0.8
+
+
+def test_early_stopping_counts_stalls_without_reset():
+    # The published rule: the count of epochs whose loss fell by less than tol (relative) is
+    # never reset by a later improvement; stop at the patience-th.
+    stop = EarlyStopping(tol=0.1, patience=2)
+    decisions = [stop.should_stop(loss) for loss in (10.0, 9.5, 5.0, 4.9, 1.0)]
+    assert decisions == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=0)
 
 
 def test_fit_propensity_validation():

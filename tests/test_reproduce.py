@@ -165,7 +165,7 @@ def test_imputed_error_key_reaches_the_dr_family_and_the_signature():
     """"imputed_error" (default "paper" when absent) applies to the DR-family imputation losses;
     absent and "paper" give one signature, "published" gives those methods new ones; "sampling"
     reaches the signatures of the methods that draw U, and only theirs."""
-    cfg = C.load_config("coat")
+    cfg = _without_entry_forms(C.load_config("coat"))
     absent = {k: v for k, v in cfg.items() if k != "imputed_error"}
     published = {**cfg, "imputed_error": "published"}
     for method in METHODS.values():
@@ -180,6 +180,34 @@ def test_imputed_error_key_reaches_the_dr_family_and_the_signature():
         assert (resampled != sigs[1]) == (method.imputation_loss is not None), method.name
     with pytest.raises(ValueError, match="'imputed_error' must be one of"):
         C.imputed_error({**cfg, "imputed_error": "swapped"}, METHODS["mf"])
+
+
+def _without_entry_forms(cfg: dict) -> dict:
+    """``cfg`` with the methods' own "imputed_error" overrides removed (the protocol key stays)."""
+    methods = {m: {k: v for k, v in e.items() if k != "imputed_error"} for m, e in cfg["methods"].items()}
+    return {**cfg, "methods": methods}
+
+
+def test_a_method_entry_overrides_the_imputed_error(tmp_path):
+    """A DR-family method's entry may set its own form (and its signature follows it); the entry
+    of a method without a DR-family imputation loss may not; the tuner keeps the override."""
+    cfg = _without_entry_forms(C.load_config("coat"))
+    cfg["imputed_error"] = "paper"
+    own = {**cfg, "methods": {**cfg["methods"], "badr_dr": {**cfg["methods"]["badr_dr"], "imputed_error": "published"}}}
+    assert C.imputed_error(own, METHODS["badr_dr"]) == "published"
+    assert C.imputed_error(own, METHODS["dr_jl"]) == "paper"
+    params = C.method_params(cfg, METHODS["badr_dr"])
+    assert C.run_signature(own, METHODS["badr_dr"], params, 100) != C.run_signature(cfg, METHODS["badr_dr"], params, 100)
+    for name, value, match in (("badr", "published", "only to the DR-family"), ("ips", "paper", "only to the DR-family"),
+                               ("dr_jl", "swapped", "method 'dr_jl'.*must be one of")):
+        bad = {**cfg, "methods": {**cfg["methods"], name: {**cfg["methods"][name], "imputed_error": value}}}
+        with pytest.raises(ValueError, match=match):
+            C.imputed_error(bad, METHODS[name])
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "coat.json").write_text(json.dumps(own))
+    C.save_method_params("coat", METHODS["badr_dr"], params, "tuned", config_dir=cfg_dir)
+    assert C.load_config("coat", cfg_dir)["methods"]["badr_dr"]["imputed_error"] == "published"
 
 
 def test_run_one_trains_with_the_configured_imputed_error(data_dir, monkeypatch):
@@ -253,6 +281,35 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
     assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
 
 
+def test_grid_candidates_are_the_product_after_the_config():
+    from reproduce.tune import grid_candidates, random_candidates
+
+    base = C.method_params(C.load_config("coat"), METHODS["dr_jl"])
+    grid = grid_candidates(METHODS["dr_jl"], base, {"G": [1.0, 2.0], "lr": [0.01, 0.02, 0.03]})
+    assert grid[0] == base and len(grid) == 7
+    assert {(c["G"], c["lr"]) for c in grid[1:]} == {(g, lr) for g in (1, 2) for lr in (0.01, 0.02, 0.03)}
+    assert all(type(c["G"]) is int and c["imp_lr"] == base["imp_lr"] for c in grid[1:])
+    for grid_spec, propensity, match in (({"G": [1.5]}, False, "integers"), ({"nope": [1.0]}, False, "no searchable"),
+                                         ({"prop_lr": [0.01]}, False, "need --propensity"), ({"lr": []}, False, "no values")):
+        with pytest.raises(ValueError, match=match):
+            grid_candidates(METHODS["dr_jl"], base, grid_spec, propensity)
+    ips = C.method_params(C.load_config("coat"), METHODS["ips"])
+    assert grid_candidates(METHODS["ips"], ips, {"prop_lr": [0.01]}, propensity=True)[1]["prop_lr"] == 0.01
+    with pytest.raises(ValueError, match="uses no propensity model"):
+        random_candidates(METHODS["mf"], C.method_params(C.load_config("coat"), METHODS["mf"]), 2, propensity=True)
+
+
+def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
+    cfg_dir = tmp_path / "configs"
+    shutil.copytree(C.CONFIG_DIR, cfg_dir)
+    assert main(["tune", "mf", "coat", "--grid", "lr=0.002,0.05", "--grid", "weight_decay=0.001", "--max-epochs", "1",
+                 "--threads", "1", "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
+    entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
+    assert entry["status"].startswith("tuned: grid of 2 points (lr in {0.002, 0.05} x weight_decay in {0.001};")
+    old = C.load_config("coat")["methods"]["mf"]
+    assert (entry["lr"], entry["weight_decay"]) in {(0.002, 0.001), (0.05, 0.001), (old["lr"], old["weight_decay"])}
+
+
 @pytest.mark.parametrize("method, propensity", [("ips", False), ("ips", True), ("badr_dr", False)])
 def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, method, propensity):
     cfg_dir = tmp_path / "configs"
@@ -262,7 +319,8 @@ def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, metho
                  "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)] + ["--propensity"] * propensity) == 0
     new = json.loads((cfg_dir / "coat.json").read_text())
     overrides = {k for k in PROPENSITY_KEYS if k in old["methods"][method]}
-    assert set(new["methods"][method]) == {"status", *METHODS[method].own_keys, *overrides}
+    form = {"imputed_error"} & set(old["methods"][method])  # a method's own form survives tuning
+    assert set(new["methods"][method]) == {"status", *METHODS[method].own_keys, *overrides, *form}
     assert {k: new["methods"][method][k] for k in overrides} == {k: old["methods"][method][k] for k in overrides}
     if propensity:
         assert new["propensity"]["status"].startswith("tuned: 3 random-search trials")
@@ -282,6 +340,8 @@ def test_tune_propensity_refused_for_an_override(data_dir, capsys):
     (["table3", "--datasets", "coat,movielens"], "unknown dataset"),
     (["table3", "--seeds", "0"], "positive integer"),
     (["tune", "badr", "coat"], "--trials"),
+    (["tune", "mf", "coat", "--trials", "2", "--grid", "lr=0.01"], "not allowed with"),
+    (["tune", "mf", "coat", "--grid", "lr=fast"], "KEY=V1,V2"),
 ])
 def test_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
