@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also search the propensity model's lr and weight decay and write them to the config's "
                          "shared 'propensity' block (used by every method that does not override it)")
     tu.add_argument("--dry-run", action="store_true", help="report the best values without writing the config")
+    tu.add_argument("--log", metavar="FILE",
+                    help="CSV of every validation run, written as each finishes; runs already there are reused, "
+                         "so an interrupted search resumes (default results/tune/DATASET-METHOD.csv)")
     tu.add_argument("--propensity-cache", default="results/propensity-cache", metavar="DIR",
                     help="where trials share their propensity fits (default results/propensity-cache)")
     tu.add_argument("--no-propensity-cache", action="store_true", help="fit the propensity model in every trial")
@@ -187,10 +190,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         candidates = random_candidates(method, base, args.trials, args.search_seed, args.propensity)
         search = f"{args.trials} random-search trials (seed {args.search_seed},"
+    log = Path(args.log or f"results/tune/{args.dataset}-{method.name}.csv")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    earlier = sum(r["dataset"] == args.dataset and r["method"] == method.name for r in read_results(log))
+    if earlier:
+        print(f"{log}: {earlier} earlier validation run(s) of {method.name} on {args.dataset}; "
+              "those with the same settings are reused", file=sys.stderr)
     best, best_auc = tune(data, cfg, method, candidates, max_epochs=args.max_epochs, n_seeds=args.tune_seeds,
-                          on_trial=on_trial,
+                          on_trial=on_trial, log=log,
                           propensity_cache=None if args.no_propensity_cache else PropensityCache(args.propensity_cache))
-    print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s)")
+    print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s; runs in {log})")
     if not args.dry_run:
         status = (f"tuned: {search} {args.tune_seeds} training seed(s) each) on the validation split, "
                   f"validation AUC {best_auc:.4f}")

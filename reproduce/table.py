@@ -18,6 +18,9 @@ from .methods import METHODS, TABLE3_ROWS
 COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "ndcg_strict", "recall_strict",
            "epochs", "propensity_epochs", "propensity_seconds", "propensity_cached", "max_epochs", "signature",
            "threads", "status")
+#: Columns of a tuning log (``python -m reproduce tune``): one validation run per row, ``params`` as JSON.
+TUNE_COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "max_epochs", "signature",
+                "threads", "status", "trial", "params")
 DATASET_LABELS = {"yahoo": "Yahoo! R3", "coat": "Coat", "kuairec": "KuaiRec"}
 
 #: BADR paper, Table 3: (mean, std) of AUC, NDCG@K, Recall@K on Yahoo! R3, Coat, KuaiRec.
@@ -51,7 +54,7 @@ for _row, _vals in _PAPER_TABLE3.items():
 
 # ----------------------------------------------------------------------------------------- results.csv
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of ``results.csv`` (numbers parsed); an absent file is an empty list."""
+    """Rows of ``results.csv`` or of a tuning log (numbers parsed); an absent file is an empty list."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -65,13 +68,13 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
         rows = []
         for row in reader:
             for key, value in row.items():
-                if key in ("dataset", "method", "signature", "status") or value in (None, ""):
+                if key in ("dataset", "method", "signature", "status", "params") or value in (None, ""):
                     continue
                 if key == "propensity_cached":
                     row[key] = value == "True"
                     continue
                 row[key] = int(value) if key in ("seed", "k", "epochs", "propensity_epochs", "max_epochs",
-                                                  "threads") else float(value)
+                                                  "threads", "trial") else float(value)
             rows.append(row)
     return rows
 
@@ -81,21 +84,22 @@ def run_key(row: dict[str, Any]) -> tuple:
     return (row["dataset"], row["method"], int(row["seed"]), row.get("signature", ""))
 
 
-def append_result(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Add ``row`` to ``results.csv`` atomically: the whole file is rewritten to a temporary file
-    in the same folder and renamed over the old one, so an interrupted job never leaves a torn row.
-    A file written by an older version (other columns) is migrated to :data:`COLUMNS` on the way."""
+def append_result(path: str | os.PathLike, row: dict[str, Any], columns: tuple[str, ...] = COLUMNS) -> None:
+    """Add ``row`` to ``results.csv`` (or a tuning log, ``columns=TUNE_COLUMNS``) atomically: the whole
+    file is rewritten to a temporary file in the same folder and renamed over the old one, so an
+    interrupted job never leaves a torn row.  A file written by an older version (other columns)
+    is migrated to ``columns`` on the way."""
     path = Path(path)
     old = path.read_text() if path.is_file() else ""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    if old and old.split("\n", 1)[0].split(",") == list(COLUMNS):
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    if old and old.split("\n", 1)[0].split(",") == list(columns):
         buf.write(old)
     else:
         writer.writeheader()
         for previous in csv.DictReader(io.StringIO(old)):
-            writer.writerow({c: previous.get(c) or "" for c in COLUMNS})
-    writer.writerow({c: _fmt(row.get(c, "")) for c in COLUMNS})
+            writer.writerow({c: previous.get(c) or "" for c in columns})
+    writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

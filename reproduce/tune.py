@@ -14,19 +14,27 @@ returns something worse on validation than what it started from):
 
 :func:`tune` trains one run per seed with the first ``n_seeds`` seeds of the config for each
 candidate and scores it by the mean validation AUC of the final models (a diverged run scores
-minus infinity).
+minus infinity).  With a ``log``, every run is appended to that CSV as soon as it finishes, and
+a run already there (same data set, method, seed and run signature) is read back instead of
+retrained, so an interrupted search resumes where it stopped and overlapping searches share runs.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from estimators.data import CVRData
 
+from .config import run_signature
 from .methods import SEARCH_SPACE, TUNED_PROPENSITY_KEYS, Method
+from .table import TUNE_COLUMNS, append_result, read_results, run_key
 from .train import PropensityCache, run_one
 
 
@@ -85,23 +93,32 @@ def grid_candidates(method: Method, base: dict[str, Any], grid: dict[str, Sequen
 def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequence[dict[str, Any]], *,
          max_epochs: Optional[int] = None, n_seeds: int = 1,
          on_trial: Optional[Callable[[int, dict[str, Any], float], None]] = None,
-         propensity_cache: Optional[PropensityCache] = None) -> tuple[dict[str, Any], float]:
+         propensity_cache: Optional[PropensityCache] = None,
+         log: Optional[str | os.PathLike] = None) -> tuple[dict[str, Any], float]:
     """Best ``(params, validation AUC)`` over ``candidates`` (trial ``t`` is ``candidates[t]``).
 
-    Trials that share propensity settings share their fits through ``propensity_cache``.
+    Trials that share propensity settings share their fits through ``propensity_cache``; runs
+    found in ``log`` (a CSV of :data:`reproduce.table.TUNE_COLUMNS`) are reused, new ones appended.
     """
     if not candidates:
         raise ValueError("no candidates to tune over")
+    max_epochs = cfg["max_epochs"] if max_epochs is None else max_epochs
+    done = {run_key(row): row for row in read_results(log)} if log is not None else {}
     best, best_auc = None, -math.inf
     for trial, params in enumerate(candidates):
-        try:
-            score = float(np.mean([
-                run_one(data, cfg, method, params, s, max_epochs=max_epochs, split="val",
-                        label=f"tune {data.name} {method.name} trial {trial} seed {s}",
-                        propensity_cache=propensity_cache)["auc"]
-                for s in cfg["seeds"][:n_seeds]]))
-        except FloatingPointError:
-            score = -math.inf  # diverged: a learning rate too large for this method
+        sig = run_signature(cfg, method, params, max_epochs)
+        aucs = []
+        for seed in cfg["seeds"][:n_seeds]:
+            row = done.get((data.name, method.name, seed, sig))
+            if row is None:
+                row = _validation_run(data, cfg, method, params, seed, max_epochs, trial, sig, propensity_cache)
+                if log is not None:
+                    append_result(log, row, TUNE_COLUMNS)
+            if row["status"] != "ok":
+                aucs.append(-math.inf)  # diverged: a learning rate too large for this method
+                break
+            aucs.append(row["auc"])
+        score = float(np.mean(aucs))
         if on_trial is not None:
             on_trial(trial, params, score)
         if score > best_auc:
@@ -109,3 +126,21 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
     if best is None:
         raise RuntimeError(f"every trial of {method.name} on {data.name} diverged")
     return best, best_auc
+
+
+def _validation_run(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str, Any], seed: int,
+                    max_epochs: int, trial: int, sig: str,
+                    propensity_cache: Optional[PropensityCache]) -> dict[str, Any]:
+    """One training run scored on the validation split, as a row of the tuning log."""
+    row = {"dataset": data.name, "method": method.name, "seed": seed, "max_epochs": max_epochs, "signature": sig,
+           "threads": torch.get_num_threads(), "trial": trial, "params": json.dumps(params, sort_keys=True)}
+    start = time.perf_counter()
+    try:
+        result = run_one(data, cfg, method, params, seed, max_epochs=max_epochs, split="val",
+                         label=f"tune {data.name} {method.name} trial {trial} seed {seed}",
+                         propensity_cache=propensity_cache)
+        return {**row, **result, "status": "ok"}
+    except FloatingPointError:
+        nan = float("nan")
+        return {**row, "auc": nan, "ndcg": nan, "recall": nan, "k": cfg["k"],
+                "seconds": time.perf_counter() - start, "status": "diverged"}

@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -270,13 +271,21 @@ def test_table3_end_to_end_and_resume(data_dir, tmp_path, capsys):
     assert len(_rows(out / "results.csv")) == 3
 
 
+def _scratch(tmp_path):
+    """A tune's log and propensity cache, kept out of the working directory."""
+    return ["--log", str(tmp_path / "tune.csv"), "--propensity-cache", str(tmp_path / "propensity-cache")]
+
+
 def test_tune_writes_config_from_validation(data_dir, tmp_path):
     cfg_dir = tmp_path / "configs"
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
     assert main(["tune", "mf", "coat", "--trials", "2", "--max-epochs", "1", "--threads", "1",
-                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
+                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]) == 0
     entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
     assert entry["status"].startswith("tuned: 2 random-search trials") and "validation AUC" in entry["status"]
+    rows = read_results(tmp_path / "tune.csv")
+    assert [(r["trial"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok")]
+    assert all(r["dataset"] == "coat" and r["method"] == "mf" and json.loads(r["params"]) for r in rows)
     low, high, _ = SEARCH_SPACE["lr"]
     assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
 
@@ -299,11 +308,42 @@ def test_grid_candidates_are_the_product_after_the_config():
         random_candidates(METHODS["mf"], C.method_params(C.load_config("coat"), METHODS["mf"]), 2, propensity=True)
 
 
+def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
+    from reproduce import tune as T
+
+    cfg, method = C.load_config("coat"), METHODS["ips"]
+    base = C.method_params(cfg, method)
+    candidates = T.grid_candidates(method, base, {"lr": [0.01, 0.05]})
+    calls = []
+
+    def fake_run(data, cfg, method, params, seed, **kw):
+        assert kw["split"] == "val"
+        calls.append((params["lr"], seed))
+        if params["lr"] == 0.05:
+            raise FloatingPointError("diverged")
+        return {"auc": 0.5 + params["lr"] + (seed - 2024) * 1e-3, "ndcg": 0.1, "recall": 0.2, "k": 5, "seconds": 1.0}
+
+    monkeypatch.setattr(T, "run_one", fake_run)
+    data, log = types.SimpleNamespace(name="coat"), tmp_path / "tune.csv"
+    best, score = T.tune(data, cfg, method, candidates, n_seeds=2, log=log)
+    assert best == candidates[1] and score == pytest.approx(0.5105)
+    # the diverged candidate stops at its first seed and is logged as such
+    assert calls == [(base["lr"], 2024), (base["lr"], 2025), (0.01, 2024), (0.01, 2025), (0.05, 2024)]
+    assert [r["status"] for r in read_results(log)] == ["ok"] * 4 + ["diverged"]
+
+    calls.clear()  # a rerun trains nothing; a third seed trains only that seed
+    assert T.tune(data, cfg, method, candidates, n_seeds=2, log=log) == (best, pytest.approx(score))
+    assert calls == []
+    T.tune(data, cfg, method, candidates, n_seeds=3, log=log)
+    assert calls == [(base["lr"], 2026), (0.01, 2026)]
+    assert len(read_results(log)) == 7
+
+
 def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
     cfg_dir = tmp_path / "configs"
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
     assert main(["tune", "mf", "coat", "--grid", "lr=0.002,0.05", "--grid", "weight_decay=0.001", "--max-epochs", "1",
-                 "--threads", "1", "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)]) == 0
+                 "--threads", "1", "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]) == 0
     entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
     assert entry["status"].startswith("tuned: grid of 2 points (lr in {0.002, 0.05} x weight_decay in {0.001};")
     old = C.load_config("coat")["methods"]["mf"]
@@ -316,7 +356,8 @@ def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, metho
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
     old = C.load_config("coat")
     assert main(["tune", method, "coat", "--trials", "3", "--max-epochs", "1", "--threads", "1",
-                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir)] + ["--propensity"] * propensity) == 0
+                 "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]
+                + ["--propensity"] * propensity) == 0
     new = json.loads((cfg_dir / "coat.json").read_text())
     overrides = {k for k in PROPENSITY_KEYS if k in old["methods"][method]}
     form = {"imputed_error"} & set(old["methods"][method])  # a method's own form survives tuning
