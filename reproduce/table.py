@@ -64,7 +64,7 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
                    if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path} is not a results file of this tool (no column {', '.join(missing)}); "
-                             "pass another --out folder")
+                             "pass another --out folder (table3) or --log file (tune)")
         rows = []
         for row in reader:
             for key, value in row.items():
