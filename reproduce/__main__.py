@@ -5,16 +5,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
-
-import torch
+from typing import Any, Optional, Sequence
 
 from estimators.data import load_dataset, resolve_data_dir
 
 from . import config as C
 from .methods import METHODS, PROPENSITY_KEYS, get_method, parse_methods
+from .runs import Run, train_all
 from .table import append_result, read_results, render_table, run_key, write_table
-from .train import PropensityCache, run_one, setup_runtime
+from .train import PropensityCache, setup_runtime
 
 
 def _positive(text: str) -> int:
@@ -81,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train nothing: render table3.md from the finished runs in results.csv")
     t3.add_argument("--strict-ndcg", action="store_true",
                     help="exclude users without a positive test item from NDCG/Recall (published: NDCG = 1)")
+    t3.add_argument("--jobs", type=_positive, default=1,
+                    help="runs trained at once, in worker processes (default 1); each worker uses --threads "
+                         "threads (default: the cores divided by the jobs); the results do not depend on it")
     t3.add_argument("--no-propensity-cache", action="store_true",
                     help="fit every run's propensity model (default: share fits through OUT/propensity-cache; "
                          "the runs are the same either way)")
@@ -117,15 +119,15 @@ def cmd_table3(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "results.csv", out / "table3.md"
     done = {run_key(r) for r in read_results(csv_path)}
-    threads = torch.get_num_threads()
-    cache = None if args.no_propensity_cache else PropensityCache(out / "propensity-cache")
+    cache_root = None if args.no_propensity_cache else out / "propensity-cache"
     keys: set = set()
+    plan: list[Run] = []  # the runs still to do
     for ds in args.datasets:
         cfg = C.load_config(ds, args.config_dir)
         max_epochs = args.max_epochs or cfg["max_epochs"]
         seeds = cfg["seeds"][:args.seeds] if args.seeds <= len(cfg["seeds"]) else \
             list(range(cfg["seeds"][0], cfg["seeds"][0] + args.seeds))
-        plan = []
+        todo = []
         for method in args.methods:
             params = C.method_params(cfg, method)
             sig = C.run_signature(cfg, method, params, max_epochs)
@@ -133,28 +135,18 @@ def cmd_table3(args: argparse.Namespace) -> int:
                 key = (ds, method.name, seed, sig)
                 keys.add(key)
                 if key not in done:
-                    plan.append((method, params, seed, sig))
-        skipped = len(args.methods) * len(seeds) - len(plan)
+                    todo.append(Run(ds, cfg, method, params, seed, sig, max_epochs))
+        skipped = len(args.methods) * len(seeds) - len(todo)
         if skipped:
             print(f"{ds}: {skipped} finished run(s) found in {csv_path}, skipped", file=sys.stderr)
-        if not plan or args.table_only:
-            continue
-        data = load_dataset(ds, data_dir, threshold=cfg["split"]["threshold"],
-                            val_fraction=cfg["split"]["val_pct"] / 100)
-        for method, params, seed, sig in plan:
-            start = time.perf_counter()
-            try:
-                result = {**run_one(data, cfg, method, params, seed, max_epochs=max_epochs, propensity_cache=cache),
-                          "status": "ok"}
-            except FloatingPointError as exc:  # recorded, so that a resumed job does not retry it
-                print(f"{ds} {method.name} seed {seed}: {exc}", file=sys.stderr)
-                nan = float("nan")
-                result = {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan,
-                          "k": cfg["k"], "seconds": time.perf_counter() - start, "status": "diverged"}
-            append_result(csv_path, {"dataset": ds, "method": method.name, "seed": seed, **result,
-                                     "max_epochs": max_epochs, "signature": sig, "threads": threads})
-            write_table(md_path, render_table(read_results(csv_path), args.datasets, strict=args.strict_ndcg,
-                                              keys=keys))
+        if not args.table_only:
+            plan += todo
+
+    def record(row: dict[str, Any]) -> None:
+        append_result(csv_path, row)
+        write_table(md_path, render_table(read_results(csv_path), args.datasets, strict=args.strict_ndcg, keys=keys))
+
+    train_all(plan, data_dir, cache_root, record, args.jobs, args.threads)
     text = render_table(read_results(csv_path), args.datasets, strict=args.strict_ndcg, keys=keys)
     write_table(md_path, text)
     print(text)

@@ -271,6 +271,21 @@ def test_table3_end_to_end_and_resume(data_dir, tmp_path, capsys):
     assert len(_rows(out / "results.csv")) == 3
 
 
+def test_table3_jobs_give_the_rows_of_one_process(data_dir, tmp_path, capsys):
+    """--jobs trains in spawned workers; every run seeds itself, so the rows are those of one process."""
+    argv = ["table3", "--datasets", "coat", "--methods", "mf,ips", "--seeds", "2", "--max-epochs", "2",
+            "--threads", "1", "--data-dir", str(data_dir)]
+    rows = {}
+    for jobs in (1, 2):
+        assert main(argv + ["--jobs", str(jobs), "--out", str(tmp_path / f"jobs{jobs}")]) == 0
+        rows[jobs] = {(r["method"], r["seed"]): r for r in _rows(tmp_path / f"jobs{jobs}" / "results.csv")}
+    assert "[4/4] coat" in capsys.readouterr().err  # a line per finished run from the pool
+    assert set(rows[1]) == set(rows[2]) == {(m, s) for m in ("mf", "ips") for s in ("2024", "2025")}
+    for key, row in rows[1].items():
+        for column in ("auc", "ndcg", "recall", "signature", "threads", "status"):
+            assert rows[2][key][column] == row[column], (key, column)
+
+
 def _scratch(tmp_path):
     """A tune's log and propensity cache, kept out of the working directory."""
     return ["--log", str(tmp_path / "tune.csv"), "--propensity-cache", str(tmp_path / "propensity-cache")]
@@ -380,6 +395,7 @@ def test_tune_propensity_refused_for_an_override(data_dir, capsys):
     (["table3", "--methods", "mf,nope"], "unknown method"),
     (["table3", "--datasets", "coat,movielens"], "unknown dataset"),
     (["table3", "--seeds", "0"], "positive integer"),
+    (["table3", "--jobs", "0"], "positive integer"),
     (["tune", "badr", "coat"], "--trials"),
     (["tune", "mf", "coat", "--trials", "2", "--grid", "lr=0.01"], "not allowed with"),
     (["tune", "mf", "coat", "--grid", "lr=fast"], "KEY=V1,V2"),
@@ -399,12 +415,12 @@ def test_missing_data_dir(tmp_path, monkeypatch, capsys):
 
 
 def test_diverged_run_is_recorded_not_fatal(data_dir, tmp_path, monkeypatch):
-    import reproduce.__main__ as cli
+    import reproduce.runs
 
     def diverge(*args, **kwargs):
         raise FloatingPointError("training loss is nan at epoch 3; lower the learning rates")
 
-    monkeypatch.setattr(cli, "run_one", diverge)
+    monkeypatch.setattr(reproduce.runs, "run_one", diverge)
     out = tmp_path / "run"
     assert main(["table3", "--datasets", "coat", "--methods", "dr_jl", "--seeds", "1", "--max-epochs", "1",
                  "--data-dir", str(data_dir), "--out", str(out)]) == 0

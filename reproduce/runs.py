@@ -1,0 +1,97 @@
+"""The runs of ``table3``: each trained to its results.csv row, in this process or in ``--jobs``
+worker processes.
+
+Each run seeds itself (:func:`reproduce.train.run_one`), so its row does not depend on the
+process that trains it or on the order of the runs.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+
+from estimators.data import CVRData, load_dataset
+
+from .methods import Method
+from .train import PropensityCache, run_one, setup_runtime
+
+
+class Run(NamedTuple):
+    """One run still to do: a method with its hyperparameters, on a data set, with a seed."""
+
+    dataset: str
+    cfg: dict[str, Any]
+    method: Method
+    params: dict[str, Any]
+    seed: int
+    signature: str
+    max_epochs: int
+
+
+def load(run: Run, data_dir: Path) -> CVRData:
+    """The data set ``run`` trains on, split as its config says."""
+    split = run.cfg["split"]
+    return load_dataset(run.dataset, data_dir, threshold=split["threshold"], val_fraction=split["val_pct"] / 100)
+
+
+def train_row(data: CVRData, run: Run, cache: Optional[PropensityCache], show_progress: bool = True) -> dict[str, Any]:
+    """``run`` trained and evaluated on the test split, as its results.csv row; a diverged run is
+    recorded (so that a resumed job does not retry it), not raised."""
+    start = time.perf_counter()
+    try:
+        result = {**run_one(data, run.cfg, run.method, run.params, run.seed, max_epochs=run.max_epochs,
+                            propensity_cache=cache, show_progress=show_progress), "status": "ok"}
+    except FloatingPointError as exc:
+        print(f"{run.dataset} {run.method.name} seed {run.seed}: {exc}", file=sys.stderr)
+        nan = float("nan")
+        result = {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan,
+                  "k": run.cfg["k"], "seconds": time.perf_counter() - start, "status": "diverged"}
+    return {"dataset": run.dataset, "method": run.method.name, "seed": run.seed, **result,
+            "max_epochs": run.max_epochs, "signature": run.signature, "threads": torch.get_num_threads()}
+
+
+def train_all(runs: list[Run], data_dir: Path, cache_root: Optional[Path], record: Callable[[dict[str, Any]], None],
+              jobs: int = 1, threads: Optional[int] = None) -> None:
+    """Train ``runs`` and pass each row to ``record`` as soon as its run finishes.
+
+    ``jobs == 1``: in this process, in order, with a progress bar per run and one data set in
+    memory at a time.  ``jobs > 1``: in that many spawned worker processes (no forked torch thread
+    pools), each with ``threads`` threads (default: the cores shared out), a line per finished
+    run; runs that would fit the same propensity model share it through the cache as in one process.
+    """
+    if jobs == 1 or len(runs) < 2:
+        cache = None if cache_root is None else PropensityCache(cache_root)
+        data: dict[str, CVRData] = {}
+        for run in runs:
+            if run.dataset not in data:
+                data = {run.dataset: load(run, data_dir)}
+            record(train_row(data[run.dataset], run, cache))
+        return
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=setup_runtime, initargs=(threads,))
+    try:
+        futures = [pool.submit(_worker_row, run, data_dir, cache_root) for run in runs]
+        for n, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            record(row)
+            print(f"[{n}/{len(runs)}] {row['dataset']} {row['method']} seed {row['seed']}: {row['status']}, "
+                  f"AUC {row['auc']:.4f}, {row['seconds']:.1f}s", file=sys.stderr)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+_WORKER_DATA: dict[str, CVRData] = {}  # a worker process's data sets, loaded once each
+
+
+def _worker_row(run: Run, data_dir: Path, cache_root: Optional[Path]) -> dict[str, Any]:
+    if run.dataset not in _WORKER_DATA:
+        _WORKER_DATA[run.dataset] = load(run, data_dir)
+    cache = None if cache_root is None else PropensityCache(cache_root)
+    return train_row(_WORKER_DATA[run.dataset], run, cache, show_progress=False)
