@@ -60,10 +60,11 @@ def train_all(runs: list[Run], data_dir: Path, cache_root: Optional[Path], recor
               jobs: int = 1, threads: Optional[int] = None) -> None:
     """Train ``runs`` and pass each row to ``record`` as soon as its run finishes.
 
-    ``jobs == 1``: in this process, in order, with a progress bar per run and one data set in
-    memory at a time.  ``jobs > 1``: in that many spawned worker processes (no forked torch thread
-    pools), each with ``threads`` threads (default: the cores shared out), a line per finished
-    run; runs that would fit the same propensity model share it through the cache as in one process.
+    ``jobs == 1`` (or a single run): in this process, with its thread count, in order, with a
+    progress bar per run and one data set in memory at a time.  ``jobs > 1``: in that many spawned
+    worker processes (no forked torch thread pools), each with ``threads`` threads (default: the
+    cores shared out), a line per finished run; runs that would fit the same propensity model share
+    it through the cache as in one process.
     """
     if jobs == 1 or len(runs) < 2:
         cache = None if cache_root is None else PropensityCache(cache_root)
