@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--propensity-cache", default="results/propensity-cache", metavar="DIR",
                     help="where trials share their propensity fits (default results/propensity-cache)")
     tu.add_argument("--no-propensity-cache", action="store_true", help="fit the propensity model in every trial")
+    tu.add_argument("--jobs", type=_positive, default=1,
+                    help="validation runs trained at once, in worker processes (default 1); each worker uses "
+                         "--threads threads (default: the cores divided by the jobs); the choice does not depend on it")
     common(tu)
     return parser
 
@@ -189,7 +192,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"{log}: {earlier} earlier validation run(s) of {method.name} on {args.dataset}; "
               "those with the same settings are reused", file=sys.stderr)
     best, best_auc = tune(data, cfg, method, candidates, max_epochs=args.max_epochs, n_seeds=args.tune_seeds,
-                          on_trial=on_trial, log=log,
+                          on_trial=on_trial, log=log, jobs=args.jobs, threads=args.threads,
                           propensity_cache=None if args.no_propensity_cache else PropensityCache(args.propensity_cache))
     print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s; runs in {log})")
     if not args.dry_run:

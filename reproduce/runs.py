@@ -1,5 +1,5 @@
-"""The runs of ``table3``: each trained to its results.csv row, in this process or in ``--jobs``
-worker processes.
+"""The runs of ``table3`` (each trained to its results.csv row) and the worker processes of
+``--jobs`` (:func:`in_workers`, shared with ``tune``).
 
 Each run seeds itself (:func:`reproduce.train.run_one`), so its row does not depend on the
 process that trains it or on the order of the runs.
@@ -12,7 +12,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -61,10 +61,9 @@ def train_all(runs: list[Run], data_dir: Path, cache_root: Optional[Path], recor
     """Train ``runs`` and pass each row to ``record`` as soon as its run finishes.
 
     ``jobs == 1`` (or a single run): in this process, with its thread count, in order, with a
-    progress bar per run and one data set in memory at a time.  ``jobs > 1``: in that many spawned
-    worker processes (no forked torch thread pools), each with ``threads`` threads (default: the
-    cores shared out), a line per finished run; runs that would fit the same propensity model share
-    it through the cache as in one process.
+    progress bar per run and one data set in memory at a time.  ``jobs > 1``: in that many worker
+    processes (:func:`in_workers`), a line per finished run; runs that would fit the same
+    propensity model share it through the cache as in one process.
     """
     if jobs == 1 or len(runs) < 2:
         cache = None if cache_root is None else PropensityCache(cache_root)
@@ -74,24 +73,46 @@ def train_all(runs: list[Run], data_dir: Path, cache_root: Optional[Path], recor
                 data = {run.dataset: load(run, data_dir)}
             record(train_row(data[run.dataset], run, cache))
         return
+    tasks = [(run,) for run in runs]
+    for n, row in enumerate(in_workers(_worker_row, tasks, jobs, threads, shared=(data_dir, cache_root)), 1):
+        record(row)
+        print(f"[{n}/{len(runs)}] {row['dataset']} {row['method']} seed {row['seed']}: {row['status']}, "
+              f"AUC {row['auc']:.4f}, {row['seconds']:.1f}s", file=sys.stderr)
+
+
+def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: Optional[int] = None,
+               shared: tuple = ()) -> Iterator[Any]:
+    """``fn(*shared, *task)`` for every task in ``jobs`` worker processes, yielded as each finishes.
+
+    Workers start by spawning (no forked torch thread pools), with ``threads`` threads each
+    (default: the cores shared out); ``shared`` (the data, say) is sent once per worker, not per
+    task.  ``fn`` must be a module-level function (it is pickled by name).
+    """
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=setup_runtime, initargs=(threads,))
+                               initializer=_start_worker, initargs=(threads, shared))
     try:
-        futures = [pool.submit(_worker_row, run, data_dir, cache_root) for run in runs]
-        for n, future in enumerate(as_completed(futures), 1):
-            row = future.result()
-            record(row)
-            print(f"[{n}/{len(runs)}] {row['dataset']} {row['method']} seed {row['seed']}: {row['status']}, "
-                  f"AUC {row['auc']:.4f}, {row['seconds']:.1f}s", file=sys.stderr)
+        for future in as_completed([pool.submit(_call, fn, task) for task in tasks]):
+            yield future.result()
     finally:
         pool.shutdown(cancel_futures=True)
 
 
-_WORKER_DATA: dict[str, CVRData] = {}  # a worker process's data sets, loaded once each
+_SHARED: tuple = ()  # a worker's `shared` arguments
+_WORKER_DATA: dict[str, CVRData] = {}  # a table3 worker's data sets, loaded once each
 
 
-def _worker_row(run: Run, data_dir: Path, cache_root: Optional[Path]) -> dict[str, Any]:
+def _start_worker(threads: int, shared: tuple) -> None:
+    global _SHARED
+    setup_runtime(threads)
+    _SHARED = shared
+
+
+def _call(fn: Callable[..., Any], task: tuple) -> Any:
+    return fn(*_SHARED, *task)
+
+
+def _worker_row(data_dir: Path, cache_root: Optional[Path], run: Run) -> dict[str, Any]:
     if run.dataset not in _WORKER_DATA:
         _WORKER_DATA[run.dataset] = load(run, data_dir)
     cache = None if cache_root is None else PropensityCache(cache_root)

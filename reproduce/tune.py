@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -34,6 +35,7 @@ from estimators.data import CVRData
 
 from .config import run_signature
 from .methods import SEARCH_SPACE, TUNED_PROPENSITY_KEYS, Method
+from .runs import in_workers
 from .table import TUNE_COLUMNS, append_result, read_results, run_key
 from .train import PropensityCache, run_one
 
@@ -94,16 +96,41 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
          max_epochs: Optional[int] = None, n_seeds: int = 1,
          on_trial: Optional[Callable[[int, dict[str, Any], float], None]] = None,
          propensity_cache: Optional[PropensityCache] = None,
-         log: Optional[str | os.PathLike] = None) -> tuple[dict[str, Any], float]:
+         log: Optional[str | os.PathLike] = None, jobs: int = 1,
+         threads: Optional[int] = None) -> tuple[dict[str, Any], float]:
     """Best ``(params, validation AUC)`` over ``candidates`` (trial ``t`` is ``candidates[t]``).
 
     Trials that share propensity settings share their fits through ``propensity_cache``; runs
     found in ``log`` (a CSV of :data:`reproduce.table.TUNE_COLUMNS`) are reused, new ones appended.
+    With ``jobs > 1`` every missing run is first trained in that many worker processes
+    (:func:`reproduce.runs.in_workers`, ``threads`` each), each logged as it finishes; the trials
+    are then scored as in one process (every run seeds itself), except that all seeds of a trial
+    are trained even after one diverged.
     """
     if not candidates:
         raise ValueError("no candidates to tune over")
     max_epochs = cfg["max_epochs"] if max_epochs is None else max_epochs
     done = {run_key(row): row for row in read_results(log)} if log is not None else {}
+
+    def record(row: dict[str, Any]) -> None:
+        done[run_key(row)] = row
+        if log is not None:
+            append_result(log, row, TUNE_COLUMNS)
+
+    if jobs > 1:
+        todo, seen = [], set()
+        for trial, params in enumerate(candidates):
+            sig = run_signature(cfg, method, params, max_epochs)
+            for seed in cfg["seeds"][:n_seeds]:
+                key = (data.name, method.name, seed, sig)
+                if key not in done and key not in seen:
+                    seen.add(key)
+                    todo.append((params, seed, trial, sig, False))
+        shared = (data, cfg, method, max_epochs, propensity_cache)
+        for n, row in enumerate(in_workers(_validation_run, todo, jobs, threads, shared), 1):
+            record(row)
+            print(f"[{n}/{len(todo)}] {data.name} {method.name} trial {row['trial']} seed {row['seed']}: "
+                  f"{row['status']}, validation AUC {row['auc']:.4f}", file=sys.stderr)
     best, best_auc = None, -math.inf
     for trial, params in enumerate(candidates):
         sig = run_signature(cfg, method, params, max_epochs)
@@ -111,9 +138,8 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
         for seed in cfg["seeds"][:n_seeds]:
             row = done.get((data.name, method.name, seed, sig))
             if row is None:
-                row = _validation_run(data, cfg, method, params, seed, max_epochs, trial, sig, propensity_cache)
-                if log is not None:
-                    append_result(log, row, TUNE_COLUMNS)
+                row = _validation_run(data, cfg, method, max_epochs, propensity_cache, params, seed, trial, sig)
+                record(row)
             if row["status"] != "ok":
                 aucs.append(-math.inf)  # diverged: a learning rate too large for this method
                 break
@@ -128,17 +154,18 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
     return best, best_auc
 
 
-def _validation_run(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str, Any], seed: int,
-                    max_epochs: int, trial: int, sig: str,
-                    propensity_cache: Optional[PropensityCache]) -> dict[str, Any]:
-    """One training run scored on the validation split, as a row of the tuning log."""
+def _validation_run(data: CVRData, cfg: dict[str, Any], method: Method, max_epochs: int,
+                    propensity_cache: Optional[PropensityCache], params: dict[str, Any], seed: int, trial: int,
+                    sig: str, show_progress: bool = True) -> dict[str, Any]:
+    """One training run scored on the validation split, as a row of the tuning log (the arguments
+    shared by a search's runs first, for :func:`reproduce.runs.in_workers`)."""
     row = {"dataset": data.name, "method": method.name, "seed": seed, "max_epochs": max_epochs, "signature": sig,
            "threads": torch.get_num_threads(), "trial": trial, "params": json.dumps(params, sort_keys=True)}
     start = time.perf_counter()
     try:
         result = run_one(data, cfg, method, params, seed, max_epochs=max_epochs, split="val",
                          label=f"tune {data.name} {method.name} trial {trial} seed {seed}",
-                         propensity_cache=propensity_cache)
+                         show_progress=show_progress, propensity_cache=propensity_cache)
         return {**row, **result, "status": "ok"}
     except FloatingPointError:
         nan = float("nan")

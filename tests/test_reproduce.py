@@ -354,6 +354,22 @@ def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
     assert len(read_results(log)) == 7
 
 
+def test_tune_jobs_log_the_runs_of_one_process(data_dir, tmp_path, capsys):
+    """tune --jobs trains the trials' runs in spawned workers first; the log and the choice are those of one process."""
+    argv = ["tune", "ips", "coat", "--trials", "2", "--tune-seeds", "2", "--max-epochs", "2", "--threads", "1",
+            "--dry-run", "--data-dir", str(data_dir), "--propensity-cache", str(tmp_path / "propensity-cache")]
+    logged, best = {}, {}
+    for jobs in (1, 2):
+        capsys.readouterr()
+        assert main(argv + ["--jobs", str(jobs), "--log", str(tmp_path / f"jobs{jobs}.csv")]) == 0
+        out, err = capsys.readouterr()
+        best[jobs] = out
+        logged[jobs] = sorted((r["trial"], r["seed"], r["auc"], r["signature"]) for r in read_results(tmp_path / f"jobs{jobs}.csv"))
+    assert "[4/4] coat ips trial" in err  # a line per finished run from the pool
+    assert len(logged[1]) == 4 and logged[1] == logged[2]
+    assert best[1].split("(")[0] == best[2].split("(")[0]  # same best values and AUC; the seconds differ
+
+
 def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
     cfg_dir = tmp_path / "configs"
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
@@ -396,6 +412,7 @@ def test_tune_propensity_refused_for_an_override(data_dir, capsys):
     (["table3", "--datasets", "coat,movielens"], "unknown dataset"),
     (["table3", "--seeds", "0"], "positive integer"),
     (["table3", "--jobs", "0"], "positive integer"),
+    (["tune", "mf", "coat", "--trials", "2", "--jobs", "0"], "positive integer"),
     (["tune", "badr", "coat"], "--trials"),
     (["tune", "mf", "coat", "--trials", "2", "--grid", "lr=0.01"], "not allowed with"),
     (["tune", "mf", "coat", "--grid", "lr=fast"], "KEY=V1,V2"),
