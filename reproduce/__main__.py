@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from estimators.data import load_dataset, resolve_data_dir
+from estimators.data import resolve_data_dir
 
 from . import config as C
 from .methods import METHODS, PROPENSITY_KEYS, get_method, parse_methods
@@ -168,8 +168,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.propensity and overrides:
         raise ValueError(f"--propensity: method {method.name!r} overrides the shared propensity block on "
                          f"{args.dataset!r} ({', '.join(overrides)}); tune the block with a method that uses it")
-    data = load_dataset(args.dataset, data_dir, threshold=cfg["split"]["threshold"],
-                        val_fraction=cfg["split"]["val_pct"] / 100)
+    data = C.load_data(args.dataset, cfg, data_dir)
     start = time.perf_counter()
 
     def on_trial(trial, params, score):

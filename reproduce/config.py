@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from estimators.data import CVRData, load_dataset
 from estimators.training_loss import IMPUTATION_LOSSES_DR, IMPUTED_ERRORS
 
 from .methods import PROPENSITY_KEYS, Method
@@ -47,6 +48,12 @@ def load_config(dataset: str, config_dir: str | os.PathLike | None = None) -> di
     if missing:
         raise ValueError(f"{path} lacks the keys {', '.join(missing)}")
     return cfg
+
+
+def load_data(dataset: str, cfg: dict[str, Any], data_dir: str | os.PathLike | None) -> CVRData:
+    """``dataset`` from ``data_dir``, split as its config says (threshold, validation share)."""
+    split = cfg["split"]
+    return load_dataset(dataset, data_dir, threshold=split["threshold"], val_fraction=split["val_pct"] / 100)
 
 
 def method_params(cfg: dict[str, Any], method: Method) -> dict[str, Any]:

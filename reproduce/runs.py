@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from estimators.data import CVRData, load_dataset
+from estimators.data import CVRData
 
+from .config import load_data
 from .methods import Method
 from .train import PropensityCache, run_one, setup_runtime
 
@@ -32,12 +33,6 @@ class Run(NamedTuple):
     seed: int
     signature: str
     max_epochs: int
-
-
-def load(run: Run, data_dir: Path) -> CVRData:
-    """The data set ``run`` trains on, split as its config says."""
-    split = run.cfg["split"]
-    return load_dataset(run.dataset, data_dir, threshold=split["threshold"], val_fraction=split["val_pct"] / 100)
 
 
 def train_row(data: CVRData, run: Run, cache: Optional[PropensityCache], show_progress: bool = True) -> dict[str, Any]:
@@ -65,12 +60,14 @@ def train_all(runs: list[Run], data_dir: Path, cache_root: Optional[Path], recor
     processes (:func:`in_workers`), a line per finished run; runs that would fit the same
     propensity model share it through the cache as in one process.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive integer; got {jobs}")
     if jobs == 1 or len(runs) < 2:
         cache = None if cache_root is None else PropensityCache(cache_root)
         data: dict[str, CVRData] = {}
         for run in runs:
             if run.dataset not in data:
-                data = {run.dataset: load(run, data_dir)}
+                data = {run.dataset: load_data(run.dataset, run.cfg, data_dir)}
             record(train_row(data[run.dataset], run, cache))
         return
     tasks = [(run,) for run in runs]
@@ -88,6 +85,10 @@ def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: O
     (default: the cores shared out); ``shared`` (the data, say) is sent once per worker, not per
     task.  ``fn`` must be a module-level function (it is pickled by name).
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive integer; got {jobs}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive integer or None (the cores shared out); got {threads}")
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker, initargs=(threads, shared))
@@ -114,6 +115,6 @@ def _call(fn: Callable[..., Any], task: tuple) -> Any:
 
 def _worker_row(data_dir: Path, cache_root: Optional[Path], run: Run) -> dict[str, Any]:
     if run.dataset not in _WORKER_DATA:
-        _WORKER_DATA[run.dataset] = load(run, data_dir)
+        _WORKER_DATA[run.dataset] = load_data(run.dataset, run.cfg, data_dir)
     cache = None if cache_root is None else PropensityCache(cache_root)
     return train_row(_WORKER_DATA[run.dataset], run, cache, show_progress=False)

@@ -109,6 +109,8 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
     """
     if not candidates:
         raise ValueError("no candidates to tune over")
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive integer; got {jobs}")
     max_epochs = cfg["max_epochs"] if max_epochs is None else max_epochs
     done = {run_key(row): row for row in read_results(log)} if log is not None else {}
 

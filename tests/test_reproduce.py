@@ -370,6 +370,20 @@ def test_tune_jobs_log_the_runs_of_one_process(data_dir, tmp_path, capsys):
     assert best[1].split("(")[0] == best[2].split("(")[0]  # same best values and AUC; the seconds differ
 
 
+def test_jobs_and_threads_rejected_by_the_python_api(tmp_path):
+    from reproduce import runs, tune as T
+
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        next(runs.in_workers(abs, [(-1,)], jobs=0))
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        next(runs.in_workers(abs, [(-1,)], jobs=2, threads=0))
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        runs.train_all([], tmp_path, None, print, jobs=0)
+    cfg, method = C.load_config("coat"), METHODS["mf"]
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        T.tune(types.SimpleNamespace(name="coat"), cfg, method, [C.method_params(cfg, method)], jobs=0)
+
+
 def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
     cfg_dir = tmp_path / "configs"
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
