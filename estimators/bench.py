@@ -5,7 +5,9 @@
 For every operator (the prediction loss of each estimator, ``prediction/<estimator>``, and
 each imputation loss, ``imputation/<kind>``) and every batch size B in {128, 4096, 65536,
 1048576} with G in {5, 8} (|U| = G B), it times, in the same run, on random logits, labels and
-propensities in [0.05, 1], as the median of repeats after warm-up:
+propensities in [0.05, 1], the time of one call within a stream of back-to-back calls (the
+median over blocks of calls after warm-up, synchronised with the device only at the ends of a
+block, as a training loop runs its losses):
 
 - ``fused_us``: the fused operator ``cvr::*_loss_and_grads``, which returns the loss and its
   gradients (loss + backward) from one call;
@@ -47,8 +49,10 @@ from .training_loss import (
 SIZES = (128, 4096, 65536, 1048576)
 QUICK_SIZES = (128, 4096)
 GROUPS = (5, 8)
-#: Wall-clock seconds spent on the repeats of one measurement (at least MIN_REPEATS of them).
+#: Wall-clock seconds spent on the repeats of one measurement (at least MIN_REPEATS of them),
+#: each a block of back-to-back calls lasting about BLOCK_S.
 BUDGET_S = 0.25
+BLOCK_S = 0.002
 MIN_REPEATS, MAX_REPEATS = 3, 300
 
 
@@ -104,37 +108,53 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
     return ops
 
 
-def _time_us(fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str,
-             backward: bool = True) -> float:
-    """Median wall time in microseconds of ``fn(inputs)`` (then ``.backward()`` on its result
-    when ``backward``), with Python's garbage collector paused as :mod:`timeit` does (its passes
-    over torch's objects would land in random repeats)."""
-    params = [inputs[name] for name in wrt]
+def _median_us(call: Callable[[], object], device: str) -> float:
+    """Median time in microseconds of one ``call()`` within a stream of back-to-back calls.
 
-    def once() -> float:
-        for p in params:
-            p.grad = None
+    The calls run in blocks of ``k`` (about BLOCK_S a block), synchronised with the device only
+    at the ends of a block, as a training loop that does not wait for its losses runs them: on a
+    GPU the host's launch and allocation overhead then overlaps the kernels of the call before,
+    so where the device is the bottleneck this is its time per call.  ``copy_gbps`` is timed the
+    same way.  Python's garbage collector is paused, as :mod:`timeit` does (its passes over
+    torch's objects would land in random blocks).
+    """
+    def block(k: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = fn(inputs)
-        if backward:
-            out.backward()
+        for _ in range(k):
+            call()
         if device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / k
 
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        first = once()
-        for _ in range(max(1, min(20, int(0.05 / max(first, 1e-9))))):
-            once()
-        repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(BUDGET_S / max(first, 1e-9))))
-        return 1e6 * statistics.median(once() for _ in range(repeats))
+        first = block(1)
+        k = max(1, min(1000, int(BLOCK_S / max(first, 1e-9))))
+        block(max(1, min(20, int(0.05 / max(first, 1e-9)))))  # warm-up
+        repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(BUDGET_S / max(k * first, 1e-9))))
+        return 1e6 * statistics.median(block(k) for _ in range(repeats))
     finally:
         if gc_was_enabled:
             gc.enable()
+
+
+def _time_us(fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str,
+             backward: bool = True) -> float:
+    """Time of ``fn(inputs)`` (then ``.backward()`` on its result when ``backward``), as
+    :func:`_median_us` measures it; the gradients of ``wrt`` are reset before each call."""
+    params = [inputs[name] for name in wrt]
+
+    def once() -> None:
+        for p in params:
+            p.grad = None
+        out = fn(inputs)
+        if backward:
+            out.backward()
+
+    return _median_us(once, device)
 
 
 def engine_us(device: str) -> float:
@@ -147,18 +167,7 @@ def copy_gbps(device: str, nbytes: int = 1 << 28) -> float:
     """Bandwidth of ``dst.copy_(src)`` over ``nbytes``, counting bytes read plus bytes written."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-
-    def once() -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    once()
-    return 2 * nbytes / statistics.median(once() for _ in range(20)) / 1e9
+    return 2 * nbytes / _median_us(lambda: dst.copy_(src), device) / 1e3
 
 
 def run(device: str = "cpu", sizes=SIZES, groups=GROUPS, only: tuple[str, ...] = ()) -> list[dict]:
