@@ -29,11 +29,14 @@ using Vec = at::vec::Vectorized<T>;
 
 // Sums run over fixed chunks of kChunk elements; one thread sums a chunk into double and the
 // chunk sums are added in chunk order, so a loss is bitwise the same for any number of
-// threads.  Chunks go to the thread pool only above kGrainChunks chunks (32768 elements, ATen's
-// own GRAIN_SIZE): below that, waking the pool costs more than it saves, and on a loaded
-// machine a parallel region waits a whole scheduler slice (milliseconds) for a busy core.
+// threads.  Chunks go to the thread pool only above kGrainChunks chunks (8192 elements): an
+// element costs 1-2 ns here (an exp, a division and a log1p series per logit), 5-10 times an
+// element of ATen's cheap elementwise kernels, whose grain (GRAIN_SIZE, 32768) thus holds the
+// same ~10 us of work per task.  Below it, waking the pool costs more than it saves, and on a
+// loaded machine a parallel region waits a whole scheduler slice (milliseconds) for a busy
+// core.  (ATen's grain left BADR's pass over U at B = 4096, G = 8 on one thread.)
 constexpr int64_t kChunk = 1024;
-constexpr int64_t kGrainChunks = 32;
+constexpr int64_t kGrainChunks = 8;
 // Within a chunk each lane adds kFlush vectors in the input precision before they are added
 // into double accumulators, so float32 rounding compounds over 16 terms, not 1024.
 constexpr int kFlush = 16;
