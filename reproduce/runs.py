@@ -9,7 +9,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -20,7 +19,7 @@ from estimators.data import CVRData
 
 from .config import load_data
 from .methods import Method
-from .train import PropensityCache, run_one, setup_runtime
+from .train import PropensityCache, run_or_diverged, setup_runtime
 
 
 class Run(NamedTuple):
@@ -36,17 +35,10 @@ class Run(NamedTuple):
 
 
 def train_row(data: CVRData, run: Run, cache: Optional[PropensityCache], show_progress: bool = True) -> dict[str, Any]:
-    """``run`` trained and evaluated on the test split, as its results.csv row; a diverged run is
-    recorded (so that a resumed job does not retry it), not raised."""
-    start = time.perf_counter()
-    try:
-        result = {**run_one(data, run.cfg, run.method, run.params, run.seed, max_epochs=run.max_epochs,
-                            propensity_cache=cache, show_progress=show_progress), "status": "ok"}
-    except FloatingPointError as exc:
-        print(f"{run.dataset} {run.method.name} seed {run.seed}: {exc}", file=sys.stderr)
-        nan = float("nan")
-        result = {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan,
-                  "k": run.cfg["k"], "seconds": time.perf_counter() - start, "status": "diverged"}
+    """``run`` trained and evaluated on the test split, as its results.csv row (a diverged run as
+    :func:`reproduce.train.run_or_diverged` records it)."""
+    result = run_or_diverged(data, run.cfg, run.method, run.params, run.seed, max_epochs=run.max_epochs,
+                             propensity_cache=cache, show_progress=show_progress)
     return {"dataset": run.dataset, "method": run.method.name, "seed": run.seed, **result,
             "max_epochs": run.max_epochs, "signature": run.signature, "threads": torch.get_num_threads()}
 

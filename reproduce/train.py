@@ -60,6 +60,7 @@ import ctypes
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -263,3 +264,18 @@ def run_one(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str
                        f"(propensity {prop_seconds:.1f}s)")
     return {**metrics, "k": cfg["k"], "seconds": seconds, "epochs": epoch, "propensity_epochs": prop_epochs,
             "propensity_seconds": prop_seconds, "propensity_cached": cached, "fit_seconds": fit_seconds}
+
+
+def run_or_diverged(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str, Any], seed: int,
+                    **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_one`'s result with ``status`` "ok"; a run whose training diverges is not raised but
+    said on stderr and returned with NaN metrics and ``status`` "diverged", so that a resumed
+    ``table3`` or search records it instead of retrying it."""
+    start = time.perf_counter()
+    try:
+        return {**run_one(data, cfg, method, params, seed, **kwargs), "status": "ok"}
+    except FloatingPointError as exc:
+        print(exc, file=sys.stderr)
+        nan = float("nan")
+        return {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan, "k": cfg["k"],
+                "seconds": time.perf_counter() - start, "status": "diverged"}

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -37,7 +36,7 @@ from .config import run_signature
 from .methods import SEARCH_SPACE, TUNED_PROPENSITY_KEYS, Method
 from .runs import in_workers
 from .table import TUNE_COLUMNS, append_result, read_results, run_key
-from .train import PropensityCache, run_one
+from .train import PropensityCache, run_or_diverged
 
 
 def searchable_keys(method: Method, propensity: bool = False) -> tuple[str, ...]:
@@ -163,13 +162,6 @@ def _validation_run(data: CVRData, cfg: dict[str, Any], method: Method, max_epoc
     shared by a search's runs first, for :func:`reproduce.runs.in_workers`)."""
     row = {"dataset": data.name, "method": method.name, "seed": seed, "max_epochs": max_epochs, "signature": sig,
            "threads": torch.get_num_threads(), "trial": trial, "params": json.dumps(params, sort_keys=True)}
-    start = time.perf_counter()
-    try:
-        result = run_one(data, cfg, method, params, seed, max_epochs=max_epochs, split="val",
-                         label=f"tune {data.name} {method.name} trial {trial} seed {seed}",
-                         show_progress=show_progress, propensity_cache=propensity_cache)
-        return {**row, **result, "status": "ok"}
-    except FloatingPointError:
-        nan = float("nan")
-        return {**row, "auc": nan, "ndcg": nan, "recall": nan, "k": cfg["k"],
-                "seconds": time.perf_counter() - start, "status": "diverged"}
+    return {**row, **run_or_diverged(data, cfg, method, params, seed, max_epochs=max_epochs, split="val",
+                                     label=f"tune {data.name} {method.name} trial {trial} seed {seed}",
+                                     show_progress=show_progress, propensity_cache=propensity_cache)}

@@ -28,3 +28,9 @@ def test_unknown_operator_is_rejected(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--ops", "prediction/nope"])
     assert "unknown operators" in capsys.readouterr().err
+
+
+def test_nonpositive_threads_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--threads", "0"])
+    assert "--threads must be positive" in capsys.readouterr().err

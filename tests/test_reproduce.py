@@ -324,6 +324,7 @@ def test_grid_candidates_are_the_product_after_the_config():
 
 
 def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
+    import reproduce.train
     from reproduce import tune as T
 
     cfg, method = C.load_config("coat"), METHODS["ips"]
@@ -338,7 +339,7 @@ def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
             raise FloatingPointError("diverged")
         return {"auc": 0.5 + params["lr"] + (seed - 2024) * 1e-3, "ndcg": 0.1, "recall": 0.2, "k": 5, "seconds": 1.0}
 
-    monkeypatch.setattr(T, "run_one", fake_run)
+    monkeypatch.setattr(reproduce.train, "run_one", fake_run)
     data, log = types.SimpleNamespace(name="coat"), tmp_path / "tune.csv"
     best, score = T.tune(data, cfg, method, candidates, n_seeds=2, log=log)
     assert best == candidates[1] and score == pytest.approx(0.5105)
@@ -446,12 +447,12 @@ def test_missing_data_dir(tmp_path, monkeypatch, capsys):
 
 
 def test_diverged_run_is_recorded_not_fatal(data_dir, tmp_path, monkeypatch):
-    import reproduce.runs
+    import reproduce.train
 
     def diverge(*args, **kwargs):
         raise FloatingPointError("training loss is nan at epoch 3; lower the learning rates")
 
-    monkeypatch.setattr(reproduce.runs, "run_one", diverge)
+    monkeypatch.setattr(reproduce.train, "run_one", diverge)
     out = tmp_path / "run"
     assert main(["table3", "--datasets", "coat", "--methods", "dr_jl", "--seeds", "1", "--max-epochs", "1",
                  "--data-dir", str(data_dir), "--out", str(out)]) == 0
