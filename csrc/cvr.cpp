@@ -3,9 +3,31 @@
 // itself only records how the library was built.
 #include <Python.h>
 
+#include "kernel_names.h"
+
 #ifndef CVR_CPU_CAPABILITY
 #define CVR_CPU_CAPABILITY "DEFAULT"
 #endif
+
+namespace {
+
+// A tuple of the names in one of kernel_names.h's lists (a new reference, or null on error).
+template <size_t N>
+PyObject* names_tuple(const std::array<std::string_view, N>& names) {
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(N));
+  if (tuple == nullptr) return nullptr;
+  for (size_t k = 0; k < N; ++k) {
+    PyObject* name = PyUnicode_FromStringAndSize(names[k].data(), static_cast<Py_ssize_t>(names[k].size()));
+    if (name == nullptr) {
+      Py_DECREF(tuple);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(k), name);
+  }
+  return tuple;
+}
+
+}  // namespace
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "estimators._C",
@@ -18,9 +40,12 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   const long with_cuda = 0;
 #endif
   // with_cuda: whether the CUDA kernels were compiled; cpu_capability: the at::vec instruction
-  // set of the CPU kernels (setup.py picks the build machine's).
+  // set of the CPU kernels (setup.py picks the build machine's); prediction_kernels /
+  // imputation_kernels: the registry names the fused loss kernels implement.
   if (PyModule_AddObject(m, "with_cuda", PyBool_FromLong(with_cuda)) < 0 ||
-      PyModule_AddStringConstant(m, "cpu_capability", CVR_CPU_CAPABILITY) < 0) {
+      PyModule_AddStringConstant(m, "cpu_capability", CVR_CPU_CAPABILITY) < 0 ||
+      PyModule_AddObject(m, "prediction_kernels", names_tuple(cvr::ops::kPredictionKernels)) < 0 ||
+      PyModule_AddObject(m, "imputation_kernels", names_tuple(cvr::ops::kImputationKernels)) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,34 +1,28 @@
 // Schema of the fused DR-family losses (the one place where the operators are declared) and
 // the argument checks shared by their CPU and CUDA kernels.
 #include "dr_loss.h"
+#include "kernel_names.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <string>
 
 namespace cvr::ops {
 namespace {
 
-Estimator parse_estimator(std::string_view name) {
-  if (name == "naive") return Estimator::naive;
-  if (name == "ips") return Estimator::ips;
-  if (name == "snips") return Estimator::snips;
-  if (name == "dr") return Estimator::dr;
-  if (name == "badr") return Estimator::badr;
-  TORCH_CHECK(false, "cvr::prediction_loss: estimator must be one of naive, ips, snips, dr, badr; got '", name, "'");
-}
-
-ImputationKind parse_imputation_kind(std::string_view name) {
-  if (name == "dr") return ImputationKind::dr;
-  if (name == "mrdr") return ImputationKind::mrdr;
-  if (name == "dr_bias") return ImputationKind::dr_bias;
-  if (name == "dr_mse") return ImputationKind::dr_mse;
-  if (name == "badr") return ImputationKind::badr;
-  if (name == "badr_paper") return ImputationKind::badr_paper;
-  TORCH_CHECK(false, "cvr::imputation_loss: kind must be one of dr, mrdr, dr_bias, dr_mse, badr, badr_paper; got '",
-              name, "'");
+// The position of `name` in one of kernel_names.h's lists, which is its enum value.
+template <typename Enum, size_t N>
+Enum parse_name(const char* op, const char* what, const std::array<std::string_view, N>& names,
+                std::string_view name) {
+  for (size_t k = 0; k < N; ++k) {
+    if (names[k] == name) return static_cast<Enum>(k);
+  }
+  std::string known;
+  for (std::string_view n : names) known += (known.empty() ? "" : ", ") + std::string(n);
+  TORCH_CHECK_VALUE(false, op, ": ", what, " must be one of ", known, "; got '", name, "'");
 }
 
 CrossEntropy parse_cross_entropy(const char* op, std::string_view name) {
@@ -72,7 +66,8 @@ PredictionInputs prepare_prediction(std::string_view estimator, const at::Tensor
                                     const std::optional<at::Tensor>& xt_b, const std::optional<at::Tensor>& xt_u,
                                     std::string_view cross_entropy) {
   constexpr const char* op = "cvr::prediction_loss";
-  PredictionInputs in{parse_estimator(estimator), parse_cross_entropy(op, cross_entropy)};
+  PredictionInputs in{parse_name<Estimator>(op, "estimator", kPredictionKernels, estimator),
+                      parse_cross_entropy(op, cross_entropy)};
   in.x_b = x_b.contiguous();
   in.r_b = r_b.contiguous();
   in.p_hat_b = p_hat_b.contiguous();
@@ -93,7 +88,8 @@ ImputationInputs prepare_imputation(std::string_view kind, const at::Tensor& xt_
                                     const std::optional<at::Tensor>& xt_u, const std::optional<at::Tensor>& x_u,
                                     double alpha, std::string_view cross_entropy, std::string_view imputed_error) {
   constexpr const char* op = "cvr::imputation_loss";
-  ImputationInputs in{parse_imputation_kind(kind), parse_cross_entropy(op, cross_entropy),
+  ImputationInputs in{parse_name<ImputationKind>(op, "kind", kImputationKernels, kind),
+                      parse_cross_entropy(op, cross_entropy),
                       parse_imputed_error(op, imputed_error)};
   const bool dr_family = in.kind != ImputationKind::badr && in.kind != ImputationKind::badr_paper;
   TORCH_CHECK_VALUE(dr_family || in.imputed_error == ImputedError::paper, op,
@@ -127,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const ImputationInp
 }
 
 // The estimator and the imputation loss are named by the strings of
-// estimators/training_loss.py (a string keeps torch.ops.cvr calls self-describing; parsing it
+// estimators/registry.py (a string keeps torch.ops.cvr calls self-describing; parsing it
 // costs nanoseconds next to a pass over the data).  The tensors over U are optional because
 // the naive, IPS and SNIPS estimators and the DR, MRDR, DR-BIAS, DR-MSE and eq.-32 BADR
 // imputation losses do not read them; `alpha` is DR-MSE's mixing weight (eq. 10);

@@ -1,7 +1,7 @@
 // Fused DR-family training losses of the joint-learning step (BADR paper, eqs. 2, 3, 6-10,
 // 13, 32, 37).  The schemas are declared once, in dr_loss.cpp; the CPU kernels live in
 // cpu/dr_loss_kernel.cpp, the CUDA kernels in cuda/dr_loss_kernel.cu and the autograd kernels
-// in autograd.cpp.  The pure-PyTorch reference they must equal is estimators/training_loss.py.
+// in autograd.cpp.  The pure-PyTorch reference they must equal is estimators/joint_loss.py.
 //
 // The two *_and_grads kernels take logits (never probabilities) and return (loss, grad_1, grad_2): the
 // scalar loss and, computed in the same passes, its gradients with respect to the logits it
@@ -18,13 +18,12 @@
 
 namespace cvr::ops {
 
-// Prediction-model estimators (the `estimator` argument), named as in
-// estimators/training_loss.py: PREDICTION_ESTIMATORS.
+// Prediction-model estimators (the `estimator` argument) and imputation-model losses (the
+// `kind` argument) the kernels implement, in the order of their names in kernel_names.h.
 enum class Estimator { naive, ips, snips, dr, badr };
-// Imputation-model losses (the `kind` argument), named as in IMPUTATION_LOSSES there.
 enum class ImputationKind { dr, mrdr, dr_bias, dr_mse, badr, badr_paper };
 // The form of the binary cross-entropy l(sigmoid(x), t) (the `cross_entropy` argument, as
-// CROSS_ENTROPIES there): `logits`, the exact softplus form; `clamped`, the published code's
+// CROSS_ENTROPIES in estimators/training/losses.py): `logits`, the exact softplus form; `clamped`, the published code's
 // F.binary_cross_entropy(torch.sigmoid(x), t), logs clamped at -100 (see bce_clamped).
 enum class CrossEntropy { logits, clamped };
 // How the DR-family imputation losses (dr, mrdr, dr_bias, dr_mse) write the imputed error in

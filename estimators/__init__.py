@@ -1,48 +1,39 @@
 """Debiased post-click conversion-rate estimators in PyTorch.
 
-Estimators of the ideal loss (BADR paper, eqs. 2, 3, 5, 7, 13, 37), imputation-model losses
-(eqs. 6, 8, 9, 10, 32), closed-form theory (:mod:`estimators.theory`), models and the
-joint-learning trainer.  See README.md for the contract shared by all estimators.
+The maths at the heart: estimators of the ideal loss (BADR paper, eqs. 2, 3, 5, 7, 13, 37),
+imputation-model losses (eqs. 6, 8, 9, 10, 32), their joint-learning step forms
+(:mod:`estimators.joint_loss`), the entire-space losses (:mod:`estimators.multitask`), the
+closed-form theory (:mod:`estimators.theory`) and the one registry that names them all
+(:mod:`estimators.registry`).  Above it, the training layer (:mod:`estimators.training`: models,
+training losses as functions and modules, the propensity fit, the joint learner).  The compiled
+kernels are reached only through :mod:`estimators._ext`.  See README.md for the contract shared
+by all estimators.
 """
-from .imputation import (
-    badr_imputation_loss,
-    dr_bias_imputation_loss,
-    dr_imputation_loss,
-    dr_mse_imputation_loss,
-    mrdr_imputation_loss,
-)
-from .gather import gather_dot
-from .joint import JointConfig, JointLearner
+from . import theory
+from ._ext import backend
+from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imputation_loss, dr_mse_imputation_loss,
+                         mrdr_imputation_loss)
 from .loss import badr, dr, eib, ips, naive, snips
-from .models import MF, PropensityModel, fit_propensity
-from .multitask import ESCM2, escm2_loss
-from ._fused import backend
-from .training_loss import imputation_loss, imputation_loss_and_grads, prediction_loss, prediction_loss_and_grads
-
-#: Estimators of the ideal loss, by name; each takes the arguments listed with it, in order.
-ESTIMATORS = {
-    "naive": (naive, ("e", "o")),
-    "ips": (ips, ("e", "o", "p_hat")),
-    "snips": (snips, ("e", "o", "p_hat")),
-    "eib": (eib, ("e", "e_hat", "o")),
-    "dr": (dr, ("e", "e_hat", "o", "p_hat")),
-    "badr": (badr, ("e", "e_hat", "o", "p_hat")),
-}
-
-#: Imputation-model losses, by name; each takes (e, e_hat, o, p_hat).
-IMPUTATION_LOSSES = {
-    "dr": dr_imputation_loss,
-    "mrdr": mrdr_imputation_loss,
-    "dr_bias": dr_bias_imputation_loss,
-    "dr_mse": dr_mse_imputation_loss,
-    "badr": badr_imputation_loss,
-}
+from .multitask import escm2_loss
+from .registry import (ESTIMATORS, IMPUTATION_LOSSES, EstimatorSpec, ImputationLossSpec, register_estimator,
+                       register_imputation_loss)
+from .training import (BADRImputationLoss, BADRLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
+                       DRMSEImputationLoss, EIBLoss, ESCM2, MF, EpochStats, ImputationLoss, IPSLoss, JointConfig,
+                       JointLearner, MRDRImputationLoss, NaiveLoss, PredictionLoss, PropensityModel, SNIPSLoss,
+                       TwoTower, fit, fit_propensity, gather_dot, imputation_loss, imputation_loss_and_grads,
+                       prediction_loss, prediction_loss_and_grads, propensity_table)
 
 __all__ = [
+    # the maths
     "naive", "ips", "snips", "eib", "dr", "badr",
     "dr_imputation_loss", "mrdr_imputation_loss", "dr_bias_imputation_loss", "dr_mse_imputation_loss",
-    "badr_imputation_loss", "ESTIMATORS", "IMPUTATION_LOSSES",
-    "MF", "PropensityModel", "fit_propensity", "gather_dot", "JointConfig", "JointLearner",
+    "badr_imputation_loss", "escm2_loss", "theory",
+    "ESTIMATORS", "IMPUTATION_LOSSES", "EstimatorSpec", "ImputationLossSpec", "register_estimator",
+    "register_imputation_loss", "backend",
+    # training
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
-    "ESCM2", "escm2_loss",
+    "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
+    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "BADRImputationLoss",
+    "MF", "TwoTower", "PropensityModel", "ESCM2", "fit_propensity", "propensity_table", "gather_dot",
+    "JointConfig", "JointLearner", "fit", "EpochStats",
 ]

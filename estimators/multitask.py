@@ -1,4 +1,4 @@
-"""Entire-space multi-task models: ESMM and ESCM2 (ESCM2 paper, Sections II-C and IV).
+"""Entire-space multi-task losses: ESMM and ESCM2 (ESCM2 paper, Sections II-C and IV).
 
 A CTR tower gives ``o_hat = sigmoid(a)``, a CVR tower ``r_hat = sigmoid(b)`` and, for ESCM2-DR,
 an imputation tower the imputed CVR error ``delta_hat``.  Over a batch of exposed pairs with
@@ -16,7 +16,8 @@ propensity-weighted estimators of :mod:`estimators.loss`, the CTR estimate enter
 regulariser clipped to ``[gamma, 1]`` and DETACHED: the CTR tower is trained by ``L_CTR`` and
 ``L_CTCVR`` only (a port that leaves the weights attached lets the CVR regulariser push CTR
 estimates up to shrink its own weights).  Likewise ``delta_hat`` is detached in ``R_DR^err`` and
-trained by ``R_DR^imp`` alone, as in joint learning.
+trained by ``R_DR^imp`` alone, as in joint learning.  The model with the three towers is
+:class:`estimators.training.models.ESCM2`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._validation import check_batch
 
@@ -88,27 +89,3 @@ def escm2_loss(
     out["loss"] = ctr + lambda_c * out["cvr"] + lambda_g * ctcvr
     return out
 
-
-class ESCM2(nn.Module):
-    """Shared user and item embeddings with a CTR, a CVR and an imputation tower (Fig. 4).
-
-    Each tower is an MLP on ``[U_u ; V_i]``; the imputation tower's output passes through
-    softplus so that the imputed error ``delta_hat`` is non-negative, like a cross-entropy.
-    ``forward`` returns ``(ctr_logit, cvr_logit, delta_hat)``.
-    """
-
-    def __init__(self, n_users: int, n_items: int, dim: int = 16, hidden: int = 32) -> None:
-        super().__init__()
-        if min(n_users, n_items, dim, hidden) < 1:
-            raise ValueError("n_users, n_items, dim and hidden must be positive")
-        self.user = nn.Embedding(n_users, dim)
-        self.item = nn.Embedding(n_items, dim)
-
-        def tower() -> nn.Sequential:
-            return nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-        self.ctr, self.cvr, self.imputation = tower(), tower(), tower()
-
-    def forward(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = torch.cat([self.user(users), self.item(items)], dim=-1)
-        return (self.ctr(x).squeeze(-1), self.cvr(x).squeeze(-1), F.softplus(self.imputation(x).squeeze(-1)))

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from estimators.data import resolve_data_dir
+from cvrdata import DATASETS, resolve_data_dir
 
 from . import config as C
 from .methods import METHODS, PROPENSITY_KEYS, get_method, parse_methods
 from .runs import Run, train_all
-from .table import append_result, read_results, render_table, run_key, write_table
-from .train import PropensityCache, setup_runtime
+from .table import append_result, read_results, render_table, run_key, write_history, write_table
+from .train import PropensityCache, resolve_device, setup_runtime
 
 
 def _positive(text: str) -> int:
@@ -26,18 +26,43 @@ def _positive(text: str) -> int:
     return value
 
 
-def _datasets(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in C.DATASETS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown dataset(s) {', '.join(bad) or '(none)'}; "
-                                         f"expected a comma-separated list of {', '.join(C.DATASETS)}")
-    return names
+def _datasets(text: str) -> list[C.DataSource]:
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # in order, once each
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of built-in data sets "
+                                         f"({', '.join(DATASETS)}) or split-format folders")
+    try:
+        sources = [C.DataSource.parse(n) for n in names]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    labels = [s.name for s in sources]
+    if len(set(labels)) < len(labels):
+        raise argparse.ArgumentTypeError(f"two data sets of --datasets share a name ({', '.join(labels)}); "
+                                         "give each folder its own name")
+    return sources
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], the share of the clicked training pairs "
+                                         f"kept; got {text!r}")
+    return value
 
 
 def _methods(text: str):
     try:
         return parse_methods(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dataset(text: str) -> C.DataSource:
+    try:
+        return C.DataSource.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -69,9 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config-dir", help="folder of the per-data-set configs (default: reproduce/configs)")
         p.add_argument("--max-epochs", type=_positive, help="cap on the fit epochs (default: the config's, 100)")
         p.add_argument("--threads", type=_positive, help="torch intra-op threads (default: torch's choice)")
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models, the data and the "
+                                                          "sampling live")
 
     t3 = sub.add_parser("table3", help="train and print Table 3 (ours beside the paper's numbers)")
-    t3.add_argument("--datasets", type=_datasets, default=list(C.DATASETS), help="comma-separated, default all")
+    t3.add_argument("--datasets", type=_datasets, default=[C.DataSource(d) for d in DATASETS],
+                    help=f"comma-separated built-in data sets ({', '.join(DATASETS)}; default all) or paths of "
+                         "split-format folders (simulate's output, say; their config is CONFIG_DIR/NAME.json, "
+                         "else configs/default.json)")
     t3.add_argument("--methods", type=_methods, default=list(METHODS.values()),
                     help=f"comma-separated subset of {', '.join(METHODS)} (default all)")
     t3.add_argument("--seeds", type=_positive, default=5, help="number of seeds, from 2024 on (default 5)")
@@ -86,11 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     t3.add_argument("--no-propensity-cache", action="store_true",
                     help="fit every run's propensity model (default: share fits through OUT/propensity-cache; "
                          "the runs are the same either way)")
+    t3.add_argument("--train-fraction", type=_fraction, default=1.0, metavar="F",
+                    help="keep this share of the clicked training pairs, drawn by each run's seed (the sparsity "
+                         "studies; default 1)")
+    t3.add_argument("--batch-size", type=_positive, help="override the configs' batch size")
+    t3.add_argument("--record-test-loss", action="store_true",
+                    help="add the loss on the test pairs per epoch to OUT/history.csv, for figures only (it drives "
+                         "no stopping or selection)")
     common(t3)
 
     tu = sub.add_parser("tune", help="tune a method on the validation split and write its config")
     tu.add_argument("method", type=_method, help=", ".join(METHODS))
-    tu.add_argument("dataset", choices=C.DATASETS)
+    tu.add_argument("dataset", type=_dataset, help=f"a built-in data set ({', '.join(DATASETS)}) or a split-format "
+                                                   "folder")
     how = tu.add_mutually_exclusive_group(required=True)
     how.add_argument("--trials", type=_positive, help="number of random-search trials (the first: the config's values)")
     how.add_argument("--grid", type=_grid_axis, action="append", metavar="KEY=V1,V2,...",
@@ -117,58 +155,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_table3(args: argparse.Namespace) -> int:
-    data_dir = None if args.table_only else resolve_data_dir(args.data_dir)
+    data_dir = None
+    if not args.table_only and any(source.path is None for source in args.datasets):
+        data_dir = resolve_data_dir(args.data_dir)
+    device = str(resolve_device(args.device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "results.csv", out / "table3.md"
+    csv_path, md_path, history_path = out / "results.csv", out / "table3.md", out / "history.csv"
     done = {run_key(r) for r in read_results(csv_path)}
     cache_root = None if args.no_propensity_cache else out / "propensity-cache"
     keys: set = set()
     plan: list[Run] = []  # the runs still to do
-    for ds in args.datasets:
-        cfg = C.load_config(ds, args.config_dir)
-        max_epochs = args.max_epochs or cfg["max_epochs"]
-        seeds = cfg["seeds"][:args.seeds] if args.seeds <= len(cfg["seeds"]) else \
-            list(range(cfg["seeds"][0], cfg["seeds"][0] + args.seeds))
+    for source in args.datasets:
+        cfg = source.config(args.config_dir).with_batch_size(args.batch_size)
+        max_epochs = args.max_epochs or cfg.max_epochs
+        seeds = list(cfg.seeds[:args.seeds]) if args.seeds <= len(cfg.seeds) else \
+            list(range(cfg.seeds[0], cfg.seeds[0] + args.seeds))
+        extra = {}
+        if args.train_fraction < 1:
+            extra["train_fraction"] = args.train_fraction
+        if source.path is not None:  # a user folder: its content is part of what decides a run
+            extra["data"] = source.load(cfg, None).fingerprint()
+        if device != "cpu":
+            extra["device"] = device
         todo = []
         for method in args.methods:
-            params = C.method_params(cfg, method)
-            sig = C.run_signature(cfg, method, params, max_epochs)
+            params = cfg.method_params(method)
+            sig = C.run_signature(cfg, method, params, max_epochs, extra)
             for seed in seeds:
-                key = (ds, method.name, seed, sig)
+                key = (source.name, method.name, seed, sig)
                 keys.add(key)
                 if key not in done:
-                    todo.append(Run(ds, cfg, method, params, seed, sig, max_epochs))
+                    todo.append(Run(source, cfg, method, params, seed, sig, max_epochs, args.train_fraction, device,
+                                    args.record_test_loss))
         skipped = len(args.methods) * len(seeds) - len(todo)
         if skipped:
-            print(f"{ds}: {skipped} finished run(s) found in {csv_path}, skipped", file=sys.stderr)
+            print(f"{source.name}: {skipped} finished run(s) found in {csv_path}, skipped", file=sys.stderr)
         if not args.table_only:
             plan += todo
+    names = [source.name for source in args.datasets]
 
     def record(row: dict[str, Any]) -> None:
+        write_history(history_path, row, row.pop("history", []))
         append_result(csv_path, row)
-        write_table(md_path, render_table(read_results(csv_path), args.datasets, strict=args.strict_ndcg, keys=keys))
+        write_table(md_path, render_table(read_results(csv_path), names, strict=args.strict_ndcg, keys=keys))
 
     train_all(plan, data_dir, cache_root, record, args.jobs, args.threads)
-    text = render_table(read_results(csv_path), args.datasets, strict=args.strict_ndcg, keys=keys)
+    text = render_table(read_results(csv_path), names, strict=args.strict_ndcg, keys=keys)
     write_table(md_path, text)
     print(text)
-    print(f"wrote {csv_path} and {md_path}", file=sys.stderr)
+    print(f"wrote {md_path}" + (f", {csv_path} and {history_path}" if plan else ""), file=sys.stderr)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import grid_candidates, random_candidates, tune
 
-    data_dir = resolve_data_dir(args.data_dir)
-    cfg = C.load_config(args.dataset, args.config_dir)
-    method = args.method
-    base = C.method_params(cfg, method)
-    overrides = [k for k in PROPENSITY_KEYS if k in cfg["methods"][method.name]]
+    source, method = args.dataset, args.method
+    data_dir = None if source.path is not None else resolve_data_dir(args.data_dir)
+    device = str(resolve_device(args.device))
+    cfg = source.config(args.config_dir)
+    base = cfg.method_params(method)
+    overrides = [k for k in PROPENSITY_KEYS if k in cfg.entry(method).params]
     if args.propensity and overrides:
         raise ValueError(f"--propensity: method {method.name!r} overrides the shared propensity block on "
-                         f"{args.dataset!r} ({', '.join(overrides)}); tune the block with a method that uses it")
-    data = C.load_data(args.dataset, cfg, data_dir)
+                         f"{source.name!r} ({', '.join(overrides)}); tune the block with a method that uses it")
+    data = source.load(cfg, data_dir)
+    extra = {}
+    if source.path is not None:
+        extra["data"] = data.fingerprint()
+    if device != "cpu":
+        extra["device"] = device
     start = time.perf_counter()
 
     def on_trial(trial, params, score):
@@ -184,21 +241,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         candidates = random_candidates(method, base, args.trials, args.search_seed, args.propensity)
         search = f"{args.trials} random-search trials (seed {args.search_seed},"
-    log = Path(args.log or f"results/tune/{args.dataset}-{method.name}.csv")
+    log = Path(args.log or f"results/tune/{source.name}-{method.name}.csv")
     log.parent.mkdir(parents=True, exist_ok=True)
-    earlier = sum(r["dataset"] == args.dataset and r["method"] == method.name for r in read_results(log))
+    earlier = sum(r["dataset"] == source.name and r["method"] == method.name for r in read_results(log))
     if earlier:
-        print(f"{log}: {earlier} earlier validation run(s) of {method.name} on {args.dataset}; "
+        print(f"{log}: {earlier} earlier validation run(s) of {method.name} on {source.name}; "
               "those with the same settings are reused", file=sys.stderr)
     best, best_auc = tune(data, cfg, method, candidates, max_epochs=args.max_epochs, n_seeds=args.tune_seeds,
-                          on_trial=on_trial, log=log, jobs=args.jobs, threads=args.threads,
+                          on_trial=on_trial, log=log, jobs=args.jobs, threads=args.threads, device=device,
+                          extra=extra,
                           propensity_cache=None if args.no_propensity_cache else PropensityCache(args.propensity_cache))
     print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s; runs in {log})")
     if not args.dry_run:
         status = (f"tuned: {search} {args.tune_seeds} training seed(s) each) on the validation split, "
                   f"validation AUC {best_auc:.4f}")
         prop_status = f"{status}, jointly with {method.name}'s own keys" if args.propensity else None
-        path = C.save_method_params(args.dataset, method, best, status, args.config_dir, prop_status)
+        # A folder's data set gets a config of its own, never a change to the shared default.
+        target = C.config_path(source.name, args.config_dir or (cfg.path.parent if source.path is None else None))
+        path = C.save_method_params(cfg, method, best, status, target, prop_status)
         print(f"wrote {path}")
     return 0
 

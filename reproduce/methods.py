@@ -1,7 +1,10 @@
 """Method registry: a method is a name, an estimator, an imputation loss and the config keys it uses.
 
-Experiments are data: adding a row here (and its values to ``configs/*.json``) is all a new
-method of this family needs; the trainer, the tuner and the table iterate over the registry.
+Experiments are data: a method is a pair of :mod:`estimators.registry` entries (the prediction
+model's estimator and the imputation model's loss) under a name; what it needs (a propensity
+model, an imputation model, DR-MSE's ``alpha``) and so its config keys come from those entries.
+Adding a row here (or calling :func:`register_method`) and its values to ``configs/*.json`` is all
+a new method of this family needs; the trainer, the tuner and the table iterate over the registry.
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+from estimators.registry import EstimatorSpec, ImputationLossSpec, get_estimator, get_imputation_loss
 
 # Config keys by role.  `lr` / `weight_decay` are the prediction model's Adam settings.
 _PRED = ("lr", "weight_decay")
@@ -27,25 +32,44 @@ class Method:
 
     name: str                       # CLI / CSV / config name
     label: str                      # row label in the table
-    estimator: str                  # estimators.training_loss.PREDICTION_ESTIMATORS
-    imputation_loss: Optional[str]  # estimators.training_loss.IMPUTATION_LOSSES, None without imputation model
-    table3_row: Optional[str]       # row of the paper's Table 3, None for the Figure 1 ablations
+    estimator: str                  # an estimators.registry.ESTIMATORS name
+    imputation_loss: Optional[str]  # an estimators.registry.IMPUTATION_LOSSES name, None without imputation model
+    table3_row: Optional[str]       # row of the paper's Table 3, None for the other rows (ablations, extras)
     description: str
+
+    def __post_init__(self) -> None:
+        spec = get_estimator(self.estimator)
+        if spec.needs_imputation and self.imputation_loss is None:
+            raise ValueError(f"method {self.name!r}: estimator {self.estimator!r} needs an imputation loss")
+        if not spec.needs_imputation and self.imputation_loss is not None:
+            raise ValueError(f"method {self.name!r}: estimator {self.estimator!r} has no imputation model")
+        if self.imputation_loss is not None:
+            get_imputation_loss(self.imputation_loss)
+
+    @property
+    def estimator_spec(self) -> EstimatorSpec:
+        return get_estimator(self.estimator)
+
+    @property
+    def imputation_spec(self) -> Optional[ImputationLossSpec]:
+        return None if self.imputation_loss is None else get_imputation_loss(self.imputation_loss)
 
     @property
     def uses_propensity(self) -> bool:
-        return self.estimator != "naive"
+        """Whether the estimator reads propensities (so a run fits a propensity model)."""
+        return self.estimator_spec.uses_propensity
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """Config keys this method reads (``alpha`` only for the DR-MSE imputation loss)."""
+        """Config keys this method reads: the prediction model's, the clipping and propensity
+        model's where the estimator reads propensities, the imputation model's where it has one and
+        the imputation loss's own parameters (DR-MSE's ``alpha``)."""
         keys = _PRED
         if self.uses_propensity:
             keys += ("gamma",) + PROPENSITY_KEYS
-        if self.imputation_loss is not None:
-            keys += _IMP
-        if self.imputation_loss == "dr_mse":
-            keys += ("alpha",)
+        spec = self.imputation_spec
+        if spec is not None:
+            keys += _IMP + spec.params
         return keys
 
     @property
@@ -98,6 +122,14 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")
 
 
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (a name can be registered once)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered already")
+    METHODS[method.name] = method
+    return method
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
@@ -111,4 +143,4 @@ def parse_methods(text: str) -> list[Method]:
         raise ValueError("--methods is empty; give a comma-separated list such as mf,badr (or 'all')")
     if names == ["all"]:
         return list(METHODS.values())
-    return [get_method(n) for n in names]
+    return [get_method(n) for n in dict.fromkeys(names)]  # in order, each once

@@ -15,35 +15,50 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from estimators.data import CVRData
+from cvrdata import CVRData
 
-from .config import load_data
+from .config import Config, DataSource
 from .methods import Method
 from .train import PropensityCache, run_or_diverged, setup_runtime
 
 
 class Run(NamedTuple):
-    """One run still to do: a method with its hyperparameters, on a data set, with a seed."""
+    """One run still to do: a method with its hyperparameters, on a data set, with a seed, and the
+    options of the job that are not in the config: the share of the clicked training pairs kept
+    (``--train-fraction``, subsampled by the run's seed), the device, and whether the per-epoch
+    test loss is recorded for figures."""
 
-    dataset: str
-    cfg: dict[str, Any]
+    source: DataSource
+    cfg: Config
     method: Method
     params: dict[str, Any]
     seed: int
     signature: str
     max_epochs: int
+    train_fraction: float = 1.0
+    device: str = "cpu"
+    record_test_loss: bool = False
+
+    @property
+    def dataset(self) -> str:
+        return self.source.name
 
 
 def train_row(data: CVRData, run: Run, cache: Optional[PropensityCache], show_progress: bool = True) -> dict[str, Any]:
     """``run`` trained and evaluated on the test split, as its results.csv row (a diverged run as
-    :func:`reproduce.train.run_or_diverged` records it)."""
+    :func:`reproduce.train.run_or_diverged` records it) with its per-epoch rows under "history"."""
+    if run.train_fraction < 1:
+        data = data.subsample(run.train_fraction, run.seed)
     result = run_or_diverged(data, run.cfg, run.method, run.params, run.seed, max_epochs=run.max_epochs,
-                             propensity_cache=cache, show_progress=show_progress)
+                             propensity_cache=cache, show_progress=show_progress, device=run.device, history=True,
+                             record_test_loss=run.record_test_loss)
     return {"dataset": run.dataset, "method": run.method.name, "seed": run.seed, **result,
-            "max_epochs": run.max_epochs, "signature": run.signature, "threads": torch.get_num_threads()}
+            "max_epochs": run.max_epochs, "signature": run.signature, "threads": torch.get_num_threads(),
+            "batch_size": run.cfg.batch_size, "train_fraction": run.train_fraction, "device": run.device}
 
 
-def train_all(runs: list[Run], data_dir: Path, cache_root: Optional[Path], record: Callable[[dict[str, Any]], None],
+def train_all(runs: list[Run], data_dir: Optional[Path], cache_root: Optional[Path],
+              record: Callable[[dict[str, Any]], None],
               jobs: int = 1, threads: Optional[int] = None) -> None:
     """Train ``runs`` and pass each row to ``record`` as soon as its run finishes.
 
@@ -56,11 +71,11 @@ def train_all(runs: list[Run], data_dir: Path, cache_root: Optional[Path], recor
         raise ValueError(f"jobs must be a positive integer; got {jobs}")
     if jobs == 1 or len(runs) < 2:
         cache = None if cache_root is None else PropensityCache(cache_root)
-        data: dict[str, CVRData] = {}
+        data: dict[DataSource, CVRData] = {}
         for run in runs:
-            if run.dataset not in data:
-                data = {run.dataset: load_data(run.dataset, run.cfg, data_dir)}
-            record(train_row(data[run.dataset], run, cache))
+            if run.source not in data:
+                data = {run.source: run.source.load(run.cfg, data_dir)}
+            record(train_row(data[run.source], run, cache))
         return
     tasks = [(run,) for run in runs]
     for n, row in enumerate(in_workers(_worker_row, tasks, jobs, threads, shared=(data_dir, cache_root)), 1):
@@ -92,7 +107,7 @@ def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: O
 
 
 _SHARED: tuple = ()  # a worker's `shared` arguments
-_WORKER_DATA: dict[str, CVRData] = {}  # a table3 worker's data sets, loaded once each
+_WORKER_DATA: dict[DataSource, CVRData] = {}  # a table3 worker's data sets, loaded once each
 
 
 def _start_worker(threads: int, shared: tuple) -> None:
@@ -105,8 +120,8 @@ def _call(fn: Callable[..., Any], task: tuple) -> Any:
     return fn(*_SHARED, *task)
 
 
-def _worker_row(data_dir: Path, cache_root: Optional[Path], run: Run) -> dict[str, Any]:
-    if run.dataset not in _WORKER_DATA:
-        _WORKER_DATA[run.dataset] = load_data(run.dataset, run.cfg, data_dir)
+def _worker_row(data_dir: Optional[Path], cache_root: Optional[Path], run: Run) -> dict[str, Any]:
+    if run.source not in _WORKER_DATA:
+        _WORKER_DATA[run.source] = run.source.load(run.cfg, data_dir)
     cache = None if cache_root is None else PropensityCache(cache_root)
-    return train_row(_WORKER_DATA[run.dataset], run, cache, show_progress=False)
+    return train_row(_WORKER_DATA[run.source], run, cache, show_progress=False)

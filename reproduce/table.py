@@ -1,4 +1,5 @@
-"""results.csv (one row per finished run, written atomically, resumable) and table3.md.
+"""results.csv (one row per finished run, written atomically, resumable), history.csv (the runs'
+per-epoch rows) and table3.md.
 
 The paper's Table 3 numbers appear only here, as the "paper" column beside ours.
 """
@@ -14,10 +15,11 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from .methods import METHODS, TABLE3_ROWS
+from .train import HISTORY_COLUMNS
 
 COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "ndcg_strict", "recall_strict",
            "epochs", "propensity_epochs", "propensity_seconds", "propensity_cached", "max_epochs", "signature",
-           "threads", "status")
+           "threads", "batch_size", "train_fraction", "device", "status")
 #: Columns of a tuning log (``python -m reproduce tune``): one validation run per row, ``params`` as JSON.
 TUNE_COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "max_epochs", "signature",
                 "threads", "status", "trial", "params")
@@ -68,13 +70,13 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
         rows = []
         for row in reader:
             for key, value in row.items():
-                if key in ("dataset", "method", "signature", "status", "params") or value in (None, ""):
+                if key in ("dataset", "method", "signature", "status", "params", "device", "stage") or value in (None, ""):
                     continue
                 if key == "propensity_cached":
                     row[key] = value == "True"
                     continue
                 row[key] = int(value) if key in ("seed", "k", "epochs", "propensity_epochs", "max_epochs",
-                                                  "threads", "trial") else float(value)
+                                                  "threads", "trial", "batch_size", "epoch") else float(value)
             rows.append(row)
     return rows
 
@@ -100,10 +102,42 @@ def append_result(path: str | os.PathLike, row: dict[str, Any], columns: tuple[s
         for previous in csv.DictReader(io.StringIO(old)):
             writer.writerow({c: previous.get(c) or "" for c in columns})
     writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
+    _replace(path, buf.getvalue())
+
+
+#: Columns of history.csv: the run's key, then :data:`reproduce.train.HISTORY_COLUMNS`.
+HISTORY_FILE_COLUMNS = ("dataset", "method", "seed", "signature") + HISTORY_COLUMNS
+
+
+def write_history(path: str | os.PathLike, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Put the per-epoch rows ``history`` of the run ``row`` (a results row: its run key) into
+    ``history.csv``, replacing rows an earlier, interrupted attempt of the same run left; the whole
+    file is rewritten to a temporary file and renamed over the old one."""
+    path = Path(path)
+    key = run_key(row)
+    kept = [r for r in _read_raw(path) if (r["dataset"], r["method"], int(r["seed"]), r["signature"]) != key]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FILE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    ident = {"dataset": row["dataset"], "method": row["method"], "seed": row["seed"], "signature": row["signature"]}
+    writer.writerows({**ident, **{c: _fmt(h.get(c, "")) for c in HISTORY_COLUMNS}} for h in history)
+    _replace(path, buf.getvalue())
+
+
+def _read_raw(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsynced, renamed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(buf.getvalue())
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -139,14 +173,14 @@ def render_table(rows: Iterable[dict[str, Any]], datasets: list[str], methods: O
     for ds in datasets:
         ks = {int(r["k"]) for r in rows if r["dataset"] == ds}
         k = ks.pop() if len(ks) == 1 else {"kuairec": 50}.get(ds, 5)
-        out += [f"## {DATASET_LABELS[ds]}", "",
+        out += [f"## {DATASET_LABELS.get(ds, ds)}", "",
                 f"| method | AUC (ours) | AUC (paper) | Δ | NDCG@{k} (ours) | NDCG@{k} (paper) | Δ | "
                 f"Recall@{k} (ours) | Recall@{k} (paper) | Δ | seconds / run | seeds |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines = [(row, by_table3.get(row)) for row in TABLE3_ROWS] + [(None, m) for m in ablations]
         for row, method in lines:
             label = method.label if method else row
-            paper = PUBLISHED[row][ds] if row else None
+            paper = PUBLISHED[row][ds] if row and ds in DATASET_LABELS else None
             runs = by.get((ds, method.name), []) if method else []
             diverged = sum(1 for r in runs if r.get("status") == "diverged")
             runs = [r for r in runs if r.get("status", "ok") != "diverged"]
@@ -181,8 +215,4 @@ def render_table(rows: Iterable[dict[str, Any]], datasets: list[str], methods: O
 
 
 def write_table(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _replace(Path(path), text)

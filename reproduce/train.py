@@ -7,13 +7,13 @@
    squared error (``propensity_loss``), Adam, batches of ``prop_batch_size`` from a fresh
    permutation per epoch, at most ``propensity_max_epochs`` epochs with the published early
    stopping; then frozen and clipped to ``[gamma, 1]``.
-3. Joint learning (:class:`estimators.JointLearner`): each epoch shuffles the clicked
-   training pairs and walks them in batches of ``batch_size`` (the last partial batch dropped,
-   as the published code does), one step per batch; at most ``max_epochs`` (100) epochs with
-   the published early stopping on the epoch sum of ``sum_B w * l(y_hat', r)`` (training loss
-   only: no validation-based selection).  Every cross-entropy is computed on probabilities as
+3. Joint learning (:class:`estimators.JointLearner`, :func:`estimators.fit`): each epoch
+   shuffles the clicked training pairs and walks them in batches of ``batch_size`` (the last
+   partial batch dropped, as the published code does), one step per batch; at most
+   ``max_epochs`` (100) epochs with the published early stopping on the epoch sum of
+   ``sum_B w * l(y_hat', r)`` (training loss only: no validation-based selection).  Every cross-entropy is computed on probabilities as
    the published code does (``"cross_entropy": "clamped"`` in the configs; see
-   :func:`estimators.training_loss.bce_clamped`): with the exact logit form the imputation model
+   :func:`estimators.joint_loss.bce_clamped`): with the exact logit form the imputation model
    of the tuned BADR runs diverges and Coat's AUC drops from 0.76 to 0.62.  The published code
    takes each step's G*b pairs U as consecutive slices of one permutation of all pairs per
    epoch (``"sampling": "permutation"``, Coat's config); ``"uniform"`` draws them independently
@@ -53,6 +53,12 @@
    with a large ``imp_weight_decay`` (KuaiRec 0.4, Yahoo! R3 0.3), which random search over the
    paper's ranges rarely drew.
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
+
+A run may also record its history (:data:`HISTORY_COLUMNS`): one row per propensity epoch (its
+loss) and one per fit epoch (the mean prediction and imputation losses, the monitored sum, and
+the loss and AUC of the model on the validation pairs, which are read for the record only and
+drive nothing).  The loss on the test pairs per epoch is recorded only when asked
+(``record_test_loss``, for figures); it too drives nothing.
 """
 from __future__ import annotations
 
@@ -63,21 +69,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from cvrdata import CVRData
 from estimators import backend
-from estimators.data import CVRData
-from estimators.early_stopping import EarlyStopping
-from estimators.joint import JointConfig, JointLearner
-from estimators.models import PropensityModel, fit_propensity
+from estimators.training import (Diverged, EpochStats, JointConfig, JointLearner, PropensityModel, fit,
+                                 fit_propensity, propensity_table)
 
-from .config import run_options
+from .config import Config
 from .methods import Method
 from .metrics import auc, ndcg_recall_at_k
 from .progress import Progress
+
+#: Columns of a run's history rows (``history.csv`` adds the run's key in front).
+HISTORY_COLUMNS = ("stage", "epoch", "propensity_loss", "prediction_loss", "imputation_loss", "monitor", "val_loss",
+                   "val_auc", "test_loss", "seconds")
 
 
 def setup_runtime(threads: Optional[int] = None) -> None:
@@ -101,24 +110,38 @@ def setup_runtime(threads: Optional[int] = None) -> None:
         pass
 
 
-def fit_propensities(data: CVRData, cfg: dict[str, Any], params: dict[str, Any], generator: torch.Generator,
-                     progress: Optional[Progress] = None) -> tuple[torch.Tensor, int]:
-    """Unclipped propensities ``(n_users, n_items)`` of the published LR model, and its epoch count."""
-    model = PropensityModel(data.n_users, data.n_items, cfg["dim"])
-    clicks = torch.from_numpy(data.click_matrix())
-    stop = cfg["early_stopping"]
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that exists here (``ValueError`` naming ``--device`` otherwise)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device: {device!r} is not a device name such as cpu or cuda ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda; got {device}")
+    return device
+
+
+def fit_propensities(data: CVRData, cfg: Config, params: dict[str, Any], generator: torch.Generator,
+                     progress: Optional[Progress] = None, device: torch.device = torch.device("cpu"),
+                     ) -> tuple[torch.Tensor, int, list[float]]:
+    """Unclipped propensities ``(n_users, n_items)`` of the published LR model, its epoch count and
+    the loss of each epoch."""
+    model = PropensityModel(data.n_users, data.n_items, cfg.dim).to(device)
+    clicks = torch.from_numpy(data.click_matrix()).to(device)
+    losses: list[float] = []
 
     def on_epoch(epoch: int, loss: float) -> None:
+        losses.append(loss)
         if progress is not None:
             progress.update(0, f"propensity epoch {epoch}", f"loss {loss:.4g}")
 
     epochs = fit_propensity(model, clicks, lr=params["prop_lr"], weight_decay=params["prop_weight_decay"],
-                            batch_size=params["prop_batch_size"], max_epochs=cfg["propensity_max_epochs"],
-                            loss=cfg["propensity_loss"], tol=stop["tol"], patience=stop["patience"],
+                            batch_size=params["prop_batch_size"], max_epochs=cfg.propensity_max_epochs,
+                            loss=cfg.propensity_loss, tol=cfg.early_stopping.tol, patience=cfg.early_stopping.patience,
                             generator=generator, on_epoch=on_epoch)
-    with torch.no_grad():
-        a, b = model.user_item_logits()
-        return torch.sigmoid(a[:, None] + b[None, :]), epochs
+    return propensity_table(model, data.n_users, data.n_items), epochs, losses
 
 
 def _data_signature(data: CVRData) -> str:
@@ -130,143 +153,160 @@ def _data_signature(data: CVRData) -> str:
 class PropensityCache:
     """Fitted propensity models shared by the runs that would fit the same one.
 
-    The fit depends only on the data, the seed, the propensity settings and the thread count,
-    and every baseline of a data set shares one propensity block (BADR and its ablations share
-    the authors'), so a table of 12 methods needs 2 fits per data set and seed, not 11.  An
-    entry stores the unclipped propensities and the states of the seeded generator and of
-    torch's global generator after the fit, which a hit restores: the run then makes exactly
-    the draws it would have made after fitting (same parameters, bitwise).  Entries are
-    written atomically under ``root``; ``seconds`` of a run that hits counts the load only and
+    The fit depends only on the data, the seed, the propensity settings, the thread count and the
+    device, and every baseline of a data set shares one propensity block (BADR and its ablations
+    share the authors'), so a table of 12 methods needs 2 fits per data set and seed, not 11.  An
+    entry stores the unclipped propensities, the epochs' losses and the states of the seeded
+    generator and of torch's global generator after the fit, which a hit restores: the run then
+    makes exactly the draws it would have made after fitting (same parameters, bitwise).  Entries
+    are written atomically under ``root``; ``seconds`` of a run that hits counts the load only and
     its ``propensity_cached`` column says so.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
 
-    def key(self, data: CVRData, cfg: dict[str, Any], params: dict[str, Any], seed: int) -> str:
-        # The backend decides the epochs' permutations (estimators.permutation) and the fit's kernels.
+    def key(self, data: CVRData, cfg: Config, params: dict[str, Any], seed: int,
+            device: torch.device = torch.device("cpu")) -> str:
+        # The backend decides the epochs' permutations (estimators._ext.randperm) and the fit's kernels.
         fields = {"data": _data_signature(data), "seed": seed, "threads": torch.get_num_threads(),
-                  "torch": torch.__version__, "backend": backend(), "dim": cfg["dim"], "loss": cfg["propensity_loss"],
-                  "max_epochs": cfg["propensity_max_epochs"], "early_stopping": cfg["early_stopping"],
+                  "torch": torch.__version__, "backend": backend(), "dim": cfg.dim, "loss": cfg.propensity_loss,
+                  "max_epochs": cfg.propensity_max_epochs,
+                  "early_stopping": {"tol": cfg.early_stopping.tol, "patience": cfg.early_stopping.patience},
                   **{k: params[k] for k in ("prop_lr", "prop_weight_decay", "prop_batch_size")}}
+        if device.type != "cpu":
+            fields["device"] = str(device)
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         return f"{data.name}-{seed}-{digest}"
 
-    def load(self, key: str, generator: torch.Generator) -> Optional[tuple[torch.Tensor, int]]:
+    def load(self, key: str, generator: torch.Generator,
+             device: torch.device = torch.device("cpu")) -> Optional[tuple[torch.Tensor, int, list[float]]]:
         path = self.root / f"{key}.pt"
         if not path.exists():
             return None
         entry = torch.load(path, weights_only=True)
         generator.set_state(entry["generator"])
         torch.set_rng_state(entry["global_rng"])
-        return entry["propensities"], int(entry["epochs"])
+        return entry["propensities"].to(device), int(entry["epochs"]), list(entry.get("losses", []))
 
-    def save(self, key: str, propensities: torch.Tensor, epochs: int, generator: torch.Generator) -> None:
+    def save(self, key: str, propensities: torch.Tensor, epochs: int, losses: list[float],
+             generator: torch.Generator) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{key}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({"propensities": propensities, "epochs": epochs, "generator": generator.get_state(),
-                    "global_rng": torch.get_rng_state()}, tmp)
+        torch.save({"propensities": propensities.cpu(), "epochs": epochs, "losses": losses,
+                    "generator": generator.get_state(), "global_rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, path)
+
+
+def _scores(learner: JointLearner, x: np.ndarray) -> torch.Tensor:
+    xt = torch.from_numpy(x).to(learner.device)
+    return learner.predict(xt[:, 0], xt[:, 1]).to(torch.float64).cpu()
+
+
+def _log_loss(scores: torch.Tensor, y: np.ndarray) -> float:
+    """Mean cross-entropy of the predicted CVR against 0/1 labels (logs clamped at -100)."""
+    return float(torch.nn.functional.binary_cross_entropy(scores, torch.from_numpy(y).to(torch.float64)))
 
 
 def evaluate(learner: JointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
     """AUC, NDCG@k and Recall@k (both variants) of the prediction model on pairs ``x``."""
-    xt = torch.from_numpy(x)
-    scores = learner.predict(xt[:, 0], xt[:, 1]).numpy().astype(np.float64)
+    scores = _scores(learner, x).numpy()
     ndcg, recall = ndcg_recall_at_k(x[:, 0], scores, y, k)
     ndcg_s, recall_s = ndcg_recall_at_k(x[:, 0], scores, y, k, variant="strict")
     return {"auc": auc(scores, y), "ndcg": ndcg, "recall": recall, "ndcg_strict": ndcg_s, "recall_strict": recall_s}
 
 
-def run_one(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str, Any], seed: int, *,
-            max_epochs: Optional[int] = None, split: str = "test", label: str = "",
-            show_progress: bool = True, on_epoch: Optional[Callable[[int, float], None]] = None,
-            propensity_cache: Optional[PropensityCache] = None) -> dict[str, Any]:
+def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], seed: int, *,
+            max_epochs: Optional[int] = None, split: str = "test", label: str = "", show_progress: bool = True,
+            propensity_cache: Optional[PropensityCache] = None, device: str | torch.device = "cpu",
+            history: bool = False, record_test_loss: bool = False) -> dict[str, Any]:
     """Train ``method`` with ``params`` on ``data`` with ``seed``; return metrics on ``split`` and timings.
 
-    With ``propensity_cache``, a propensity model fitted before (same data, seed, settings and
-    thread count) is loaded instead of refitted; the run is the same either way.
+    With ``propensity_cache``, a propensity model fitted before (same data, seed, settings, thread
+    count and device) is loaded instead of refitted; the run is the same either way.  With
+    ``history``, the result's ``"history"`` holds the run's per-epoch rows (:data:`HISTORY_COLUMNS`);
+    ``record_test_loss`` adds the loss on the test pairs to them (for figures: it drives nothing).
+    Raises :class:`estimators.training.Diverged` when the training loss stops being finite.
     """
     if split not in ("test", "val"):
         raise ValueError(f"`split` must be 'test' or 'val'; got {split!r}")
-    max_epochs = cfg["max_epochs"] if max_epochs is None else max_epochs
+    max_epochs = cfg.max_epochs if max_epochs is None else max_epochs
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive integer; got {max_epochs}")
+    device = resolve_device(device)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     progress = Progress(label or f"{data.name} {method.name} seed {seed}", max_epochs) if show_progress else None
+    rows: list[dict[str, Any]] = []
 
     prop_epochs, cached = 0, False
     if method.uses_propensity:
-        key = None if propensity_cache is None else propensity_cache.key(data, cfg, params, seed)
-        hit = None if key is None else propensity_cache.load(key, generator)
-        if hit is None:
-            p_hat, prop_epochs = fit_propensities(data, cfg, params, generator, progress)
-            if key is not None:
-                propensity_cache.save(key, p_hat, prop_epochs, generator)
-        else:
-            (p_hat, prop_epochs), cached = hit, True
         if not 0.0 < params["gamma"] <= 1.0:
             raise ValueError(f"gamma (propensity clipping floor) must lie in (0, 1]; got {params['gamma']}")
+        key = None if propensity_cache is None else propensity_cache.key(data, cfg, params, seed, device)
+        hit = None if key is None else propensity_cache.load(key, generator, device)
+        if hit is None:
+            p_hat, prop_epochs, prop_losses = fit_propensities(data, cfg, params, generator, progress, device)
+            if key is not None:
+                propensity_cache.save(key, p_hat, prop_epochs, prop_losses, generator)
+        else:
+            (p_hat, prop_epochs, prop_losses), cached = hit, True
+        rows += [{"stage": "propensity", "epoch": e, "propensity_loss": loss}
+                 for e, loss in enumerate(prop_losses, start=1)]
         p_hat = p_hat.clamp(params["gamma"], 1.0)
     else:  # MF: no propensity model; w = 1 everywhere
-        p_hat = torch.ones(data.n_users, data.n_items)
+        p_hat = torch.ones(data.n_users, data.n_items, device=device)
     prop_seconds = time.perf_counter() - start
 
     needs_imp = method.imputation_loss is not None
-    jcfg = JointConfig(estimator=method.estimator, imputation_loss=method.imputation_loss, dim=cfg["dim"],
+    jcfg = JointConfig(estimator=method.estimator, imputation_loss=method.imputation_loss, dim=cfg.dim,
                        G=int(params["G"]) if needs_imp else 1, lr=params["lr"], weight_decay=params["weight_decay"],
-                       imp_lr=params.get("imp_lr", 0.0), imp_weight_decay=params.get("imp_weight_decay", 0.0),
-                       alpha=params.get("alpha", 0.5), **run_options(cfg, method))
+                       imp_lr=params.get("imp_lr", 0.02), imp_weight_decay=params.get("imp_weight_decay", 0.0),
+                       alpha=params.get("alpha", 0.5), **cfg.run_options(method))
     learner = JointLearner(p_hat, jcfg, generator=generator)
+    x = torch.from_numpy(data.x_train).to(device)
+    users, items, r = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train).to(device)
 
-    x = torch.from_numpy(data.x_train)
-    users_all, items_all, r_all = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train)
-    n, b = len(r_all), cfg["batch_size"]
-    n_batches = n // b
-    if n_batches == 0:
-        raise ValueError(f"{data.name}: batch_size {b} exceeds the {n} training pairs")
-    stop = EarlyStopping(cfg["early_stopping"]["tol"], cfg["early_stopping"]["patience"])
-    epoch = 0
-    for epoch in range(1, max_epochs + 1):
-        perm = torch.randperm(n, generator=generator)
-        learner.start_epoch()
-        monitor = 0.0
-        try:
-            for j in range(n_batches):
-                idx = perm[j * b:(j + 1) * b]
-                out = learner.step(users_all[idx], items_all[idx], r_all[idx])
-                monitor += out["monitor"]
-        except RuntimeError as exc:  # NaN logits reach the cross-entropy's [0, 1] check
-            if "between 0 and 1" not in str(exc):
-                raise
-            monitor = float("nan")
-        if not np.isfinite(monitor):
-            if progress is not None:
-                progress.close(f"diverged at epoch {epoch}")
-            raise FloatingPointError(f"{data.name} {method.name} seed {seed}: training loss is {monitor} "
-                                     f"at epoch {epoch}; lower the learning rates")
+    def on_epoch(stats: EpochStats) -> None:
         if progress is not None:
-            progress.update(epoch, "fit epochs", f"loss {monitor:.5g}")
-        if on_epoch is not None:
-            on_epoch(epoch, monitor)
-        if stop.should_stop(monitor):
-            break
+            progress.update(stats.epoch, "fit epochs", f"loss {stats.monitor:.5g}")
+        if history:
+            row = {"stage": "fit", "epoch": stats.epoch, "prediction_loss": stats.prediction_loss,
+                   "imputation_loss": stats.imputation_loss, "monitor": stats.monitor,
+                   "seconds": prop_seconds + stats.seconds}
+            scores = _scores(learner, data.x_val)
+            row["val_loss"], row["val_auc"] = _log_loss(scores, data.y_val), auc(scores.numpy(), data.y_val)
+            if record_test_loss:
+                row["test_loss"] = _log_loss(_scores(learner, data.x_test), data.y_test)
+            rows.append(row)
+
+    try:
+        epochs = fit(learner, users, items, r, batch_size=cfg.batch_size, max_epochs=max_epochs,
+                     tol=cfg.early_stopping.tol, patience=cfg.early_stopping.patience, generator=generator,
+                     on_epoch=on_epoch)
+    except Diverged as exc:
+        if progress is not None:
+            progress.close(f"diverged: {exc}")
+        raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
+    epoch = len(epochs)
     fit_seconds = time.perf_counter() - start - prop_seconds
     x_eval, y_eval = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
-    metrics = evaluate(learner, x_eval, y_eval, cfg["k"])
+    metrics = evaluate(learner, x_eval, y_eval, cfg.k)
     seconds = time.perf_counter() - start
     if progress is not None:
-        progress.close(f"done: AUC {metrics['auc']:.4f} NDCG@{cfg['k']} {metrics['ndcg']:.4f} "
-                       f"Recall@{cfg['k']} {metrics['recall']:.4f}  {epoch} epochs, {seconds:.1f}s "
+        progress.close(f"done: AUC {metrics['auc']:.4f} NDCG@{cfg.k} {metrics['ndcg']:.4f} "
+                       f"Recall@{cfg.k} {metrics['recall']:.4f}  {epoch} epochs, {seconds:.1f}s "
                        f"(propensity {prop_seconds:.1f}s)")
-    return {**metrics, "k": cfg["k"], "seconds": seconds, "epochs": epoch, "propensity_epochs": prop_epochs,
-            "propensity_seconds": prop_seconds, "propensity_cached": cached, "fit_seconds": fit_seconds}
+    result = {**metrics, "k": cfg.k, "seconds": seconds, "epochs": epoch, "propensity_epochs": prop_epochs,
+              "propensity_seconds": prop_seconds, "propensity_cached": cached, "fit_seconds": fit_seconds}
+    if history:
+        result["history"] = rows
+    return result
 
 
-def run_or_diverged(data: CVRData, cfg: dict[str, Any], method: Method, params: dict[str, Any], seed: int,
+def run_or_diverged(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], seed: int,
                     **kwargs: Any) -> dict[str, Any]:
     """:func:`run_one`'s result with ``status`` "ok"; a run whose training diverges is not raised but
     said on stderr and returned with NaN metrics and ``status`` "diverged", so that a resumed
@@ -274,8 +314,8 @@ def run_or_diverged(data: CVRData, cfg: dict[str, Any], method: Method, params: 
     start = time.perf_counter()
     try:
         return {**run_one(data, cfg, method, params, seed, **kwargs), "status": "ok"}
-    except FloatingPointError as exc:
+    except FloatingPointError as exc:  # Diverged, from run_one
         print(exc, file=sys.stderr)
         nan = float("nan")
-        return {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan, "k": cfg["k"],
+        return {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan, "k": cfg.k,
                 "seconds": time.perf_counter() - start, "status": "diverged"}

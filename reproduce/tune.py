@@ -30,9 +30,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from estimators.data import CVRData
+from cvrdata import CVRData
 
-from .config import run_signature
+from .config import Config, run_signature
 from .methods import SEARCH_SPACE, TUNED_PROPENSITY_KEYS, Method
 from .runs import in_workers
 from .table import TUNE_COLUMNS, append_result, read_results, run_key
@@ -91,13 +91,17 @@ def grid_candidates(method: Method, base: dict[str, Any], grid: dict[str, Sequen
     return [base] + [{**base, **{k: cast[k](v) for k, v in zip(keys, point)}} for point in points]
 
 
-def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequence[dict[str, Any]], *,
+def tune(data: CVRData, cfg: Config, method: Method, candidates: Sequence[dict[str, Any]], *,
          max_epochs: Optional[int] = None, n_seeds: int = 1,
          on_trial: Optional[Callable[[int, dict[str, Any], float], None]] = None,
          propensity_cache: Optional[PropensityCache] = None,
          log: Optional[str | os.PathLike] = None, jobs: int = 1,
-         threads: Optional[int] = None) -> tuple[dict[str, Any], float]:
+         threads: Optional[int] = None, device: str = "cpu",
+         extra: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], float]:
     """Best ``(params, validation AUC)`` over ``candidates`` (trial ``t`` is ``candidates[t]``).
+
+    ``device`` is where the runs train; ``extra`` goes into their signatures
+    (:func:`reproduce.config.run_signature`).
 
     Trials that share propensity settings share their fits through ``propensity_cache``; runs
     found in ``log`` (a CSV of :data:`reproduce.table.TUNE_COLUMNS`) are reused, new ones appended.
@@ -110,7 +114,7 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
         raise ValueError("no candidates to tune over")
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer; got {jobs}")
-    max_epochs = cfg["max_epochs"] if max_epochs is None else max_epochs
+    max_epochs = cfg.max_epochs if max_epochs is None else max_epochs
     done = {run_key(row): row for row in read_results(log)} if log is not None else {}
 
     def record(row: dict[str, Any]) -> None:
@@ -121,25 +125,26 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
     if jobs > 1:
         todo, seen = [], set()
         for trial, params in enumerate(candidates):
-            sig = run_signature(cfg, method, params, max_epochs)
-            for seed in cfg["seeds"][:n_seeds]:
+            sig = run_signature(cfg, method, params, max_epochs, extra)
+            for seed in cfg.seeds[:n_seeds]:
                 key = (data.name, method.name, seed, sig)
                 if key not in done and key not in seen:
                     seen.add(key)
                     todo.append((params, seed, trial, sig, False))
-        shared = (data, cfg, method, max_epochs, propensity_cache)
+        shared = (data, cfg, method, max_epochs, propensity_cache, device)
         for n, row in enumerate(in_workers(_validation_run, todo, jobs, threads, shared), 1):
             record(row)
             print(f"[{n}/{len(todo)}] {data.name} {method.name} trial {row['trial']} seed {row['seed']}: "
                   f"{row['status']}, validation AUC {row['auc']:.4f}", file=sys.stderr)
     best, best_auc = None, -math.inf
     for trial, params in enumerate(candidates):
-        sig = run_signature(cfg, method, params, max_epochs)
+        sig = run_signature(cfg, method, params, max_epochs, extra)
         aucs = []
-        for seed in cfg["seeds"][:n_seeds]:
+        for seed in cfg.seeds[:n_seeds]:
             row = done.get((data.name, method.name, seed, sig))
             if row is None:
-                row = _validation_run(data, cfg, method, max_epochs, propensity_cache, params, seed, trial, sig)
+                row = _validation_run(data, cfg, method, max_epochs, propensity_cache, device, params, seed, trial,
+                                      sig)
                 record(row)
             if row["status"] != "ok":
                 aucs.append(-math.inf)  # diverged: a learning rate too large for this method
@@ -155,13 +160,14 @@ def tune(data: CVRData, cfg: dict[str, Any], method: Method, candidates: Sequenc
     return best, best_auc
 
 
-def _validation_run(data: CVRData, cfg: dict[str, Any], method: Method, max_epochs: int,
-                    propensity_cache: Optional[PropensityCache], params: dict[str, Any], seed: int, trial: int,
-                    sig: str, show_progress: bool = True) -> dict[str, Any]:
+def _validation_run(data: CVRData, cfg: Config, method: Method, max_epochs: int,
+                    propensity_cache: Optional[PropensityCache], device: str, params: dict[str, Any], seed: int,
+                    trial: int, sig: str, show_progress: bool = True) -> dict[str, Any]:
     """One training run scored on the validation split, as a row of the tuning log (the arguments
     shared by a search's runs first, for :func:`reproduce.runs.in_workers`)."""
     row = {"dataset": data.name, "method": method.name, "seed": seed, "max_epochs": max_epochs, "signature": sig,
            "threads": torch.get_num_threads(), "trial": trial, "params": json.dumps(params, sort_keys=True)}
     return {**row, **run_or_diverged(data, cfg, method, params, seed, max_epochs=max_epochs, split="val",
                                      label=f"tune {data.name} {method.name} trial {trial} seed {seed}",
-                                     show_progress=show_progress, propensity_cache=propensity_cache)}
+                                     show_progress=show_progress, propensity_cache=propensity_cache,
+                                     device=device)}

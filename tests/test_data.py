@@ -1,4 +1,4 @@
-"""Tests of ``estimators.data``: the reference data sets against the BADR paper's Table 2,
+"""Tests of ``cvrdata``: the reference data sets against the BADR paper's Table 2,
 original vs processed format, the seeded validation split, and every error path."""
 import json
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from estimators.data import DATASETS, CVRData, load_dataset, load_split, resolve_data_dir
+from cvrdata import DATASETS, CVRData, load_dataset, load_split, resolve_data_dir
 
 # BADR paper, Table 2: users, items, #biased (train), #unbiased (val + test).
 TABLE2 = {

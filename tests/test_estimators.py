@@ -143,7 +143,9 @@ def np_eq32(e, e_hat, o, p_hat, mag=False):
 
 
 REFERENCE_ESTIMATORS = {"naive": np_naive, "ips": np_ips, "snips": np_snips, "eib": np_eib, "dr": np_dr, "badr": np_badr}
-REFERENCE_IMPUTATION = {"dr": np_eq6, "mrdr": np_eq8, "dr_bias": np_eq9, "dr_mse": np_eq10, "badr": np_eq32}
+# badr and badr_paper are one quantity, eq. (32), trained in two ways (tests/test_joint.py checks both).
+REFERENCE_IMPUTATION = {"dr": np_eq6, "mrdr": np_eq8, "dr_bias": np_eq9, "dr_mse": np_eq10, "badr": np_eq32,
+                        "badr_paper": np_eq32}
 
 
 # Theory: Table 1 (signed E[L] - L_ideal, i.e. minus the printed (p_hat - p) form), eqs. (16), (20), (25)-(26)
@@ -267,7 +269,7 @@ def _close(got, ref_fn, *args, rtol=RTOL, **kw) -> bool:
 def test_estimator_matches_equation(name, data):
     """Each estimator equals the numpy transcription of its equation (float64, rtol 1e-10), and
     NaN errors on unclicked pairs reach neither the value nor the gradient."""
-    fn, names = ESTIMATORS[name]
+    fn, names = ESTIMATORS[name].function, ESTIMATORS[name].reads
     value, kw = _call(fn, names, data, grad=True)
     e, e_hat, o, p_hat, _ = data
     _close(value.detach(), REFERENCE_ESTIMATORS[name], *[{"e": e, "e_hat": e_hat, "o": o, "p_hat": p_hat}[k] for k in names])
@@ -281,7 +283,7 @@ def test_estimator_matches_equation(name, data):
 def test_imputation_loss_matches_equation(name, data):
     """Each imputation loss equals its equation (eqs. 6, 8, 9, 10 with alpha = 0.5, 32): float64,
     rtol 1e-10, finite gradients in ``e_hat`` with NaN errors on unclicked pairs."""
-    fn = IMPUTATION_LOSSES[name]
+    fn = IMPUTATION_LOSSES[name].function
     value, kw = _call(fn, ("e", "e_hat", "o", "p_hat"), data, grad=True)
     e, e_hat, o, p_hat, _ = data
     _close(value.detach(), REFERENCE_IMPUTATION[name], e, e_hat, o, p_hat)
@@ -321,7 +323,7 @@ def test_two_d_is_mean_of_batches():
     o = (rng.random((3, 7)) < 0.5).astype(float)
     o[:, 0] = 1
     arrays = (rng.random((3, 7)), rng.random((3, 7)), o, 0.05 + 0.95 * rng.random((3, 7)))
-    fns = [(fn, names) for fn, names in ESTIMATORS.values()] + [(fn, ("e", "e_hat", "o", "p_hat")) for fn in IMPUTATION_LOSSES.values()]
+    fns = [(spec.function, spec.reads) for spec in (*ESTIMATORS.values(), *IMPUTATION_LOSSES.values())]
     for fn, names in fns:
         whole = float(_call(fn, names, arrays)[0])
         rows = [float(_call(fn, names, tuple(a[k] for a in arrays))[0]) for k in range(3)]
@@ -339,8 +341,8 @@ def _good(b=5, k=None):
             "o": o, "p_hat": torch.full(shape, 0.5, dtype=torch.float64)}
 
 
-ALL_FUNCTIONS = [pytest.param(fn, names, id=f"estimator-{name}") for name, (fn, names) in ESTIMATORS.items()] + [
-    pytest.param(fn, ("e", "e_hat", "o", "p_hat"), id=f"imputation-{name}") for name, fn in IMPUTATION_LOSSES.items()]
+ALL_FUNCTIONS = [pytest.param(s.function, s.reads, id=f"estimator-{name}") for name, s in ESTIMATORS.items()] + [
+    pytest.param(s.function, s.reads, id=f"imputation-{name}") for name, s in IMPUTATION_LOSSES.items()]
 
 
 @pytest.mark.parametrize("fn, names", ALL_FUNCTIONS)
@@ -404,10 +406,10 @@ def test_theory_validation():
 # ----------------------------------------------------------------------------------------------
 # 3. Common tests over the registries
 # ----------------------------------------------------------------------------------------------
-REGISTRY = [pytest.param(fn, names, REFERENCE_ESTIMATORS.get(name), id=f"estimator-{name}")
-            for name, (fn, names) in ESTIMATORS.items()] + [
-    pytest.param(fn, ("e", "e_hat", "o", "p_hat"), REFERENCE_IMPUTATION.get(name), id=f"imputation-{name}")
-    for name, fn in IMPUTATION_LOSSES.items()]
+REGISTRY = [pytest.param(s.function, s.reads, REFERENCE_ESTIMATORS.get(name), id=f"estimator-{name}")
+            for name, s in ESTIMATORS.items()] + [
+    pytest.param(s.function, s.reads, REFERENCE_IMPUTATION.get(name), id=f"imputation-{name}")
+    for name, s in IMPUTATION_LOSSES.items()]
 
 
 def test_every_registered_function_has_a_reference():

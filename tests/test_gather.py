@@ -11,13 +11,15 @@ import os
 import pytest
 import torch
 
-from estimators import _adam, gather
-from estimators.gather import gather_dot, gather_dot_grad, gather_dot_reference
+from estimators import _ext
+from estimators.training import gather
+from estimators.training import optim as _adam
+from estimators.training.gather import gather_dot, gather_dot_grad, gather_dot_reference
 
 
 @pytest.fixture
 def operator():
-    if not gather.HAS_OPERATOR:
+    if not _ext.gather_dot is not None:
         message = "estimators._C is not built with cvr::gather_dot; build it with `python setup.py build_ext --inplace`"
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
@@ -92,7 +94,7 @@ def test_deterministic_for_1_and_2_threads():
     (lambda P, Q, r, c: (P, Q, r.int(), c), "int64"),
 ])
 def test_bad_input_raises_value_error(backend, mutate, match, monkeypatch):
-    if backend == "fused" and not gather.HAS_OPERATOR:
+    if backend == "fused" and not _ext.gather_dot is not None:
         pytest.skip("extension not built")
     monkeypatch.setenv("CVR_BACKEND", backend)
     with pytest.raises(ValueError, match=match):
@@ -109,7 +111,7 @@ def test_reference_backend_is_the_definition(monkeypatch):
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("n", [4640, 1001])  # a Coat table; a length with a scalar tail
 def test_adam_equals_torch_adam_bitwise(backend, n, monkeypatch):
-    if backend == "fused" and not _adam._HAS_OPERATOR:
+    if backend == "fused" and not _ext.adam_ is not None:
         pytest.skip("extension not built")
     monkeypatch.setenv("CVR_BACKEND", backend)
     g = torch.Generator().manual_seed(0)
@@ -128,7 +130,7 @@ def test_adam_equals_torch_adam_bitwise(backend, n, monkeypatch):
 
 
 @needs_operator
-@pytest.mark.skipif(not (gather.HAS_OPERATOR and torch.cuda.is_available() and gather._fused._C.with_cuda),
+@pytest.mark.skipif(not (_ext.gather_dot is not None and torch.cuda.is_available() and _ext.with_cuda()),
                     reason="needs a GPU and an extension built with CUDA")
 @pytest.mark.parametrize("dtype, close", [(torch.float64, dict(rtol=1e-10, atol=1e-10)),
                                           (torch.float32, dict(rtol=1e-5, atol=1e-3))])

@@ -1,7 +1,7 @@
 """Joint-learning losses (from logits) and the JointLearner step.
 
 The training-level losses are checked against a direct numpy transcription of the formulas
-in ``estimators.training_loss`` (which follow ../shared/notes/published-protocols.md and the
+in ``estimators.joint_loss`` (which follow ../shared/notes/published-protocols.md and the
 paper's eqs. 6-10, 13, 32), in float64.
 """
 import numpy as np
@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from estimators import JointConfig, JointLearner, badr_imputation_loss, imputation_loss, prediction_loss
-from estimators.training_loss import (IMPUTATION_LOSSES, IMPUTATION_LOSSES_DR, PREDICTION_ESTIMATORS,
-                                      imputation_loss_and_grads, imputation_loss_reference)
+from estimators.registry import ESTIMATORS
+from estimators.registry import IMPUTATION_LOSSES as IMPUTATION_SPECS
+from estimators.training.losses import imputation_loss_and_grads, imputation_loss_reference
+
+PREDICTION_ESTIMATORS = tuple(ESTIMATORS)
+IMPUTATION_LOSSES = tuple(IMPUTATION_SPECS)
+IMPUTATION_LOSSES_DR = tuple(k for k, spec in IMPUTATION_SPECS.items() if spec.dr_family)
 
 RTOL = 1e-10
 
@@ -48,8 +53,10 @@ def _numpy_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u):
         return (w * e).sum() / len(e)
     if estimator == "snips":
         return (w * e).sum() / w.sum()
+    if estimator == "eib":  # eq. (5): DR with w = 1
+        w = np.ones_like(w)
     num = (w * e).sum() - _bce(x_b, _sigmoid(xt_b)).sum() + _bce(x_u, _sigmoid(xt_u)).sum()
-    return num / (len(x_u) if estimator == "dr" else w.sum())
+    return num / (w.sum() if estimator == "badr" else len(x_u))
 
 
 def _dr_family_weights(kind, p_hat_b, alpha=0.3):
@@ -198,7 +205,7 @@ def test_losses_reject_shape_mismatch_and_missing_u(step_inputs):
         prediction_loss("badr", t["x_b"], t["r_b"], t["p_hat_b"])
     with pytest.raises(ValueError, match="xt_u"):
         imputation_loss("badr", t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"])
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="unknown imputation loss 'ips'"):
         imputation_loss("ips", t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"])
 
 

@@ -5,12 +5,11 @@ import pytest
 import torch
 
 from estimators import MF, PropensityModel, fit_propensity
-from estimators import _fused
-from estimators.early_stopping import EarlyStopping
-from estimators.models import _HAS_STEP
-from estimators.permutation import randperm
+from estimators import _ext
+from estimators._ext import randperm
+from estimators.training.early_stopping import EarlyStopping
 
-needs_step = pytest.mark.skipif(not (_HAS_STEP and _fused.backend() == "fused"),
+needs_step = pytest.mark.skipif(not (_ext.propensity_step_ is not None and _ext.backend() == "fused"),
                                 reason="cvr::propensity_step_ is not built (or CVR_BACKEND=reference)")
 
 
@@ -159,7 +158,7 @@ def test_propensity_step_rejects_bad_pairs():
 def test_randperm_rejects_bad_input():
     with pytest.raises(ValueError, match="`n`"):
         randperm(-1)
-    if _HAS_STEP:
+    if _ext.propensity_step_ is not None:
         with pytest.raises(ValueError, match="`out`"):
             torch.ops.cvr.randperm_(torch.empty(4, dtype=torch.int32), 0)
 

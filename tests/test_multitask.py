@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from estimators.multitask import ESCM2, escm2_loss
+from estimators import ESCM2, escm2_loss
 
 
 def _sig(x):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from estimators.data import load_dataset
-from reproduce.config import load_config, method_params
+from cvrdata import load_dataset
+from reproduce.config import load_config
 from reproduce.methods import get_method
 from reproduce.train import PropensityCache, run_one
 
@@ -17,7 +17,7 @@ def coat(data_dir):
 def test_hit_restores_the_run_exactly(coat, tmp_path):
     cfg = load_config("coat")
     method = get_method("dr_jl")
-    params = method_params(cfg, method)
+    params = cfg.method_params(method)
     cache = PropensityCache(tmp_path)
     runs = [run_one(coat, cfg, method, params, 2024, max_epochs=2, show_progress=False, propensity_cache=cache)
             for _ in range(2)]
@@ -35,6 +35,6 @@ def test_hit_restores_the_run_exactly(coat, tmp_path):
 def test_gamma_outside_the_unit_interval_is_a_value_error(coat):
     cfg = load_config("coat")
     method = get_method("ips")
-    params = {**method_params(cfg, method), "gamma": 0.0}
+    params = {**cfg.method_params(method), "gamma": 0.0}
     with pytest.raises(ValueError, match="gamma"):
         run_one(coat, cfg, method, params, 2024, max_epochs=1, show_progress=False)

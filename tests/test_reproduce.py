@@ -1,15 +1,18 @@
 """The reproduction CLI (``python -m reproduce``): metrics, registry/configs, end to end."""
+import copy
 import csv
+import dataclasses
 import json
 import shutil
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from estimators.training_loss import bce_clamped, bce_with_logits
-from estimators.models import PropensityModel, fit_propensity
+from estimators.joint_loss import bce_clamped, bce_with_logits
+from estimators.training import PropensityModel, fit_propensity
 from reproduce import config as C
 from reproduce.__main__ import main
 from reproduce.methods import METHODS, PROPENSITY_KEYS, SEARCH_SPACE, TABLE3_ROWS, parse_methods
@@ -92,10 +95,10 @@ def test_configs_cover_registry_and_badr_values():
                 "kuairec": (0.07641, 5, 0.006153, 1.071e-4, 0.07647, 1.418e-4, 0.04798, 0.9424, 32768)}
     for ds, values in expected.items():
         cfg = C.load_config(ds)
-        assert (cfg["dim"], cfg["batch_size"]) == {"yahoo": (64, 4096), "coat": (16, 128), "kuairec": (64, 4096)}[ds]
+        assert (cfg.dim, cfg.batch_size) == {"yahoo": (64, 4096), "coat": (16, 128), "kuairec": (64, 4096)}[ds]
         for method in METHODS.values():
-            C.method_params(cfg, method)  # every method has all its keys
-        p = C.method_params(cfg, METHODS["badr"])
+            cfg.method_params(method)  # every method has all its keys
+        p = cfg.method_params(METHODS["badr"])
         keys = ("gamma", "G", "lr", "weight_decay", "imp_lr", "imp_weight_decay", "prop_lr", "prop_weight_decay",
                 "prop_batch_size")
         assert tuple(p[k] for k in keys) == pytest.approx(values)
@@ -103,22 +106,35 @@ def test_configs_cover_registry_and_badr_values():
     assert {m.table3_row for m in METHODS.values() if m.table3_row} <= set(TABLE3_ROWS)
 
 
+def _raw(name="coat"):
+    """A deep copy of a shipped config's JSON, to edit and parse."""
+    return copy.deepcopy(dict(C.load_config(name).raw))
+
+
+def _parse(raw, name="coat"):
+    return C.parse_config(raw, Path(f"{name}.json"))
+
+
 def test_propensity_block_shared_unless_overridden():
     cfg = C.load_config("coat")
     for method in METHODS.values():
-        params, entry = C.method_params(cfg, method), cfg["methods"][method.name]
+        params, entry = cfg.method_params(method), cfg.methods[method.name].params
         if not method.uses_propensity:
             assert not set(PROPENSITY_KEYS) & set(params)
             continue
-        source = entry if method.estimator == "badr" else cfg["propensity"]  # BADR: the authors' values
+        source = entry if method.estimator == "badr" else cfg.propensity  # BADR: the authors' values
         assert {k: params[k] for k in PROPENSITY_KEYS} == {k: source[k] for k in PROPENSITY_KEYS}
-    cfg["methods"]["mf"]["prop_lr"] = 0.01
-    with pytest.raises(ValueError, match="uses no propensity model"):
-        C.method_params(cfg, METHODS["mf"])
-    del cfg["propensity"]["prop_lr"]
-    with pytest.raises(ValueError, match="propensity.prop_lr"):
-        C.method_params(cfg, METHODS["ips"])
-    C.method_params(cfg, METHODS["badr"])  # overrides the block
+    raw = _raw()
+    raw["methods"]["mf"]["prop_lr"] = 0.01
+    with pytest.raises(ValueError, match="coat.json: methods.mf.prop_lr is a propensity setting, but the method uses "
+                                         "no propensity model"):
+        _parse(raw)
+    raw = _raw()
+    del raw["propensity"]["prop_lr"]
+    with pytest.raises(ValueError, match="coat.json: methods.ips lacks propensity.prop_lr"):
+        _parse(raw)
+    raw["methods"] = {name: raw["methods"][name] for name in ("mf", "badr")}
+    assert _parse(raw).method_params(METHODS["badr"])["prop_lr"] == 0.03177  # BADR overrides the block
 
 
 def test_large_propensity_weight_decay_fits_a_constant():
@@ -142,13 +158,14 @@ def test_large_propensity_weight_decay_fits_a_constant():
 
 def test_kuairec_baselines_propensity_block_tuned_badr_keeps_authors():
     cfg = C.load_config("kuairec")
-    assert cfg["propensity"]["status"].startswith("tuned:")
-    assert cfg["propensity"]["prop_weight_decay"] < 1e-3  # not the authors' 0.9424, which fits a constant
-    assert C.method_params(cfg, METHODS["badr"])["prop_weight_decay"] == pytest.approx(0.9424)
+    assert cfg.raw["propensity"]["status"].startswith("tuned:")
+    assert cfg.propensity["prop_weight_decay"] < 1e-3  # not the authors' 0.9424, which fits a constant
+    assert cfg.method_params(METHODS["badr"])["prop_weight_decay"] == pytest.approx(0.9424)
 
 
 def test_parse_methods():
     assert [m.name for m in parse_methods("mf, badr")] == ["mf", "badr"]
+    assert [m.name for m in parse_methods("mf,badr,mf")] == ["mf", "badr"]  # each once
     assert len(parse_methods("all")) == len(METHODS)
     with pytest.raises(ValueError, match="unknown method"):
         parse_methods("mf,stable_dr")
@@ -166,54 +183,61 @@ def test_imputed_error_key_reaches_the_dr_family_and_the_signature():
     """"imputed_error" (default "paper" when absent) applies to the DR-family imputation losses;
     absent and "paper" give one signature, "published" gives those methods new ones; "sampling"
     reaches the signatures of the methods that draw U, and only theirs."""
-    cfg = _without_entry_forms(C.load_config("coat"))
-    absent = {k: v for k, v in cfg.items() if k != "imputed_error"}
-    published = {**cfg, "imputed_error": "published"}
+    raw = _raw_without_entry_forms()
+    cfg = _parse(raw)
+    absent = _parse({k: v for k, v in raw.items() if k != "imputed_error"})
+    published = _parse({**raw, "imputed_error": "published"})
+    other = "uniform" if cfg.sampling == "permutation" else "permutation"
+    resampled_cfg = _parse({**raw, "sampling": other})
     for method in METHODS.values():
-        params = C.method_params(cfg, method)
+        params = cfg.method_params(method)
         sigs = [C.run_signature(c, method, params, 100) for c in (absent, cfg, published)]
         assert sigs[0] == sigs[1]
         dr_family = method.imputation_loss in ("dr", "mrdr", "dr_bias", "dr_mse")
-        assert C.imputed_error(published, method) == ("published" if dr_family else "paper")
+        assert published.imputed_error_of(method) == ("published" if dr_family else "paper")
         assert (sigs[2] != sigs[1]) == dr_family, method.name
-        other = "uniform" if cfg.get("sampling", "uniform") == "permutation" else "permutation"
-        resampled = C.run_signature({**cfg, "sampling": other}, method, params, 100)
+        resampled = C.run_signature(resampled_cfg, method, params, 100)
         assert (resampled != sigs[1]) == (method.imputation_loss is not None), method.name
-    with pytest.raises(ValueError, match="'imputed_error' must be one of"):
-        C.imputed_error({**cfg, "imputed_error": "swapped"}, METHODS["mf"])
+    with pytest.raises(ValueError, match="coat.json: imputed_error must be one of paper, published; got 'swapped'"):
+        _parse({**raw, "imputed_error": "swapped"})
 
 
-def _without_entry_forms(cfg: dict) -> dict:
-    """``cfg`` with the methods' own "imputed_error" overrides removed (the protocol key stays)."""
-    methods = {m: {k: v for k, v in e.items() if k != "imputed_error"} for m, e in cfg["methods"].items()}
-    return {**cfg, "methods": methods}
+def _raw_without_entry_forms() -> dict:
+    """Coat's config with the methods' own "imputed_error" overrides removed (the protocol key stays)."""
+    raw = _raw()
+    raw["methods"] = {m: {k: v for k, v in e.items() if k != "imputed_error"} for m, e in raw["methods"].items()}
+    return raw
 
 
 def test_a_method_entry_overrides_the_imputed_error(tmp_path):
     """A DR-family method's entry may set its own form (and its signature follows it); the entry
     of a method without a DR-family imputation loss may not; the tuner keeps the override."""
-    cfg = _without_entry_forms(C.load_config("coat"))
-    cfg["imputed_error"] = "paper"
-    own = {**cfg, "methods": {**cfg["methods"], "badr_dr": {**cfg["methods"]["badr_dr"], "imputed_error": "published"}}}
-    assert C.imputed_error(own, METHODS["badr_dr"]) == "published"
-    assert C.imputed_error(own, METHODS["dr_jl"]) == "paper"
-    params = C.method_params(cfg, METHODS["badr_dr"])
+    raw = _raw_without_entry_forms()
+    raw["imputed_error"] = "paper"
+    cfg = _parse(raw)
+    own_raw = copy.deepcopy(raw)
+    own_raw["methods"]["badr_dr"]["imputed_error"] = "published"
+    own = _parse(own_raw)
+    assert own.imputed_error_of(METHODS["badr_dr"]) == "published"
+    assert own.imputed_error_of(METHODS["dr_jl"]) == "paper"
+    params = cfg.method_params(METHODS["badr_dr"])
     assert C.run_signature(own, METHODS["badr_dr"], params, 100) != C.run_signature(cfg, METHODS["badr_dr"], params, 100)
     for name, value, match in (("badr", "published", "only to the DR-family"), ("ips", "paper", "only to the DR-family"),
-                               ("dr_jl", "swapped", "method 'dr_jl'.*must be one of")):
-        bad = {**cfg, "methods": {**cfg["methods"], name: {**cfg["methods"][name], "imputed_error": value}}}
+                               ("dr_jl", "swapped", "methods.dr_jl.imputed_error must be one of")):
+        bad = copy.deepcopy(raw)
+        bad["methods"][name]["imputed_error"] = value
         with pytest.raises(ValueError, match=match):
-            C.imputed_error(bad, METHODS[name])
+            _parse(bad)
     cfg_dir = tmp_path / "configs"
     cfg_dir.mkdir()
-    (cfg_dir / "coat.json").write_text(json.dumps(own))
-    C.save_method_params("coat", METHODS["badr_dr"], params, "tuned", config_dir=cfg_dir)
-    assert C.load_config("coat", cfg_dir)["methods"]["badr_dr"]["imputed_error"] == "published"
+    (cfg_dir / "coat.json").write_text(json.dumps(own_raw))
+    C.save_method_params(C.load_config("coat", cfg_dir), METHODS["badr_dr"], params, "tuned")
+    assert C.load_config("coat", cfg_dir).methods["badr_dr"].imputed_error == "published"
 
 
 def test_run_one_trains_with_the_configured_imputed_error(data_dir, monkeypatch):
     import reproduce.train as T
-    from estimators.data import load_dataset
+    from cvrdata import load_dataset
 
     seen = []
 
@@ -224,13 +248,12 @@ def test_run_one_trains_with_the_configured_imputed_error(data_dir, monkeypatch)
 
     monkeypatch.setattr(T, "JointLearner", Recording)
     cfg = C.load_config("coat")
-    data = load_dataset("coat", data_dir, threshold=cfg["split"]["threshold"],
-                        val_fraction=cfg["split"]["val_pct"] / 100)
+    data = load_dataset("coat", data_dir, threshold=cfg.split.threshold, val_fraction=cfg.split.val_pct / 100)
     for name in ("dr_jl", "badr"):
         method = METHODS[name]
         for form in ("paper", "published"):
-            T.run_one(data, {**cfg, "imputed_error": form}, method, C.method_params(cfg, method), 2024, max_epochs=1,
-                      split="val", show_progress=False)
+            T.run_one(data, dataclasses.replace(cfg, imputed_error=form), method, cfg.method_params(method), 2024,
+                      max_epochs=1, split="val", show_progress=False)
     assert seen == ["paper", "published", "paper", "paper"]
 
 
@@ -302,13 +325,13 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
     assert [(r["trial"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok")]
     assert all(r["dataset"] == "coat" and r["method"] == "mf" and json.loads(r["params"]) for r in rows)
     low, high, _ = SEARCH_SPACE["lr"]
-    assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat")["methods"]["mf"]["lr"]
+    assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat").methods["mf"].params["lr"]
 
 
 def test_grid_candidates_are_the_product_after_the_config():
     from reproduce.tune import grid_candidates, random_candidates
 
-    base = C.method_params(C.load_config("coat"), METHODS["dr_jl"])
+    base = C.load_config("coat").method_params(METHODS["dr_jl"])
     grid = grid_candidates(METHODS["dr_jl"], base, {"G": [1.0, 2.0], "lr": [0.01, 0.02, 0.03]})
     assert grid[0] == base and len(grid) == 7
     assert {(c["G"], c["lr"]) for c in grid[1:]} == {(g, lr) for g in (1, 2) for lr in (0.01, 0.02, 0.03)}
@@ -317,10 +340,10 @@ def test_grid_candidates_are_the_product_after_the_config():
                                          ({"prop_lr": [0.01]}, False, "need --propensity"), ({"lr": []}, False, "no values")):
         with pytest.raises(ValueError, match=match):
             grid_candidates(METHODS["dr_jl"], base, grid_spec, propensity)
-    ips = C.method_params(C.load_config("coat"), METHODS["ips"])
+    ips = C.load_config("coat").method_params(METHODS["ips"])
     assert grid_candidates(METHODS["ips"], ips, {"prop_lr": [0.01]}, propensity=True)[1]["prop_lr"] == 0.01
     with pytest.raises(ValueError, match="uses no propensity model"):
-        random_candidates(METHODS["mf"], C.method_params(C.load_config("coat"), METHODS["mf"]), 2, propensity=True)
+        random_candidates(METHODS["mf"], C.load_config("coat").method_params(METHODS["mf"]), 2, propensity=True)
 
 
 def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
@@ -328,7 +351,7 @@ def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
     from reproduce import tune as T
 
     cfg, method = C.load_config("coat"), METHODS["ips"]
-    base = C.method_params(cfg, method)
+    base = cfg.method_params(method)
     candidates = T.grid_candidates(method, base, {"lr": [0.01, 0.05]})
     calls = []
 
@@ -382,7 +405,7 @@ def test_jobs_and_threads_rejected_by_the_python_api(tmp_path):
         runs.train_all([], tmp_path, None, print, jobs=0)
     cfg, method = C.load_config("coat"), METHODS["mf"]
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
-        T.tune(types.SimpleNamespace(name="coat"), cfg, method, [C.method_params(cfg, method)], jobs=0)
+        T.tune(types.SimpleNamespace(name="coat"), cfg, method, [cfg.method_params(method)], jobs=0)
 
 
 def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
@@ -392,7 +415,7 @@ def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
                  "--threads", "1", "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]) == 0
     entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
     assert entry["status"].startswith("tuned: grid of 2 points (lr in {0.002, 0.05} x weight_decay in {0.001};")
-    old = C.load_config("coat")["methods"]["mf"]
+    old = C.load_config("coat").methods["mf"].params
     assert (entry["lr"], entry["weight_decay"]) in {(0.002, 0.001), (0.05, 0.001), (old["lr"], old["weight_decay"])}
 
 
@@ -400,7 +423,7 @@ def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
 def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, method, propensity):
     cfg_dir = tmp_path / "configs"
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
-    old = C.load_config("coat")
+    old = C.load_config("coat").raw
     assert main(["tune", method, "coat", "--trials", "3", "--max-epochs", "1", "--threads", "1",
                  "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]
                 + ["--propensity"] * propensity) == 0
@@ -424,7 +447,7 @@ def test_tune_propensity_refused_for_an_override(data_dir, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["table3", "--methods", "mf,nope"], "unknown method"),
-    (["table3", "--datasets", "coat,movielens"], "unknown dataset"),
+    (["table3", "--datasets", "coat,movielens"], "'movielens' is neither a built-in data set"),
     (["table3", "--seeds", "0"], "positive integer"),
     (["table3", "--jobs", "0"], "positive integer"),
     (["tune", "mf", "coat", "--trials", "2", "--jobs", "0"], "positive integer"),

@@ -1,5 +1,5 @@
 // CPU kernels of the fused DR-family losses: arithmetic in at::vec::Vectorized, reductions
-// over fixed chunks spread by at::parallel_for.  See estimators/training_loss.py for the
+// over fixed chunks spread by at::parallel_for.  See estimators/joint_loss.py for the
 // reference each kernel equals and dr_loss.h for the calling convention.
 //
 // Notation as in the BADR paper: on the clicked batch B, x the prediction logit, xt the

@@ -1,15 +1,15 @@
 """Benchmark of the trainers' compiled building blocks against plain PyTorch, in one run.
 
-``python -m estimators.bench_gather [--threads N] [--repeats R]``
+``python -m benchmarks.gather [--threads N] [--repeats R]``
 
 - ``gather_dot``: forward + backward of ``x[n] = <P[rows[n]], Q[cols[n]]>`` through
-  :func:`estimators.gather.gather_dot` (``cvr::gather_dot``) against the plain
+  :func:`estimators.training.gather.gather_dot` (``cvr::gather_dot``) against the plain
   ``(P[rows] * Q[cols]).sum(-1)`` with autograd's embedding backward;
-- ``adam``: one update of both tables with :class:`estimators._adam.Adam` (``cvr::adam_``)
+- ``adam``: one update of both tables with :class:`estimators.training.optim.Adam` (``cvr::adam_``)
   against ``torch._fused_adam_`` (the kernel of ``torch.optim.Adam(fused=True)``);
 - ``propensity step``: one step of the propensity fit (:func:`estimators.fit_propensity`) on
   ``cvr::propensity_step_`` against its ATen ops;
-- ``randperm``: a permutation of all pairs, :func:`estimators.permutation.randperm`
+- ``randperm``: a permutation of all pairs, :func:`estimators._ext.randperm`
   (``cvr::randperm_``) against ``torch.randperm``;
 
 at the shapes of one joint-learning step: Coat (290 x 300 tables, dim 16, b = 128, G = 5) and
@@ -27,9 +27,11 @@ from typing import Callable
 
 import torch
 
-from . import _adam, gather
-from .models import PropensityModel, _fused_epoch, _reference_epoch
-from .permutation import randperm
+from estimators._ext import randperm
+from estimators.training import gather
+from estimators.training import optim as _adam
+from estimators.training.models import PropensityModel
+from estimators.training.propensity import _fused_epoch, _reference_epoch
 
 # (users, items, dim, pairs of a joint-learning step, propensity batch)
 SHAPES = {"coat": (290, 300, 16, 128 * 6, 1024), "yahoo": (15400, 1000, 64, 4096 * 9, 32768)}
@@ -97,7 +99,7 @@ def bench(repeats: int) -> list[tuple[str, str, float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m estimators.bench_gather", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gather", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=50, help="timed repeats per variant (default 50)")

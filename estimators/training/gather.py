@@ -8,10 +8,11 @@ the pairs.  Its gradient with respect to the tables is a scatter,
 
 which ``nn.Embedding``'s dense CPU backward computes by sorting and scattering row by row (the
 bulk of a plain-PyTorch Yahoo! R3 step).  The compiled operators ``cvr::gather_dot`` and
-``cvr::gather_dot_backward`` (``csrc/gather_dot.*``) do the forward in one pass and the
-backward as a deterministic scatter (each thread owns disjoint output rows; bitwise the same
-for any thread count).  :func:`gather_dot_reference` is the pure-PyTorch definition they equal
-up to float rounding; it is used when the extension is not built or ``CVR_BACKEND=reference``.
+``cvr::gather_dot_backward`` (``csrc/gather_dot.*``, through :mod:`estimators._ext`) do the
+forward in one pass and the backward as a deterministic scatter (each thread owns disjoint
+output rows; bitwise the same for any thread count).  :func:`gather_dot_reference` is the
+pure-PyTorch definition they equal up to float rounding; it is used when the extension is not
+built or ``CVR_BACKEND=reference``.
 """
 from __future__ import annotations
 
@@ -20,13 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _fused
-
-#: Whether the built extension has the gather-dot operators (an older build may not).
-HAS_OPERATOR = _fused._C is not None and hasattr(torch.ops.cvr, "gather_dot")
-if HAS_OPERATOR:
-    _FORWARD = torch.ops.cvr.gather_dot.default
-    _BACKWARD = torch.ops.cvr.gather_dot_backward.default
+from .. import _ext
 
 
 def gather_dot_reference(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -66,9 +61,7 @@ def _check_range(name: str, idx: Tensor, size: int) -> None:
 
 def use_operator(P: Tensor) -> bool:
     """Whether :func:`gather_dot` runs on the compiled operators for tables like ``P``."""
-    if not HAS_OPERATOR or _fused.backend() != "fused":
-        return False
-    return P.device.type == "cpu" or (P.device.type == "cuda" and bool(_fused._C.with_cuda))
+    return _ext.table_kernels(_ext.gather_dot, P.device)
 
 
 class _GatherDot(torch.autograd.Function):
@@ -77,12 +70,12 @@ class _GatherDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(P, Q, rows, cols)
-        return _FORWARD(P, Q, rows, cols)
+        return _ext.gather_dot(P, Q, rows, cols)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         P, Q, rows, cols = ctx.saved_tensors
-        grad_p, grad_q = _BACKWARD(grad.contiguous(), P, Q, rows, cols, ctx.needs_input_grad[0],
+        grad_p, grad_q = _ext.gather_dot_backward(grad.contiguous(), P, Q, rows, cols, ctx.needs_input_grad[0],
                                    ctx.needs_input_grad[1])
         return grad_p, grad_q, None, None
 
@@ -97,7 +90,7 @@ def gather_dot(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     if use_operator(P):
         if torch.is_grad_enabled() and (P.requires_grad or Q.requires_grad):
             return _GatherDot.apply(P, Q, rows, cols)
-        return _FORWARD(P, Q, rows, cols)
+        return _ext.gather_dot(P, Q, rows, cols)
     _check_range("rows", rows, P.shape[0])
     _check_range("cols", cols, Q.shape[0])
     return gather_dot_reference(P, Q, rows, cols)
@@ -110,7 +103,7 @@ def gather_dot_value(P: Tensor, Q: Tensor, rows: Tensor, cols: Tensor, compiled:
     joint learner's per-step path, whose tables and indices have the right types by
     construction."""
     if use_operator(P) if compiled is None else compiled:
-        return _FORWARD(P, Q, rows, cols)
+        return _ext.gather_dot(P, Q, rows, cols)
     with torch.no_grad():
         return gather_dot(P, Q, rows, cols)
 
@@ -125,7 +118,7 @@ def gather_dot_grad(grad: Tensor, P: Tensor, Q: Tensor, rows: Tensor, cols: Tens
     :func:`gather_dot_value`.
     """
     if use_operator(P) if compiled is None else compiled:
-        grad_p, grad_q = _BACKWARD(grad.contiguous(), P, Q, rows, cols, True, True)
+        grad_p, grad_q = _ext.gather_dot_backward(grad.contiguous(), P, Q, rows, cols, True, True)
         return grad_p, grad_q
     g = grad.unsqueeze(1)
     return (torch.zeros_like(P).index_add_(0, rows, Q[cols] * g),

@@ -1,12 +1,13 @@
-"""Adam stepped with explicit gradients, for the trainers of :mod:`estimators.joint` and :mod:`estimators.models`.
+"""Adam stepped with explicit gradients, for the matrix-factorisation fast paths of the trainers
+(:mod:`estimators.training.joint`, :mod:`estimators.training.propensity`).
 
 Computes what ``torch.optim.Adam(params, lr, weight_decay=..., fused=True)`` computes (betas
 0.9 / 0.999, eps 1e-8, L2 weight decay added to the gradient), bitwise, but takes the
 gradients as arguments (the trainers compute them by hand, without ``.grad``) and skips
 ``Optimizer.step``'s bookkeeping (~0.35 ms per call, a fifth of a Coat step).  On CPU it runs
-the compiled ``cvr::adam_`` (``csrc/adam.cpp``), which, unlike ``torch._fused_adam_``, updates a
-small tensor without entering a parallel region: on a loaded 2-core machine such a region can
-wait milliseconds for the busy core.  Elsewhere, or without the extension, it calls
+the compiled ``cvr::adam_`` (``csrc/adam.cpp``, through :mod:`estimators._ext`), which, unlike
+``torch._fused_adam_``, updates a small tensor without entering a parallel region: on a loaded
+2-core machine such a region can wait milliseconds for the busy core.  Elsewhere, or without the extension, it calls
 ``torch._fused_adam_``, the kernel of ``torch.optim.Adam(fused=True)``.
 """
 from __future__ import annotations
@@ -16,11 +17,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _fused
-
-_HAS_OPERATOR = _fused._C is not None and hasattr(torch.ops.cvr, "adam_")
-if _HAS_OPERATOR:
-    _ADAM = torch.ops.cvr.adam_.default
+from .. import _ext
 
 
 class Adam:
@@ -37,17 +34,19 @@ class Adam:
     @torch.no_grad()
     def step(self, grads: Sequence[Optional[Tensor]], compiled: Optional[bool] = None) -> None:
         """One update of every tensor whose gradient is given; ``compiled``: whether to use
-        ``cvr::adam_`` on CPU tensors (default: when built and the backend is "fused")."""
+        ``cvr::adam_`` on CPU tensors (default: :func:`estimators._ext.table_kernels`)."""
         if len(grads) != len(self.params):
             raise ValueError(f"`grads` must hold one gradient (or None) per parameter, {len(self.params)}; "
                              f"got {len(grads)}")
-        compiled = _HAS_OPERATOR and (_fused.backend() == "fused" if compiled is None else compiled)
+        if compiled is None:
+            compiled = _ext.table_kernels(_ext.adam_, torch.device("cpu"))
+        compiled = compiled and _ext.adam_ is not None
         for k, (p, g) in enumerate(zip(self.params, grads)):
             if g is None:
                 continue
             self.steps[k] += 1
             if compiled and p.device.type == "cpu":
-                _ADAM(p, g, self.exp_avg[k], self.exp_avg_sq[k], self.steps[k], self.lr, self.betas[0],
+                _ext.adam_(p, g, self.exp_avg[k], self.exp_avg_sq[k], self.steps[k], self.lr, self.betas[0],
                       self.betas[1], self.weight_decay, self.eps)
             else:
                 step = torch.tensor(float(self.steps[k]), device=p.device)

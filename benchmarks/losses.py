@@ -1,6 +1,6 @@
 """Benchmark of the fused DR-family losses against the eager pure-PyTorch reference.
 
-``python -m estimators.bench [--json] [--device cpu|cuda] [--quick] [--threads N] [--ops NAME ...]``
+``python -m benchmarks.losses [--json] [--device cpu|cuda] [--quick] [--threads N] [--ops NAME ...]``
 
 For every operator (the prediction loss of each estimator, ``prediction/<estimator>``, and
 each imputation loss, ``imputation/<kind>``) and every batch size B in {128, 4096, 65536,
@@ -13,7 +13,7 @@ block, as a training loop runs its losses):
   gradients (loss + backward) from one call;
 - ``fused_autograd_us``: the differentiable operator ``cvr::*_loss`` followed by
   ``loss.backward()`` (what a training step that calls ``backward`` on this loss alone pays);
-- ``reference_us``: the eager reference (``*_reference`` in :mod:`estimators.training_loss`)
+- ``reference_us``: the eager reference (``*_reference`` in :mod:`estimators.training.losses`)
   followed by ``loss.backward()``.
 
 Both ``backward`` timings contain the autograd engine's fixed cost per call, which no loss can
@@ -38,13 +38,9 @@ from typing import Callable
 
 import torch
 
-from . import _fused
-from .training_loss import (
-    IMPUTATION_LOSSES,
-    PREDICTION_ESTIMATORS,
-    imputation_loss_reference,
-    prediction_loss_reference,
-)
+from estimators import _ext
+from estimators.registry import ESTIMATORS, IMPUTATION_LOSSES
+from estimators.training.losses import imputation_loss_reference, prediction_loss_reference
 
 SIZES = (128, 4096, 65536, 1048576)
 QUICK_SIZES = (128, 4096)
@@ -72,14 +68,14 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
     every operator; the losses take the inputs of :func:`_inputs` with the differentiated logits
     requiring grad."""
     ops = []
-    for est in PREDICTION_ESTIMATORS:
-        uses_u = est in ("dr", "badr")
+    for est in (name for name in ESTIMATORS if name in _ext.PREDICTION_KERNELS):
+        uses_u = ESTIMATORS[est].needs_u
 
         def with_grads(d, est=est):
-            return _fused.prediction_loss_and_grads(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+            return _ext.prediction_loss_and_grads(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
 
         def fused(d, est=est):
-            return _fused.prediction_loss(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
+            return _ext.prediction_loss(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
 
         def reference(d, est=est):
             return prediction_loss_reference(est, d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"])
@@ -88,19 +84,19 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
             return 4 * B + (B + 3 * G * B if uses_u else 0)
 
         ops.append((f"prediction/{est}", with_grads, fused, reference, moved))
-    for kind in IMPUTATION_LOSSES:
+    for kind in (name for name in IMPUTATION_LOSSES if name in _ext.IMPUTATION_KERNELS):
         def with_grads(d, kind=kind):
-            return _fused.imputation_loss_and_grads(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
+            return _ext.imputation_loss_and_grads(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
 
         def fused(d, kind=kind):
-            return _fused.imputation_loss(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
+            return _ext.imputation_loss(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"], 0.5)
 
         def reference(d, kind=kind):
             return imputation_loss_reference(kind, d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"],
                                              0.5)
 
         def moved(B, G, kind=kind):  # read xt, x, r, p_hat on B (and xt, x on U); write one gradient
-            if kind == "badr":
+            if IMPUTATION_LOSSES[kind].grad_on_u:  # the published BADR loss: x and xt read, xt's gradient written on U
                 return 4 * B + 3 * G * B
             return 5 * B
 
@@ -210,7 +206,7 @@ def format_table(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m estimators.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.losses", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the records as a JSON list")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="B in {128, 4096} only")
@@ -218,10 +214,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="+", default=(), metavar="NAME",
                         help="only these operators, e.g. prediction/badr imputation/badr")
     args = parser.parse_args(argv)
-    if _fused._C is None:
-        parser.error(f"the extension estimators._C is not built ({_fused._IMPORT_ERROR}); "
+    if not _ext.built():
+        parser.error(f"the extension estimators._C is not built ({_ext._IMPORT_ERROR}); "
                      "build it with `pip install --no-build-isolation -e .`")
-    if args.device == "cuda" and not (torch.cuda.is_available() and _fused._C.with_cuda):
+    if args.device == "cuda" and not (torch.cuda.is_available() and _ext.with_cuda()):
         parser.error("--device cuda needs a GPU and an extension built with CUDA")
     known = [name for name, *_ in _operators()]
     unknown = sorted(set(args.ops) - set(known))
@@ -236,7 +232,7 @@ def main(argv=None) -> int:
         print(json.dumps(records, indent=1))
     else:
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels for "
-              f"{_fused._C.cpu_capability}; medians; device-to-device copy "
+              f"{_ext._C.cpu_capability}; medians; device-to-device copy "
               f"{records[0]['copy_gbps']:.0f} GB/s; autograd engine's fixed cost {records[0]['engine_us']:.1f} us")
         print(format_table(records))
     return 0

@@ -1,0 +1,216 @@
+"""The losses of one joint-learning step, from logits: the pure-PyTorch reference.
+
+In joint learning (BADR paper Algorithm 1; Wang et al. 2019) a step sees a clicked batch B of
+``b`` pairs with labels ``r`` and ``G * b`` pairs U drawn uniformly from ALL user-item pairs.
+The imputation model is parameterised, as in the published code, as a pseudo-label model: with
+``l(x, t) = softplus(x) - t * x`` the binary cross-entropy of ``sigmoid(x)`` against ``t``,
+
+    e     = l(x, r)              prediction error on a clicked pair,
+    e_hat = l(x, sigmoid(x_t))   imputed error: the prediction scored against the imputed label,
+
+where ``x`` are prediction logits and ``x_t`` imputation logits; ``w = 1 / p_hat`` on B.
+:class:`Form` says how a step writes them:
+
+- ``imputation="error"`` reads ``x_t`` as the imputed error itself (direct error regression, the
+  papers' eqs. 5-10 literally);
+- ``cross_entropy="clamped"`` computes ``l`` as the published code does,
+  ``F.binary_cross_entropy(sigmoid(x), t)`` (:func:`bce_clamped`), which saturates; only it
+  reproduces the published tables; ``"logits"`` is the exact softplus form;
+- ``imputed_error`` is how the DR-family imputation losses (eqs. 6, 8, 9, 10) write ``e_hat`` in
+  the imputation step: ``"paper"`` as above, the gradient reaching ``x_t`` through the target, or
+  ``"published"`` as the published DR-JL lineage code does (the code behind the baselines'
+  numbers in the BADR paper's Table 3), input and target swapped, ``e_hat = l(x_t, sigmoid(x))``,
+  the gradient reaching ``x_t`` through the input.  The BADR losses define their own imputed
+  error (``badr`` is the published, swapped form; ``badr_paper`` is eq. 32).
+
+Each function below is the step form of one entry of :mod:`estimators.registry`; the registry
+names them, the fused kernels (``csrc/``) must equal them, and
+:mod:`estimators.training.losses` calls them with the logits that the loss does not train
+already detached.  Prediction forms take ``(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form)``,
+imputation forms ``(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form, **params)``; a tensor a form does
+not read may be None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: How the imputation model's output is read: a pseudo-label logit, or the imputed error.
+IMPUTATIONS = ("pseudo_label", "error")
+#: How the cross-entropy ``l`` is computed.
+CROSS_ENTROPIES = ("logits", "clamped")
+#: How a DR-family imputation loss writes the imputed error in the imputation step.
+IMPUTED_ERRORS = ("paper", "published")
+
+
+def bce_with_logits(x: Tensor, t: Tensor) -> Tensor:
+    """``l(sigmoid(x), t) = softplus(x) - t * x``, finite for any finite logit."""
+    return F.softplus(x) - t * x
+
+
+def bce_clamped(x: Tensor, t: Tensor) -> Tensor:
+    """``l`` as the published code computes it: ``F.binary_cross_entropy(sigmoid(x), t)``.
+
+    Logs are clamped at -100 and, once ``sigmoid(x)`` rounds to exactly 0 or 1, the gradient
+    is zero.  This matters in the published BADR runs: with the tuned imputation learning rate
+    the imputation logits grow to ~1e7, where this form saturates (bounded errors, no gradient)
+    and the exact form :func:`bce_with_logits` does not (Coat AUC 0.76 vs 0.62).
+
+    The value is linear in ``t``; its derivative there, ``-(max(log p, -100) -
+    max(log(1 - p), -100))``, is what this function's target gradient is.  (Torch
+    differentiates the target as ``-logit(p)``, unclamped: infinite once ``p`` rounds to 0 or
+    1, which a float32 logit beyond ~17 does, and a DR-family imputation loss, whose gradient
+    reaches the imputation model through the target, then turns NaN: Yahoo! R3's DR-JL at its
+    first step.)  The BADR losses never differentiate a target, so they are unaffected.
+    """
+    p = torch.sigmoid(x)
+    value = F.binary_cross_entropy(p, t.detach(), reduction="none")
+    if not t.requires_grad:
+        return value
+    with torch.no_grad():
+        gap = torch.log(p).clamp(min=-100) - torch.log1p(-p).clamp(min=-100)
+    return value - (t - t.detach()) * gap
+
+
+@dataclass(frozen=True)
+class Form:
+    """How one step writes its errors (module docstring): ``cross_entropy``, ``imputation`` and
+    the DR family's ``imputed_error``."""
+
+    cross_entropy: str = "logits"
+    imputation: str = "pseudo_label"
+    imputed_error: str = "paper"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("cross_entropy", CROSS_ENTROPIES), ("imputation", IMPUTATIONS),
+                              ("imputed_error", IMPUTED_ERRORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}; got {getattr(self, name)!r}")
+
+    def l(self, x: Tensor, t: Tensor) -> Tensor:  # noqa: E743 - the papers' name for the loss
+        """The cross-entropy ``l(sigmoid(x), t)`` in this form."""
+        return bce_clamped(x, t) if self.cross_entropy == "clamped" else bce_with_logits(x, t)
+
+    def imputed(self, x: Tensor, xt: Tensor) -> Tensor:
+        """``e_hat = l(x, sigmoid(x_t))``, or ``x_t`` itself with ``imputation="error"``."""
+        return xt if self.imputation == "error" else self.l(x, torch.sigmoid(xt))
+
+    def swapped(self, xt: Tensor, x: Tensor) -> Tensor:
+        """``e_hat = l(x_t, sigmoid(x))``, input and target swapped (the published imputation
+        steps), or ``x_t`` itself with ``imputation="error"``."""
+        return xt if self.imputation == "error" else self.l(xt, torch.sigmoid(x))
+
+
+# ---- prediction-model losses (the estimator on B and U) ----------------------------------------
+def naive_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
+    """Eq. (2) on B: ``mean_B l(x, r)``."""
+    return form.l(x_b, r_b).mean()
+
+
+def ips_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
+    """Eq. (3): ``sum_B w l(x, r) / b``."""
+    return ((1.0 / p_hat_b) * form.l(x_b, r_b)).sum() / x_b.numel()
+
+
+def snips_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
+    """Eq. (37): ``sum_B w l(x, r) / sum_B w``."""
+    w = 1.0 / p_hat_b
+    return (w * form.l(x_b, r_b)).sum() / w.sum()
+
+
+def _dr_numerator(x_b, r_b, w, x_u, xt_b, xt_u, form: Form) -> Tensor:
+    """``sum_B w e - sum_B e_hat + sum_U e_hat``: eq. (7)'s sum with U standing for all pairs."""
+    return (w * form.l(x_b, r_b)).sum() - form.imputed(x_b, xt_b).sum() + form.imputed(x_u, xt_u).sum()
+
+
+def eib_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
+    """Eq. (5): ``[sum_B e - sum_B e_hat + sum_U e_hat] / |U|``, DR with ``w = 1``."""
+    return _dr_numerator(x_b, r_b, torch.ones_like(x_b), x_u, xt_b, xt_u, form) / x_u.numel()
+
+
+def dr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
+    """Eq. (7), DR-JL: ``[sum_B w e - sum_B e_hat + sum_U e_hat] / |U|`` (as the published DR-JL code)."""
+    return _dr_numerator(x_b, r_b, 1.0 / p_hat_b, x_u, xt_b, xt_u, form) / x_u.numel()
+
+
+def badr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
+    """Eq. (13): ``[sum_B w e - sum_B e_hat + sum_U e_hat] / sum_B w``."""
+    w = 1.0 / p_hat_b
+    return _dr_numerator(x_b, r_b, w, x_u, xt_b, xt_u, form) / w.sum()
+
+
+# ---- imputation-model losses -----------------------------------------------------------------
+def _squared_error(xt_b: Tensor, x_b: Tensor, r_b: Tensor, form: Form) -> Tensor:
+    """``(e - e_hat)^2`` on B with the DR family's imputed error (``form.imputed_error``)."""
+    e_hat = form.swapped(xt_b, x_b) if form.imputed_error == "published" else form.imputed(x_b, xt_b)
+    return (form.l(x_b, r_b) - e_hat) ** 2
+
+
+def dr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
+    """Eq. (6) as a batch sum: ``sum_B w (e - e_hat)^2``."""
+    return ((1.0 / p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum()
+
+
+def _mrdr_weight(p_hat_b: Tensor) -> Tensor:
+    return (1.0 / p_hat_b) ** 2 * (1 - p_hat_b)
+
+
+def _dr_bias_weight(p_hat_b: Tensor) -> Tensor:
+    return (1.0 / p_hat_b) ** 3 * (1 - p_hat_b) ** 2
+
+
+def mrdr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
+    """Eq. (8): ``sum_B w^2 (1 - p_hat) (e - e_hat)^2``."""
+    return (_mrdr_weight(p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum()
+
+
+def dr_bias_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
+    """Eq. (9): ``sum_B w^3 (1 - p_hat)^2 (e - e_hat)^2``."""
+    return (_dr_bias_weight(p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum()
+
+
+def dr_mse_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form, alpha: float = 0.5) -> Tensor:
+    """Eq. (10): ``alpha * eq. (9) + (1 - alpha) * eq. (8)``."""
+    sq = _squared_error(xt_b, x_b, r_b, form)
+    return alpha * (_dr_bias_weight(p_hat_b) * sq).sum() + (1 - alpha) * (_mrdr_weight(p_hat_b) * sq).sum()
+
+
+def badr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
+    """Eq. (32) as the published BADR code trains it (the variant that reproduces Table 3).
+
+    The imputed error is written ``l(x_t, sigmoid(x))`` (input and target swapped), ``e_hat``
+    on B is detached, ``E_U = mean_U l(x_t, sigmoid(x))`` carries the gradient, ``L`` is the
+    detached BADR estimate with that error, and the loss is
+    ``sum_B w^2 (e - e_hat + E_U - L)^2 / |U|``.
+    """
+    w = 1.0 / p_hat_b
+    e = form.l(x_b, r_b)
+    e_hat_b = form.swapped(xt_b, x_b).detach()
+    e_hat_u = form.swapped(xt_u, x_u)
+    estimate = ((w * e).sum() - e_hat_b.sum() + e_hat_u.detach().sum()) / w.sum()
+    return (w**2 * (e - e_hat_b + e_hat_u.mean() - estimate) ** 2).sum() / x_u.numel()
+
+
+def badr_paper_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
+    """Eq. (32) on B and U as the paper writes it:
+    ``sum_B w^2 (e - e_hat + E_hat - L)^2 / (sum_B w)^2`` with ``E_hat = sum_U e_hat / sum_B w``
+    and ``L = [sum_U e_hat + sum_B w (e - e_hat)] / sum_B w``; the gradient reaches ``x_t``
+    through ``e_hat`` on B (the U terms cancel in ``E_hat - L``)."""
+    w = 1.0 / p_hat_b
+    sum_w = w.sum()
+    e = form.l(x_b, r_b)
+    e_hat = form.imputed(x_b, xt_b)
+    e_hat_u = form.imputed(x_u, xt_u)
+    e_hat_mean = e_hat_u.sum() / sum_w
+    estimate = (e_hat_u.sum() + (w * (e - e_hat)).sum()) / sum_w
+    return (w**2 * (e - e_hat + e_hat_mean - estimate) ** 2).sum() / sum_w**2
+
+
+def monitor(x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, form: Form) -> Tensor:
+    """``sum_B w l(x, r)``: the quantity the published early stopping sums over an epoch."""
+    return (form.l(x_b, r_b) / p_hat_b).sum()
+

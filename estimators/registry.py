@@ -1,0 +1,190 @@
+"""The registry: one table of every estimator of the ideal loss and every imputation-model loss.
+
+An entry says what a name computes (the equation, the function of ``(e, e_hat, o, p_hat)`` in
+:mod:`estimators.loss` / :mod:`estimators.imputation`, and its form in one joint-learning step
+from logits in :mod:`estimators.joint_loss`) and what it needs (the inputs it reads, whether
+its step reads the sampled pairs U, an imputation model, whether it is of the DR family).
+Everything that iterates over estimators reads this table and nothing else:
+
+- the public dicts :data:`ESTIMATORS` and :data:`IMPUTATION_LOSSES` are its two halves;
+- the training losses (:mod:`estimators.training.losses`) take from an entry which tensors a
+  call needs and which logits it differentiates, and run an entry on the fused kernels exactly
+  when the extension implements its name (:data:`estimators._ext.PREDICTION_KERNELS`), else on
+  its step form, so a new entry trains without a kernel;
+- the joint learner (:mod:`estimators.training.joint`) builds an imputation model and samples U
+  when the entries say so;
+- ``reproduce``'s methods derive their config keys from it.
+
+A new estimator is one :func:`register_estimator` call with its two functions (see
+``tests/test_registry.py``, which registers and trains a toy one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from . import joint_loss as J
+from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imputation_loss, dr_mse_imputation_loss,
+                         mrdr_imputation_loss)
+from .loss import badr, dr, eib, ips, naive, snips
+
+#: The arguments an entry's function may read, in the order it takes them.
+INPUTS = ("e", "e_hat", "o", "p_hat")
+#: What an estimator's step divides its summed errors by (:class:`EstimatorSpec`).
+NORMALISERS = ("clicked", "sampled", "propensity")
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """An estimator of the ideal loss over all exposed pairs, used as the prediction model's loss.
+
+    ``function(*inputs)`` computes it from the inputs named in ``reads`` (of :data:`INPUTS`, in
+    that order); ``step`` is its joint-learning form from logits (:mod:`estimators.joint_loss`),
+    None for an estimator that is not trained by joint learning.  ``needs_u``: the step reads the
+    sampled pairs U and the imputation logits.  ``self_normalised``: it divides by
+    ``sum(o / p_hat)`` over the batch, so a batch needs a click.  ``normaliser`` is what its step
+    divides the summed errors by: ``"clicked"`` the clicked pairs ``|B|``, ``"sampled"`` the
+    sampled pairs ``|U|``, ``"propensity"`` ``sum_B 1 / p_hat`` (the self-normalised ones).
+    """
+
+    name: str
+    equation: str
+    description: str
+    function: Callable[..., Tensor]
+    reads: tuple[str, ...]
+    step: Optional[Callable[..., Tensor]] = None
+    needs_u: bool = False
+    normaliser: str = "clicked"
+
+    def __post_init__(self) -> None:
+        _check_entry(self)
+        if self.normaliser not in NORMALISERS:
+            raise ValueError(f"estimator {self.name!r}: `normaliser` must be one of {NORMALISERS}; "
+                             f"got {self.normaliser!r}")
+        if self.needs_imputation != self.needs_u:
+            raise ValueError(f"estimator {self.name!r}: an estimator that reads e_hat samples U for it in "
+                             "joint learning (needs_u) and only such a one does")
+
+    @property
+    def self_normalised(self) -> bool:
+        """Whether it divides by ``sum(o / p_hat)`` over each batch (undefined without a click)."""
+        return self.normaliser == "propensity"
+
+    @property
+    def uses_propensity(self) -> bool:
+        """Whether it reads ``p_hat`` (so a run fits a propensity model)."""
+        return "p_hat" in self.reads
+
+    @property
+    def needs_imputation(self) -> bool:
+        """Whether it reads ``e_hat`` (so joint learning trains an imputation model)."""
+        return "e_hat" in self.reads
+
+
+@dataclass(frozen=True)
+class ImputationLossSpec:
+    """A loss of the imputation model.
+
+    ``function(e, e_hat, o, p_hat, **params)`` computes it on one batch; ``step(xt_b, x_b, r_b,
+    p_hat_b, xt_u, x_u, form, **params)`` is its joint-learning form from logits.  ``needs_u``: the
+    step reads the sampled pairs U.  ``grad_on_b`` / ``grad_on_u``: which imputation logits its
+    step differentiates.  ``dr_family``: the DR family's imputed error (``imputed_error``,
+    :class:`estimators.joint_loss.Form`) applies.  ``params``: its keyword parameters (DR-MSE's
+    ``alpha``).
+    """
+
+    name: str
+    equation: str
+    description: str
+    function: Callable[..., Tensor]
+    step: Callable[..., Tensor]
+    needs_u: bool = False
+    grad_on_b: bool = True
+    grad_on_u: bool = False
+    dr_family: bool = False
+    params: tuple[str, ...] = ()
+    reads: tuple[str, ...] = INPUTS
+
+    def __post_init__(self) -> None:
+        _check_entry(self)
+        if self.grad_on_u and not self.needs_u:
+            raise ValueError(f"imputation loss {self.name!r}: a gradient on U needs needs_u=True")
+
+
+def _check_entry(entry) -> None:
+    if not entry.name.isidentifier():
+        raise ValueError(f"registry names are identifiers (they name config keys and CSV rows); got {entry.name!r}")
+    bad = [r for r in entry.reads if r not in INPUTS]
+    if bad or list(entry.reads) != [r for r in INPUTS if r in entry.reads]:
+        raise ValueError(f"{entry.name!r}: `reads` must list inputs of {INPUTS} in that order; got {entry.reads}")
+
+
+#: Estimators of the ideal loss, by name.
+ESTIMATORS: dict[str, EstimatorSpec] = {}
+#: Imputation-model losses, by name.
+IMPUTATION_LOSSES: dict[str, ImputationLossSpec] = {}
+
+
+def register_estimator(entry: EstimatorSpec) -> EstimatorSpec:
+    """Add ``entry`` to :data:`ESTIMATORS` (a name can be registered once)."""
+    if entry.name in ESTIMATORS:
+        raise ValueError(f"estimator {entry.name!r} is registered already")
+    ESTIMATORS[entry.name] = entry
+    return entry
+
+
+def register_imputation_loss(entry: ImputationLossSpec) -> ImputationLossSpec:
+    """Add ``entry`` to :data:`IMPUTATION_LOSSES` (a name can be registered once)."""
+    if entry.name in IMPUTATION_LOSSES:
+        raise ValueError(f"imputation loss {entry.name!r} is registered already")
+    IMPUTATION_LOSSES[entry.name] = entry
+    return entry
+
+
+def get_estimator(name: str) -> EstimatorSpec:
+    """The entry of estimator ``name``; ``ValueError`` listing the registered names."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+def get_imputation_loss(name: str) -> ImputationLossSpec:
+    """The entry of imputation loss ``name``; ``ValueError`` listing the registered names."""
+    if name not in IMPUTATION_LOSSES:
+        raise ValueError(f"unknown imputation loss {name!r}; expected one of {', '.join(IMPUTATION_LOSSES)}")
+    return IMPUTATION_LOSSES[name]
+
+
+for _entry in (
+    EstimatorSpec("naive", "eq. (2)", "naive: the errors of the clicked pairs, unweighted", naive, ("e", "o"),
+                  J.naive_step),
+    EstimatorSpec("ips", "eq. (3)", "inverse propensity scoring", ips, ("e", "o", "p_hat"), J.ips_step),
+    EstimatorSpec("snips", "eq. (37)", "self-normalised IPS, per batch", snips, ("e", "o", "p_hat"), J.snips_step,
+                  normaliser="propensity"),
+    EstimatorSpec("eib", "eq. (5)", "error imputation: observed errors where clicked, imputed elsewhere", eib,
+                  ("e", "e_hat", "o"), J.eib_step, needs_u=True, normaliser="sampled"),
+    EstimatorSpec("dr", "eq. (7)", "doubly robust (DR-JL in joint learning)", dr, ("e", "e_hat", "o", "p_hat"),
+                  J.dr_step, needs_u=True, normaliser="sampled"),
+    EstimatorSpec("badr", "eq. (13)", "batch-adaptive doubly robust: DR normalised by sum o / p_hat per batch", badr,
+                  ("e", "e_hat", "o", "p_hat"), J.badr_step, needs_u=True, normaliser="propensity"),
+):
+    register_estimator(_entry)
+
+for _entry in (
+    ImputationLossSpec("dr", "eq. (6)", "DR-JL: squared error weighted by 1 / p_hat", dr_imputation_loss,
+                       J.dr_imputation_step, dr_family=True),
+    ImputationLossSpec("mrdr", "eq. (8)", "MRDR: the DR estimator's variance", mrdr_imputation_loss,
+                       J.mrdr_imputation_step, dr_family=True),
+    ImputationLossSpec("dr_bias", "eq. (9)", "DR-BIAS: the DR estimator's bias", dr_bias_imputation_loss,
+                       J.dr_bias_imputation_step, dr_family=True),
+    ImputationLossSpec("dr_mse", "eq. (10)", "DR-MSE: alpha * DR-BIAS + (1 - alpha) * MRDR", dr_mse_imputation_loss,
+                       J.dr_mse_imputation_step, dr_family=True, params=("alpha",)),
+    ImputationLossSpec("badr", "eq. (32)", "BADR's delta-method variance, trained as the published code does",
+                       badr_imputation_loss, J.badr_imputation_step, needs_u=True, grad_on_b=False, grad_on_u=True),
+    ImputationLossSpec("badr_paper", "eq. (32)", "BADR's delta-method variance, trained as the paper writes it",
+                       badr_imputation_loss, J.badr_paper_imputation_step, needs_u=True),
+):
+    register_imputation_loss(_entry)
+del _entry

@@ -1,0 +1,21 @@
+"""The training layer: models, the joint-learning losses, the propensity fit, the joint learner and
+its epoch loop.  It reads the maths of :mod:`estimators` (the registry, the step forms) and reaches
+the compiled kernels only through :mod:`estimators._ext`."""
+from .early_stopping import EarlyStopping
+from .fit import Diverged, EpochStats, fit
+from .gather import gather_dot
+from .joint import SAMPLINGS, JointConfig, JointLearner
+from .losses import (BADRImputationLoss, BADRLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
+                     DRMSEImputationLoss, EIBLoss, ImputationLoss, IPSLoss, MRDRImputationLoss, NaiveLoss,
+                     PredictionLoss, SNIPSLoss, imputation_loss, imputation_loss_and_grads, prediction_loss,
+                     prediction_loss_and_grads)
+from .models import ESCM2, MF, PropensityModel, TwoTower
+from .propensity import PROPENSITY_LOSSES, fit_propensity, propensity_table
+
+__all__ = [
+    "EarlyStopping", "Diverged", "EpochStats", "fit", "gather_dot", "SAMPLINGS", "JointConfig", "JointLearner",
+    "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
+    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "BADRImputationLoss",
+    "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
+    "ESCM2", "MF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
+]

@@ -1,0 +1,461 @@
+"""The training losses of joint learning, from logits: functions and ``torch.nn.Module`` forms.
+
+Every estimator and imputation loss of :mod:`estimators.registry` trains a model through these.
+The quantities are the step forms of :mod:`estimators.joint_loss` (its docstring defines ``l``,
+``e``, ``e_hat``, the forms of the imputed error and of the cross-entropy):
+
+- :func:`prediction_loss` (the prediction model's loss: the estimator on the clicked batch B and
+  the sampled pairs U) and :func:`imputation_loss` (the imputation model's), differentiable;
+- :func:`prediction_loss_and_grads` / :func:`imputation_loss_and_grads`: the loss with its
+  gradients with respect to the logits it trains, for trainers that scatter gradients themselves;
+- the modules :class:`PredictionLoss` / :class:`ImputationLoss` and one class per registry entry
+  (:class:`IPSLoss`, :class:`BADRLoss`, :class:`MRDRImputationLoss`, ...), which take logits and
+  labels as ``torch.nn.BCEWithLogitsLoss`` does and also accept a batch of exposures with click
+  indicators (``click=``).
+
+An entry runs on the fused kernels (:mod:`estimators._ext`) when the extension implements it, the
+backend is "fused", ``imputation="pseudo_label"`` and the logits share one float32/float64 dtype
+and a device the extension was built for; otherwise on its step form.  The logits a loss does not
+train (the imputation logits in the prediction loss, the prediction logits in the imputation
+loss) and the propensities are always detached.
+
+Inputs are checked at these entry points (names, shapes, ``p_hat_b`` in (0, 1], labels 0/1, a
+non-empty B); ``validate=False`` skips the checks for trainers whose inner loop builds its
+inputs correctly by construction (scikit-learn's ``check_input=False``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import _ext
+from ..joint_loss import CROSS_ENTROPIES, IMPUTATIONS, IMPUTED_ERRORS, Form
+from ..registry import EstimatorSpec, ImputationLossSpec, get_estimator, get_imputation_loss
+
+__all__ = [
+    "CROSS_ENTROPIES", "IMPUTATIONS", "IMPUTED_ERRORS",
+    "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
+    "prediction_loss_reference", "imputation_loss_reference", "make_form",
+    "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
+    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "BADRImputationLoss",
+]
+
+
+# ---- checks ------------------------------------------------------------------------------------
+def make_form(cross_entropy: str = "logits", imputation: str = "pseudo_label", imputed_error: str = "paper",
+              kind: Optional[ImputationLossSpec] = None) -> Form:
+    """The :class:`~estimators.joint_loss.Form` of a call, checked; ``imputed_error="published"``
+    needs a DR-family imputation loss ``kind`` (the BADR losses define their own imputed error)."""
+    if imputed_error == "published" and (kind is None or not kind.dr_family):
+        from ..registry import IMPUTATION_LOSSES
+        family = tuple(k for k, spec in IMPUTATION_LOSSES.items() if spec.dr_family)
+        raise ValueError(f"`imputed_error`='published' applies to the DR-family imputation losses {family}; got "
+                         f"imputation loss {None if kind is None else kind.name!r} (the BADR losses define their own "
+                         "imputed error: 'badr' already swaps input and target); use imputed_error='paper'")
+    try:
+        return _form(cross_entropy, imputation, imputed_error)
+    except TypeError:  # unhashable: not one of the names, which Form says
+        return Form(cross_entropy, imputation, imputed_error)
+
+
+@functools.lru_cache(maxsize=None)
+def _form(cross_entropy: str, imputation: str, imputed_error: str) -> Form:
+    """One :class:`Form` per combination: checked once, not at every step."""
+    return Form(cross_entropy, imputation, imputed_error)
+
+
+def _check_tensors(**tensors: Optional[Tensor]) -> None:
+    """Tensors are 1-D and those over one set of pairs (``*_b``: B, ``*_u``: U) share a length."""
+    groups: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"`{name}` must be a tensor; got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"`{name}` must be 1-D; got shape {tuple(t.shape)}")
+        first = groups.setdefault(name[-1], (name, tuple(t.shape)))
+        if first[1] != tuple(t.shape):
+            raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {first[1]} like `{first[0]}`, the other "
+                             f"tensors on {'B' if name[-1] == 'b' else 'U'}")
+
+
+def _check_values(x_b: Tensor, r_b: Tensor, p_hat_b: Tensor) -> None:
+    if x_b.numel() == 0:
+        raise ValueError("the clicked batch B is empty; a step needs at least one clicked pair")
+    p = p_hat_b.detach()
+    if not bool(((p > 0) & (p <= 1)).all()):  # False for NaN too
+        raise ValueError(f"`p_hat_b` must lie in (0, 1] (clipped learned propensities); got values in "
+                         f"[{float(p.min()):.3g}, {float(p.max()):.3g}]. Clip them, e.g. `p_hat.clamp(gamma, 1)`")
+    r = r_b.detach()
+    if not bool(((r == 0) | (r == 1)).all()):
+        raise ValueError("`r_b` (conversion labels of the clicked pairs) must hold only 0 and 1")
+
+
+def _require(spec_name: str, what: str, **tensors: Optional[Tensor]) -> None:
+    missing = [name for name, t in tensors.items() if t is None]
+    if missing:
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise ValueError(f"{what} {spec_name!r} needs {names} (the logits on the sampled pairs U and the other "
+                         "model's logits on B)")
+
+
+def _check_alpha(alpha: float) -> float:
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:  # False for NaN too
+        raise ValueError(f"`alpha` mixes DR-BIAS and MRDR (eq. 10) and must lie in [0, 1]; got {alpha}")
+    return alpha
+
+
+def _prepare_prediction(estimator: str, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy,
+                        validate: bool) -> tuple[EstimatorSpec, Form, bool]:
+    spec = get_estimator(estimator)
+    if spec.step is None:
+        raise ValueError(f"estimator {estimator!r} has no joint-learning form (registry entry without `step`)")
+    form = make_form(cross_entropy, imputation)
+    if validate:
+        if spec.needs_u:
+            _require(estimator, "estimator", x_u=x_u, xt_b=xt_b, xt_u=xt_u)
+        _check_tensors(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
+        _check_values(x_b, r_b, p_hat_b)
+    used = (x_b, x_u, xt_b, xt_u) if spec.needs_u else (x_b,)
+    fused = imputation == "pseudo_label" and _ext.loss_kernels("prediction", estimator, *used)
+    return spec, form, fused
+
+
+def _prepare_imputation(kind: str, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, imputation, cross_entropy,
+                        imputed_error, validate: bool) -> tuple[ImputationLossSpec, Form, bool, dict]:
+    spec = get_imputation_loss(kind)
+    form = make_form(cross_entropy, imputation, imputed_error, spec)
+    params = {"alpha": _check_alpha(alpha)} if "alpha" in spec.params else {}
+    if validate:
+        if spec.needs_u:
+            _require(kind, "imputation loss", xt_u=xt_u, x_u=x_u)
+        _check_tensors(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
+        _check_values(xt_b, r_b, p_hat_b)
+    used = (xt_b, x_b, xt_u, x_u) if spec.needs_u else (xt_b, x_b)
+    fused = imputation == "pseudo_label" and _ext.loss_kernels("imputation", kind, *used)
+    return spec, form, fused, params
+
+
+def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
+# ---- references (the step forms with the right inputs detached) ---------------------------------
+def prediction_loss_reference(estimator: str, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, x_u: Optional[Tensor] = None,
+                              xt_b: Optional[Tensor] = None, xt_u: Optional[Tensor] = None,
+                              imputation: str = "pseudo_label", cross_entropy: str = "logits") -> Tensor:
+    """:func:`prediction_loss` on the pure-PyTorch step form of the registry entry ``estimator``."""
+    spec = get_estimator(estimator)
+    return spec.step(x_b, r_b, p_hat_b.detach(), x_u, _detached(xt_b), _detached(xt_u),
+                     make_form(cross_entropy, imputation))
+
+
+def imputation_loss_reference(kind: str, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor,
+                              xt_u: Optional[Tensor] = None, x_u: Optional[Tensor] = None, alpha: float = 0.5,
+                              imputation: str = "pseudo_label", cross_entropy: str = "logits",
+                              imputed_error: str = "paper") -> Tensor:
+    """:func:`imputation_loss` on the pure-PyTorch step form of the registry entry ``kind``."""
+    spec = get_imputation_loss(kind)
+    form = make_form(cross_entropy, imputation, imputed_error, spec)
+    params = {"alpha": alpha} if "alpha" in spec.params else {}
+    return spec.step(xt_b, x_b.detach(), r_b, p_hat_b.detach(), xt_u, _detached(x_u), form, **params)
+
+
+# ---- differentiable losses ---------------------------------------------------------------------
+def prediction_loss(
+    estimator: str,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    x_u: Optional[Tensor] = None,
+    xt_b: Optional[Tensor] = None,
+    xt_u: Optional[Tensor] = None,
+    imputation: str = "pseudo_label",
+    cross_entropy: str = "logits",
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """The prediction model's loss of one joint-learning step: the estimator ``estimator`` (a
+    registry name) from the prediction logits ``x_b`` on the clicked batch B (labels ``r_b``,
+    propensities ``p_hat_b``) and, where the estimator reads them, the prediction logits ``x_u``
+    on the sampled pairs U and the imputation logits ``xt_b`` / ``xt_u`` (detached).
+    Differentiable in ``x_b`` and ``x_u``.
+
+    With ``w = 1 / p_hat`` and ``N`` the estimator's normaliser: ``naive`` (eq. 2)
+    ``mean_B l(x, r)``; ``ips`` (eq. 3) ``sum_B w l(x, r) / b``; ``snips`` (eq. 37)
+    ``... / sum_B w``; ``dr`` (eq. 7, DR-JL), ``eib`` (eq. 5, ``w = 1``) and ``badr`` (eq. 13)
+    ``[sum_B w e - sum_B e_hat + sum_U e_hat] / N`` with ``N = |U|`` for DR and EIB and
+    ``N = sum_B w`` for BADR.
+    """
+    spec, form, fused = _prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy,
+                                            validate)
+    if fused:
+        return _ext.prediction_loss(estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype), x_u,
+                                    _detached(xt_b), _detached(xt_u), cross_entropy)
+    return spec.step(x_b, r_b, p_hat_b.detach(), x_u, _detached(xt_b), _detached(xt_u), form)
+
+
+def imputation_loss(
+    kind: str,
+    xt_b: Tensor,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    xt_u: Optional[Tensor] = None,
+    x_u: Optional[Tensor] = None,
+    alpha: float = 0.5,
+    imputation: str = "pseudo_label",
+    cross_entropy: str = "logits",
+    imputed_error: str = "paper",
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """The imputation model's loss of one joint-learning step: the imputation loss ``kind`` (a
+    registry name) from the imputation logits ``xt_b`` on B (and ``xt_u`` on U where the loss reads
+    U), the prediction logits ``x_b`` / ``x_u`` (detached), labels and propensities on B.
+    Differentiable in ``xt_b`` and ``xt_u``.
+
+    ``dr`` (eq. 6 as a batch sum) ``sum_B w (e - e_hat)^2``; ``mrdr`` (eq. 8)
+    ``sum_B w^2 (1 - p_hat) (e - e_hat)^2``; ``dr_bias`` (eq. 9) ``sum_B w^3 (1 - p_hat)^2
+    (e - e_hat)^2``; ``dr_mse`` (eq. 10) ``alpha * dr_bias + (1 - alpha) * mrdr``; ``badr_paper``
+    eq. 32 on B and U; ``badr`` eq. 32 as the published code trains it (see
+    :mod:`estimators.joint_loss`).  ``imputed_error`` (``"paper"`` or ``"published"``) applies to
+    the DR family only; ``"published"`` with a BADR loss raises ``ValueError``.
+    """
+    spec, form, fused, params = _prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, imputation,
+                                                    cross_entropy, imputed_error, validate)
+    if fused:
+        return _ext.imputation_loss(kind, xt_b, x_b.detach(), r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
+                                    xt_u, _detached(x_u), float(alpha), cross_entropy, imputed_error)
+    return spec.step(xt_b, x_b.detach(), r_b, p_hat_b.detach(), xt_u, _detached(x_u), form, **params)
+
+
+# ---- losses with their gradients ---------------------------------------------------------------
+def _grads(loss: Tensor, *logits: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(loss, d loss / d logits...)`` by autograd, None for a logit that is absent or unused."""
+    present = [t for t in logits if t is not None]
+    grads = iter(torch.autograd.grad(loss, present, allow_unused=True) if present else ())
+    return (loss.detach(), *(None if t is None else next(grads) for t in logits))
+
+
+def prediction_loss_and_grads(
+    estimator: str,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    x_u: Optional[Tensor] = None,
+    xt_b: Optional[Tensor] = None,
+    xt_u: Optional[Tensor] = None,
+    imputation: str = "pseudo_label",
+    cross_entropy: str = "logits",
+    *,
+    validate: bool = True,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(loss, d loss / d x_b, d loss / d x_u)`` of :func:`prediction_loss`, for trainers that
+    scatter the logits' gradients themselves: one call of ``cvr::prediction_loss_and_grads`` on the
+    fused backend (no autograd graph), else autograd on the step form.  A gradient the loss does
+    not have (or whose logits are absent) is None.  Labels and propensities are cast to the
+    logits' dtype."""
+    spec, form, fused = _prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy,
+                                            validate)
+    r_b, p_hat_b = r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype)
+    xt_b, xt_u = _detached(xt_b), _detached(xt_u)
+    if fused:
+        return _ext.prediction_loss_and_grads(estimator, x_b.detach(), r_b, p_hat_b, _detached(x_u), xt_b, xt_u,
+                                              cross_entropy)
+    x_b = x_b.detach().requires_grad_()
+    x_u = None if x_u is None or not spec.needs_u else x_u.detach().requires_grad_()
+    with torch.enable_grad():
+        return _grads(spec.step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form), x_b, x_u)
+
+
+def imputation_loss_and_grads(
+    kind: str,
+    xt_b: Tensor,
+    x_b: Tensor,
+    r_b: Tensor,
+    p_hat_b: Tensor,
+    xt_u: Optional[Tensor] = None,
+    x_u: Optional[Tensor] = None,
+    alpha: float = 0.5,
+    imputation: str = "pseudo_label",
+    cross_entropy: str = "logits",
+    imputed_error: str = "paper",
+    *,
+    validate: bool = True,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(loss, d loss / d xt_b, d loss / d xt_u)`` of :func:`imputation_loss`, as
+    :func:`prediction_loss_and_grads` (``cvr::imputation_loss_and_grads`` on the fused backend)."""
+    spec, form, fused, params = _prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, imputation,
+                                                    cross_entropy, imputed_error, validate)
+    r_b, p_hat_b = r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype)
+    x_b, x_u = x_b.detach(), _detached(x_u)
+    if fused:
+        return _ext.imputation_loss_and_grads(kind, xt_b.detach(), x_b, r_b, p_hat_b, _detached(xt_u), x_u,
+                                              float(alpha), cross_entropy, imputed_error)
+    xt_b = xt_b.detach().requires_grad_()
+    xt_u = None if xt_u is None else xt_u.detach().requires_grad_(spec.grad_on_u)
+    with torch.enable_grad():
+        loss = spec.step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form, **params)
+        return _grads(loss, xt_b if spec.grad_on_b else None, xt_u if spec.grad_on_u else None)
+
+
+# ---- modules -----------------------------------------------------------------------------------
+def _clicked(click, like: Tensor) -> Tensor:
+    """``click`` as a bool mask over the rows of ``like``."""
+    click = torch.as_tensor(click, device=like.device)
+    if click.shape != like.shape:
+        raise ValueError(f"`click` has shape {tuple(click.shape)} but the logits have shape {tuple(like.shape)}")
+    if click.dtype != torch.bool:
+        if not bool(((click == 0) | (click == 1)).all()):
+            raise ValueError("`click` (click indicators) must hold only 0 and 1")
+        click = click == 1
+    return click
+
+
+def _no_click_loss(*logits: Optional[Tensor]) -> Tensor:
+    """A zero that carries zero gradients into the trained logits (a batch without clicks)."""
+    present = [t for t in logits if t is not None]
+    return sum((t.sum() * 0 for t in present[1:]), present[0].sum() * 0)
+
+
+class PredictionLoss(nn.Module):
+    """The prediction model's loss of the registry estimator ``estimator`` as a module.
+
+    ``loss(x_b, r_b, p_hat_b, x_u=None, xt_b=None, xt_u=None, click=None)`` takes logits and
+    labels as ``torch.nn.BCEWithLogitsLoss`` does, then the propensities and, where the estimator
+    reads them (DR, EIB, BADR), the prediction logits on the sampled pairs U and the imputation
+    logits on B and U (detached inside).  Two ways to call it:
+
+    - joint learning (Algorithm 1): ``x_b``, ``r_b``, ``p_hat_b``, ``xt_b`` are the clicked batch B,
+      ``x_u`` / ``xt_u`` the pairs U sampled from all pairs; the value is :func:`prediction_loss`;
+    - a batch of exposures D: pass ``click``, the 0/1 click indicators of its rows.  ``r_b`` may be
+      anything (NaN included) where ``click = 0``: those labels are never read.  B is the clicked
+      rows; U is D itself unless ``x_u`` / ``xt_u`` are given; naive and IPS divide by ``|D|``
+      as eqs. (2) and (3) do.  A batch without clicks gives a zero loss with zero gradients for
+      the self-normalised estimators (SNIPS, BADR), which are undefined there (0 / 0), and for
+      naive and IPS (nothing observed); DR and EIB give the mean imputed error over U.  Test
+      ``click.any()`` to skip the optimiser step of such a batch.
+    """
+
+    def __init__(self, estimator: str, *, cross_entropy: str = "logits", imputation: str = "pseudo_label") -> None:
+        super().__init__()
+        self.spec = get_estimator(estimator)
+        if self.spec.step is None:
+            raise ValueError(f"estimator {estimator!r} has no joint-learning form")
+        make_form(cross_entropy, imputation)
+        self.estimator, self.cross_entropy, self.imputation = estimator, cross_entropy, imputation
+
+    def extra_repr(self) -> str:
+        return f"estimator={self.estimator!r}, cross_entropy={self.cross_entropy!r}, imputation={self.imputation!r}"
+
+    def forward(self, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, x_u: Optional[Tensor] = None,
+                xt_b: Optional[Tensor] = None, xt_u: Optional[Tensor] = None, *,
+                click: Optional[Tensor] = None) -> Tensor:
+        scale = 1.0
+        if click is not None:
+            clicked = _clicked(click, x_b)
+            if self.spec.needs_u and x_u is None and xt_u is None:
+                x_u, xt_u = x_b, xt_b
+            n = x_b.numel()
+            x_b, r_b, p_hat_b = x_b[clicked], r_b[clicked], p_hat_b[clicked]
+            xt_b = None if xt_b is None else xt_b[clicked]
+            b = x_b.numel()
+            if b == 0 and self.spec.normaliser != "sampled":
+                return _no_click_loss(x_b, x_u)
+            if b == 0:  # the mean imputed error over U: the step form, which handles an empty B
+                return self.spec.step(x_b, r_b, p_hat_b.detach(), x_u, _detached(xt_b), _detached(xt_u),
+                                      make_form(self.cross_entropy, self.imputation))
+            if self.spec.normaliser == "clicked":
+                scale = b / n
+        loss = prediction_loss(self.estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, self.imputation,
+                               self.cross_entropy)
+        return loss * scale if scale != 1.0 else loss
+
+
+class ImputationLoss(nn.Module):
+    """The imputation model's loss of the registry entry ``kind`` as a module.
+
+    ``loss(xt_b, x_b, r_b, p_hat_b, xt_u=None, x_u=None, click=None)``: the imputation logits being
+    trained first, then the prediction logits (detached inside), labels and propensities on B, and
+    the imputation and prediction logits on U where the loss reads them (BADR's).  ``click`` as in
+    :class:`PredictionLoss`: B is the clicked rows and U the whole batch unless given; every
+    imputation loss is a sum over B, so a batch without clicks gives a zero loss with zero
+    gradients.
+    """
+
+    def __init__(self, kind: str, *, alpha: float = 0.5, cross_entropy: str = "logits",
+                 imputation: str = "pseudo_label", imputed_error: str = "paper") -> None:
+        super().__init__()
+        self.spec = get_imputation_loss(kind)
+        make_form(cross_entropy, imputation, imputed_error, self.spec)
+        self.kind, self.alpha = kind, _check_alpha(alpha)
+        self.cross_entropy, self.imputation, self.imputed_error = cross_entropy, imputation, imputed_error
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, alpha={self.alpha}, cross_entropy={self.cross_entropy!r}, "
+                f"imputation={self.imputation!r}, imputed_error={self.imputed_error!r}")
+
+    def forward(self, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, xt_u: Optional[Tensor] = None,
+                x_u: Optional[Tensor] = None, *, click: Optional[Tensor] = None) -> Tensor:
+        if click is not None:
+            clicked = _clicked(click, xt_b)
+            if self.spec.needs_u and xt_u is None and x_u is None:
+                xt_u, x_u = xt_b, x_b
+            xt_b, x_b, r_b, p_hat_b = xt_b[clicked], x_b[clicked], r_b[clicked], p_hat_b[clicked]
+            if xt_b.numel() == 0:
+                return _no_click_loss(xt_b, xt_u)
+        return imputation_loss(self.kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, self.alpha, self.imputation,
+                               self.cross_entropy, self.imputed_error)
+
+
+def _named_prediction_loss(estimator: str, cls_name: str) -> type:
+    spec = get_estimator(estimator)
+
+    def __init__(self, *, cross_entropy: str = "logits", imputation: str = "pseudo_label") -> None:
+        PredictionLoss.__init__(self, estimator, cross_entropy=cross_entropy, imputation=imputation)
+
+    doc = f"The {spec.description} estimator, {spec.equation}, as a :class:`PredictionLoss` (``estimator={estimator!r}``)."
+    return type(cls_name, (PredictionLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+def _named_imputation_loss(kind: str, cls_name: str) -> type:
+    spec = get_imputation_loss(kind)
+
+    def __init__(self, *, alpha: float = 0.5, cross_entropy: str = "logits", imputation: str = "pseudo_label",
+                 imputed_error: str = "paper") -> None:
+        ImputationLoss.__init__(self, kind, alpha=alpha, cross_entropy=cross_entropy, imputation=imputation,
+                                imputed_error=imputed_error)
+
+    doc = f"{spec.description}, {spec.equation}, as an :class:`ImputationLoss` (``kind={kind!r}``)."
+    return type(cls_name, (ImputationLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+NaiveLoss = _named_prediction_loss("naive", "NaiveLoss")
+IPSLoss = _named_prediction_loss("ips", "IPSLoss")
+SNIPSLoss = _named_prediction_loss("snips", "SNIPSLoss")
+EIBLoss = _named_prediction_loss("eib", "EIBLoss")
+DRLoss = _named_prediction_loss("dr", "DRLoss")
+BADRLoss = _named_prediction_loss("badr", "BADRLoss")
+DRImputationLoss = _named_imputation_loss("dr", "DRImputationLoss")
+MRDRImputationLoss = _named_imputation_loss("mrdr", "MRDRImputationLoss")
+DRBiasImputationLoss = _named_imputation_loss("dr_bias", "DRBiasImputationLoss")
+DRMSEImputationLoss = _named_imputation_loss("dr_mse", "DRMSEImputationLoss")
+
+
+class BADRImputationLoss(ImputationLoss):
+    """BADR's imputation loss, eq. (32), as an :class:`ImputationLoss`: ``variant="published"`` (the
+    registry's ``badr``, as the published code trains it, which reproduces Table 3) or ``"paper"``
+    (``badr_paper``, eq. 32 as written)."""
+
+    def __init__(self, *, variant: str = "published", cross_entropy: str = "logits",
+                 imputation: str = "pseudo_label") -> None:
+        if variant not in ("published", "paper"):
+            raise ValueError(f"`variant` must be 'published' or 'paper'; got {variant!r}")
+        super().__init__("badr" if variant == "published" else "badr_paper", cross_entropy=cross_entropy,
+                         imputation=imputation)
