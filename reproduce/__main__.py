@@ -155,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_table3(args: argparse.Namespace) -> int:
+    device = str(resolve_device(args.device))
     data_dir = None
     if not args.table_only and any(source.path is None for source in args.datasets):
         data_dir = resolve_data_dir(args.data_dir)
-    device = str(resolve_device(args.device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, history_path = out / "results.csv", out / "table3.md", out / "history.csv"
@@ -212,8 +212,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import grid_candidates, random_candidates, tune
 
     source, method = args.dataset, args.method
-    data_dir = None if source.path is not None else resolve_data_dir(args.data_dir)
     device = str(resolve_device(args.device))
+    data_dir = None if source.path is not None else resolve_data_dir(args.data_dir)
     cfg = source.config(args.config_dir)
     base = cfg.method_params(method)
     overrides = [k for k in PROPENSITY_KEYS if k in cfg.entry(method).params]

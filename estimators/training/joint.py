@@ -371,7 +371,7 @@ class JointLearner:
             loss = prediction_loss(cfg.estimator, x[:b], r, p_hat, x[b:], xt[:b], xt[b:], cfg.imputation,
                                    cfg.cross_entropy, validate=False)
         self._descend(self.pred_opt, loss)
-        return float(loss), x[:b].detach()
+        return float(loss.detach()), x[:b].detach()
 
     def _module_imputation_update(self, rows: Tensor, cols: Tensor, b: int, r: Tensor,
                                   p_hat: Tensor) -> tuple[float, Tensor]:
@@ -385,7 +385,7 @@ class JointLearner:
                                x[b:] if on_u else None, cfg.alpha, cfg.imputation, cfg.cross_entropy,
                                cfg.imputed_error, validate=False)
         self._descend(self.imp_opt, loss)
-        return float(loss), x[:b]
+        return float(loss.detach()), x[:b]
 
     def _module_step(self, users: Tensor, items: Tensor, r: Tensor, p_hat: Tensor) -> dict[str, float]:
         self.prediction.train()

@@ -318,10 +318,19 @@ def _clicked(click, like: Tensor) -> Tensor:
     return click
 
 
-def _no_click_loss(*logits: Optional[Tensor]) -> Tensor:
-    """A zero that carries zero gradients into the trained logits (a batch without clicks)."""
-    present = [t for t in logits if t is not None]
-    return sum((t.sum() * 0 for t in present[1:]), present[0].sum() * 0)
+def _exposure_errors(form: Form, x: Tensor, r: Tensor, click: Tensor) -> Tensor:
+    """``e = l(x, r)`` over a batch of exposures, from a finite placeholder label where ``click`` is 0
+    (the unclicked rows' labels, NaN or anything, are never read; the estimators then drop ``e``
+    there)."""
+    if r.shape != x.shape:
+        raise ValueError(f"`r_b` has shape {tuple(r.shape)} but the logits have shape {tuple(x.shape)}")
+    return form.l(x, torch.where(click, r.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device)))
+
+
+def _reject_u(x_u: Optional[Tensor], other_u: Optional[Tensor]) -> None:
+    if x_u is not None or other_u is not None:
+        raise ValueError("with `click`, the batch of exposures is D itself (the imputed errors are summed over it); "
+                         "do not pass logits on sampled pairs U")
 
 
 class PredictionLoss(nn.Module):
@@ -329,18 +338,19 @@ class PredictionLoss(nn.Module):
 
     ``loss(x_b, r_b, p_hat_b, x_u=None, xt_b=None, xt_u=None, click=None)`` takes logits and
     labels as ``torch.nn.BCEWithLogitsLoss`` does, then the propensities and, where the estimator
-    reads them (DR, EIB, BADR), the prediction logits on the sampled pairs U and the imputation
-    logits on B and U (detached inside).  Two ways to call it:
+    reads imputed errors (EIB, DR, BADR), the prediction logits on sampled pairs U and the
+    imputation logits (detached inside).  Two ways to call it:
 
     - joint learning (Algorithm 1): ``x_b``, ``r_b``, ``p_hat_b``, ``xt_b`` are the clicked batch B,
-      ``x_u`` / ``xt_u`` the pairs U sampled from all pairs; the value is :func:`prediction_loss`;
-    - a batch of exposures D: pass ``click``, the 0/1 click indicators of its rows.  ``r_b`` may be
-      anything (NaN included) where ``click = 0``: those labels are never read.  B is the clicked
-      rows; U is D itself unless ``x_u`` / ``xt_u`` are given; naive and IPS divide by ``|D|``
-      as eqs. (2) and (3) do.  A batch without clicks gives a zero loss with zero gradients for
-      the self-normalised estimators (SNIPS, BADR), which are undefined there (0 / 0), and for
-      naive and IPS (nothing observed); DR and EIB give the mean imputed error over U.  Test
-      ``click.any()`` to skip the optimiser step of such a batch.
+      ``x_u`` / ``xt_u`` the pairs U sampled from all pairs; the value is :func:`prediction_loss`
+      (the fused kernels where they apply);
+    - a batch of exposures D: pass ``click``, the 0/1 click indicators of its rows, and no U.  The
+      value is then the estimator's equation over D (the registry entry's function: eqs. 2, 3, 5,
+      7, 13, 37) with ``e = l(x, r)`` on the clicked rows and ``e_hat = l(x, sigmoid(x_t))`` on all
+      rows; ``r_b`` may hold anything (NaN included) where ``click = 0``: those labels are never
+      read.  A batch without clicks gives a zero loss with zero gradients for the self-normalised
+      estimators (SNIPS, BADR), which are undefined there (0 / 0); naive and IPS are 0 there and
+      DR and EIB the mean imputed error.  Test ``click.any()`` to skip such a batch's optimiser step.
     """
 
     def __init__(self, estimator: str, *, cross_entropy: str = "logits", imputation: str = "pseudo_label") -> None:
@@ -348,7 +358,7 @@ class PredictionLoss(nn.Module):
         self.spec = get_estimator(estimator)
         if self.spec.step is None:
             raise ValueError(f"estimator {estimator!r} has no joint-learning form")
-        make_form(cross_entropy, imputation)
+        self.form = make_form(cross_entropy, imputation)
         self.estimator, self.cross_entropy, self.imputation = estimator, cross_entropy, imputation
 
     def extra_repr(self) -> str:
@@ -357,25 +367,20 @@ class PredictionLoss(nn.Module):
     def forward(self, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, x_u: Optional[Tensor] = None,
                 xt_b: Optional[Tensor] = None, xt_u: Optional[Tensor] = None, *,
                 click: Optional[Tensor] = None) -> Tensor:
-        scale = 1.0
-        if click is not None:
-            clicked = _clicked(click, x_b)
-            if self.spec.needs_u and x_u is None and xt_u is None:
-                x_u, xt_u = x_b, xt_b
-            n = x_b.numel()
-            x_b, r_b, p_hat_b = x_b[clicked], r_b[clicked], p_hat_b[clicked]
-            xt_b = None if xt_b is None else xt_b[clicked]
-            b = x_b.numel()
-            if b == 0 and self.spec.normaliser != "sampled":
-                return _no_click_loss(x_b, x_u)
-            if b == 0:  # the mean imputed error over U: the step form, which handles an empty B
-                return self.spec.step(x_b, r_b, p_hat_b.detach(), x_u, _detached(xt_b), _detached(xt_u),
-                                      make_form(self.cross_entropy, self.imputation))
-            if self.spec.normaliser == "clicked":
-                scale = b / n
-        loss = prediction_loss(self.estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, self.imputation,
-                               self.cross_entropy)
-        return loss * scale if scale != 1.0 else loss
+        if click is None:
+            return prediction_loss(self.estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, self.imputation,
+                                   self.cross_entropy)
+        _reject_u(x_u, xt_u)
+        clicked = _clicked(click, x_b)
+        if self.spec.self_normalised and not bool(clicked.any()):
+            return x_b.sum() * 0
+        if self.spec.needs_imputation and xt_b is None:
+            raise ValueError(f"estimator {self.estimator!r} needs xt_b, the imputation logits of the batch")
+        inputs = {"e": _exposure_errors(self.form, x_b, r_b, clicked), "o": clicked,
+                  "p_hat": p_hat_b.detach().to(x_b.dtype)}
+        if self.spec.needs_imputation:
+            inputs["e_hat"] = self.form.imputed(x_b, xt_b.detach())
+        return self.spec.function(*(inputs[k] for k in self.spec.reads))
 
 
 class ImputationLoss(nn.Module):
@@ -383,17 +388,19 @@ class ImputationLoss(nn.Module):
 
     ``loss(xt_b, x_b, r_b, p_hat_b, xt_u=None, x_u=None, click=None)``: the imputation logits being
     trained first, then the prediction logits (detached inside), labels and propensities on B, and
-    the imputation and prediction logits on U where the loss reads them (BADR's).  ``click`` as in
-    :class:`PredictionLoss`: B is the clicked rows and U the whole batch unless given; every
-    imputation loss is a sum over B, so a batch without clicks gives a zero loss with zero
-    gradients.
+    the imputation and prediction logits on U where the loss reads them (BADR's); the value is
+    :func:`imputation_loss`.  With ``click`` (a batch of exposures D, no U), the value is the
+    loss's equation over D (the registry entry's function: eqs. 6, 8, 9, 10, 32) with the imputed
+    error of ``imputed_error``; both BADR variants are eq. 32 there (the published variant differs
+    only in how it is trained on sampled pairs).  Every imputation loss is a sum or mean over the
+    clicked pairs, so a batch without clicks gives a zero loss with zero gradients.
     """
 
     def __init__(self, kind: str, *, alpha: float = 0.5, cross_entropy: str = "logits",
                  imputation: str = "pseudo_label", imputed_error: str = "paper") -> None:
         super().__init__()
         self.spec = get_imputation_loss(kind)
-        make_form(cross_entropy, imputation, imputed_error, self.spec)
+        self.form = make_form(cross_entropy, imputation, imputed_error, self.spec)
         self.kind, self.alpha = kind, _check_alpha(alpha)
         self.cross_entropy, self.imputation, self.imputed_error = cross_entropy, imputation, imputed_error
 
@@ -403,15 +410,18 @@ class ImputationLoss(nn.Module):
 
     def forward(self, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, xt_u: Optional[Tensor] = None,
                 x_u: Optional[Tensor] = None, *, click: Optional[Tensor] = None) -> Tensor:
-        if click is not None:
-            clicked = _clicked(click, xt_b)
-            if self.spec.needs_u and xt_u is None and x_u is None:
-                xt_u, x_u = xt_b, x_b
-            xt_b, x_b, r_b, p_hat_b = xt_b[clicked], x_b[clicked], r_b[clicked], p_hat_b[clicked]
-            if xt_b.numel() == 0:
-                return _no_click_loss(xt_b, xt_u)
-        return imputation_loss(self.kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, self.alpha, self.imputation,
-                               self.cross_entropy, self.imputed_error)
+        if click is None:
+            return imputation_loss(self.kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, self.alpha, self.imputation,
+                                   self.cross_entropy, self.imputed_error)
+        _reject_u(xt_u, x_u)
+        clicked = _clicked(click, xt_b)
+        if not bool(clicked.any()):
+            return xt_b.sum() * 0
+        x = x_b.detach().to(xt_b.dtype)
+        e_hat = self.form.swapped(xt_b, x) if self.imputed_error == "published" else self.form.imputed(x, xt_b)
+        params = {"alpha": self.alpha} if "alpha" in self.spec.params else {}
+        return self.spec.function(_exposure_errors(self.form, x, r_b, clicked), e_hat, clicked,
+                                  p_hat_b.detach().to(xt_b.dtype), **params)
 
 
 def _named_prediction_loss(estimator: str, cls_name: str) -> type:
