@@ -182,3 +182,48 @@ def test_tune_on_a_folder_writes_its_own_config(sim_dir, tmp_path):
     written = C.load_config("lowrank-sim", folder)
     assert written.methods["mf"].status.startswith("tuned: 1 random-search trials")
     assert C.config_path("default").read_text() == default_before
+
+
+def test_progress_is_readable_in_a_log_file():
+    """On a terminal one line is redrawn in place; in a log, whole lines, at most one per interval."""
+    import io
+
+    from reproduce.progress import Progress
+
+    log = io.StringIO()
+    progress = Progress("coat mf seed 2024", 10, stream=log, log_interval=0.0)
+    progress.update(3, "fit epochs", "loss 1.5")
+    progress.close("done: AUC 0.7")
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and lines[0].startswith("coat mf seed 2024 [######") and "3/10" in lines[0]
+    assert lines[1] == "coat mf seed 2024 done: AUC 0.7"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    Progress("x", 2, stream=screen, interval=0.0).update(1, "fit epochs")
+    assert screen.getvalue().startswith("\rx [##########")
+    quiet = io.StringIO()
+    Progress("x", 2, stream=quiet).update(1, "fit epochs")  # within the first 10 s of a log: nothing yet
+    assert quiet.getvalue() == ""
+
+
+def test_train_fraction_subsamples_the_clicked_pairs_by_the_run_seed(data_dir, monkeypatch):
+    import reproduce.runs as R
+
+    seen = {}
+
+    def capture(data, cfg, method, params, seed, **kwargs):
+        seen[seed] = data.x_train.copy()
+        return {"auc": 0.5, "status": "ok", "history": []}
+
+    monkeypatch.setattr(R, "run_or_diverged", capture)
+    coat, cfg = load_dataset("coat", data_dir), C.load_config("coat")
+    source = C.DataSource("coat")
+    for seed in (2024, 2025):
+        R.train_row(coat, R.Run(source, cfg, METHODS["mf"], {}, seed, "sig", 1, train_fraction=0.25), None)
+    assert len(seen[2024]) == len(seen[2025]) == round(0.25 * len(coat.x_train))
+    assert not (seen[2024] == seen[2025]).all()  # each seed its own draw
+    assert (seen[2024] == coat.subsample(0.25, 2024).x_train).all()

@@ -238,6 +238,8 @@ def test_learner_checks_its_models_and_batches():
         JointLearner(p, JointConfig(estimator="ips", imputation_loss=None), imputation=MF(3, 4, 2))
     with pytest.raises(ValueError, match="torch.nn.Module"):
         JointLearner(p, JointConfig(estimator="ips", imputation_loss=None), prediction=lambda u, i: u)
+    with pytest.raises(ValueError, match="move the model"):
+        JointLearner(p, JointConfig(estimator="ips", imputation_loss=None), prediction=MF(3, 4, 2).to("meta"))
     learner = JointLearner(p, JointConfig(estimator="ips", imputation_loss=None, dim=2))
     with pytest.raises(ValueError, match="`users` holds id 3, outside 0..2"):
         learner.step(torch.tensor([0, 3]), torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))

@@ -165,6 +165,10 @@ class JointLearner:
             if not isinstance(m, nn.Module):
                 raise ValueError(f"models must be torch.nn.Module instances mapping (users, items) to logits; got "
                                  f"{type(m).__name__}")
+            devices = {p.device for p in m.parameters()}
+            if devices - {self.device}:
+                raise ValueError(f"{type(m).__name__}'s parameters are on {sorted(map(str, devices))} but the "
+                                 f"propensities on {self.device}; move the model with `.to({str(self.device)!r})`")
         #: Whether steps run the MF fast path (module docstring).
         self.fast = optimizer is None and all(type(m) is MF for m in models)
         if self.fast:
