@@ -11,8 +11,8 @@
    shuffles the clicked training pairs and walks them in batches of ``batch_size`` (the last
    partial batch dropped, as the published code does), one step per batch; at most
    ``max_epochs`` (100) epochs with the published early stopping on the epoch sum of
-   ``sum_B w * l(y_hat', r)`` (training loss only: no validation-based selection).  Every cross-entropy is computed on probabilities as
-   the published code does (``"cross_entropy": "clamped"`` in the configs; see
+   ``sum_B w * l(y_hat', r)`` (training loss only: no validation-based selection).  Every
+   cross-entropy is computed on probabilities as the published code does (``"cross_entropy": "clamped"`` in the configs; see
    :func:`estimators.joint_loss.bce_clamped`): with the exact logit form the imputation model
    of the tuned BADR runs diverges and Coat's AUC drops from 0.76 to 0.62.  The published code
    takes each step's G*b pairs U as consecutive slices of one permutation of all pairs per

@@ -29,7 +29,8 @@ def test_train_your_own_model_runs_as_written(data_dir):
     assert out.returncode == 0, out.stderr
     aucs = dict(re.findall(r"^(validation|test) AUC (\d\.\d+)$", out.stdout, flags=re.M))
     assert set(aucs) == {"validation", "test"} and all(float(v) > 0.7 for v in aucs.values()), out.stdout
-    assert f"validation AUC {aucs['validation']} and test AUC {aucs['test']}" in section  # the prose says what it prints
+    # the prose says what it prints
+    assert f"validation AUC {aucs['validation']} and test AUC {aucs['test']}" in section
     assert re.search(r"^\d+ epochs, last prediction loss \d", out.stdout, flags=re.M), out.stdout
 
 

@@ -221,8 +221,10 @@ def test_a_method_entry_overrides_the_imputed_error(tmp_path):
     assert own.imputed_error_of(METHODS["badr_dr"]) == "published"
     assert own.imputed_error_of(METHODS["dr_jl"]) == "paper"
     params = cfg.method_params(METHODS["badr_dr"])
-    assert C.run_signature(own, METHODS["badr_dr"], params, 100) != C.run_signature(cfg, METHODS["badr_dr"], params, 100)
-    for name, value, match in (("badr", "published", "only to the DR-family"), ("ips", "paper", "only to the DR-family"),
+    signature = C.run_signature
+    assert signature(own, METHODS["badr_dr"], params, 100) != signature(cfg, METHODS["badr_dr"], params, 100)
+    for name, value, match in (("badr", "published", "only to the DR-family"),
+                               ("ips", "paper", "only to the DR-family"),
                                ("dr_jl", "swapped", "methods.dr_jl.imputed_error must be one of")):
         bad = copy.deepcopy(raw)
         bad["methods"][name]["imputed_error"] = value

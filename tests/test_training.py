@@ -11,7 +11,7 @@ import torch
 from estimators import (BADRImputationLoss, BADRLoss, DRLoss, EIBLoss, IPSLoss, MF, MRDRImputationLoss, NaiveLoss,
                         PredictionLoss, SNIPSLoss, TwoTower, badr, badr_imputation_loss, dr, eib, fit_propensity,
                         imputation_loss, ips, mrdr_imputation_loss, naive, prediction_loss, propensity_table, snips)
-from estimators.registry import ESTIMATORS, IMPUTATION_LOSSES
+from estimators.registry import ESTIMATORS
 from estimators.training import Diverged, EpochStats, JointConfig, JointLearner, fit
 
 F = torch.nn.functional
@@ -22,7 +22,8 @@ def _batch(n=12, seed=0):
     x, xt = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
     click = torch.zeros(n, dtype=torch.bool)
     click[torch.randperm(n, generator=g)[: n // 3]] = True
-    r = torch.where(click, torch.randint(2, (n,), generator=g).double(), torch.full((n,), math.nan, dtype=torch.float64))
+    labels = torch.randint(2, (n,), generator=g).double()
+    r = torch.where(click, labels, torch.full((n,), math.nan, dtype=torch.float64))
     p = 0.1 + 0.8 * torch.rand(n, generator=g, dtype=torch.float64)
     return x, xt, click, r, p
 

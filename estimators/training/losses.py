@@ -430,7 +430,8 @@ def _named_prediction_loss(estimator: str, cls_name: str) -> type:
     def __init__(self, *, cross_entropy: str = "logits", imputation: str = "pseudo_label") -> None:
         PredictionLoss.__init__(self, estimator, cross_entropy=cross_entropy, imputation=imputation)
 
-    doc = f"The {spec.description} estimator, {spec.equation}, as a :class:`PredictionLoss` (``estimator={estimator!r}``)."
+    doc = (f"The {spec.description} estimator, {spec.equation}, as a :class:`PredictionLoss` "
+           f"(``estimator={estimator!r}``).")
     return type(cls_name, (PredictionLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 

@@ -58,11 +58,11 @@ def fit_propensity(
     Any model runs on autograd with ``optimizer(model.parameters(), lr=lr,
     weight_decay=weight_decay)`` (default ``torch.optim.Adam``), the squared error on
     ``sigmoid(logit)`` or the cross-entropy from logits.  A :class:`PropensityModel` with the
-    default optimizer takes the fast path: the model is additive, ``logit(u, i) = a_u + b_i`` with ``a = P w_1 + c`` and ``b = Q w_2``,
-    so the gradients are written out instead of taped: with ``g = dloss / dlogit`` on the batch,
-    ``g_a = sum of g per user``, ``dP = g_a w_1^T``, ``dw_1 = P^T g_a``, ``dc = sum g`` (and likewise
-    for items), into preallocated buffers; Adam as ``torch.optim.Adam``
-    (:class:`estimators.training.optim.Adam`).
+    default optimizer takes the fast path: the model is additive, ``logit(u, i) = a_u + b_i`` with
+    ``a = P w_1 + c`` and ``b = Q w_2``, so the gradients are written out instead of taped: with
+    ``g = dloss / dlogit`` on the batch, ``g_a = sum of g per user``, ``dP = g_a w_1^T``,
+    ``dw_1 = P^T g_a``, ``dc = sum g`` (and likewise for items), into preallocated buffers; Adam as
+    ``torch.optim.Adam`` (:class:`estimators.training.optim.Adam`).
     The parameters follow the autograd + ``torch.optim.Adam`` trajectory up to float rounding
     (``tests/test_models.py``).  ``fused`` (default: where the extension is built, the backend
     is ``"fused"`` and the model is on the CPU) runs each step as one ``cvr::propensity_step_``
