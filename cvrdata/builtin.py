@@ -14,7 +14,7 @@ from typing import Callable
 
 from cvrdata.checks import as_percent
 from cvrdata.datadir import WHERE, resolve_data_dir
-from cvrdata.dataset import CVRData
+from cvrdata.dataset import CVRData, warn_repeated_pairs
 from cvrdata.features import GENERIC, FeatureFiles, read_side_features
 from cvrdata.original import THRESHOLD, Ratings, binarise_and_split, check_threshold, read_coat, read_yahoo
 from cvrdata.splits import read_split
@@ -52,7 +52,10 @@ DATASETS: tuple[str, ...] = tuple(BUILTINS)
 
 def load_builtin(spec: Builtin, data_dir: str | os.PathLike | None, source: str, threshold: int | None,
                  val_fraction: float | None, seed: int) -> CVRData:
-    """Load built-in ``spec`` (see :func:`cvrdata.load_dataset`); arguments are checked before the disk is read."""
+    """Load built-in ``spec`` (see :func:`cvrdata.load_dataset`); arguments are checked before the disk is read.
+
+    Repeated pairs are a :class:`cvrdata.DataWarning`, once per load (expected for Coat).
+    """
     if source == "split":
         threshold = spec.threshold if threshold is None else threshold
         val_pct = spec.val_pct if val_fraction is None else as_percent(val_fraction)
@@ -67,7 +70,9 @@ def load_builtin(spec: Builtin, data_dir: str | os.PathLike | None, source: str,
     folder = _folder(data_dir, spec)
     ratings = spec.original(folder)
     features = read_side_features(folder, spec.features, ratings.n_users, ratings.n_items, ratings.shape_origin)
-    return binarise_and_split(spec.name, ratings, threshold, val_fraction, seed, **features)
+    data = binarise_and_split(spec.name, ratings, threshold, val_fraction, seed, **features)
+    warn_repeated_pairs(data)
+    return data
 
 
 def _folder(data_dir: str | os.PathLike | None, spec: Builtin) -> Path:

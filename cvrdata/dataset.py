@@ -1,9 +1,15 @@
-"""The :class:`CVRData` container: one data set's pairs, labels, shape and side features."""
+"""The :class:`CVRData` container: one data set's pairs, labels, shape and side features.
+
+Also :class:`DataWarning` and :func:`warn_repeated_pairs`, the loaders' once-per-load
+warning about repeated pairs.
+"""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import numbers
+import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +19,17 @@ from cvrdata.checks import check_fraction, check_int
 PARTS = ("train", "val", "test")
 # Bumped whenever the bytes fed to the fingerprint change, so that old signatures stop matching.
 _FINGERPRINT_VERSION = b"cvrdata-fingerprint-1"
+# The part pairs whose overlap CVRData.repeated_pairs reports, in this order.
+OVERLAPS = (("train", "val"), ("train", "test"), ("val", "test"))
+
+
+class DataWarning(UserWarning):
+    """A data set loads but looks wrong: a pair repeated within a part or present in two parts.
+
+    Issued once per load by the loaders (:func:`warn_repeated_pairs`). Expected for Coat:
+    its uniformly random (unbiased) ratings include pairs the user had also rated of their
+    own choice, so some validation and test pairs are training pairs too (same labels).
+    """
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: field-wise == on numpy arrays is ambiguous
@@ -103,6 +120,40 @@ class CVRData:
         """Row-major index ``user * n_items + item`` of each ``(user, item)`` row of ``x``."""
         return x[:, 0] * self.n_items + x[:, 1]
 
+    def repeated_pairs(self) -> dict[str, tuple[int, tuple[int, int]]]:
+        """Pairs that occur more than once, by where: ``{where: (count, example (user, item))}``.
+
+        ``where`` is a part (``"train"``, ``"val"``, ``"test"``: ``count`` rows repeat a pair
+        of an earlier row of the part; the example is the first such row's pair) or two parts
+        (``"train/val"``, ``"train/test"``, ``"val/test"``: ``count`` distinct pairs are in
+        both; the example is the first such pair of the second part). Only non-zero counts
+        are listed, in that order; an empty dict means every pair is unique.
+        """
+        keys = {part: self._keys(getattr(self, f"x_{part}")) for part in PARTS}
+        found: dict[str, tuple[int, tuple[int, int]]] = {}
+        for part in PARTS:
+            _, first = np.unique(keys[part], return_index=True)
+            if len(first) < len(keys[part]):
+                repeats = np.ones(len(keys[part]), dtype=bool)
+                repeats[first] = False
+                found[part] = (len(keys[part]) - len(first), self._example(part, repeats))
+        for a, b in OVERLAPS:
+            both = np.isin(keys[b], keys[a])
+            if both.any():
+                found[f"{a}/{b}"] = (len(np.unique(keys[b][both])), self._example(b, both))
+        return found
+
+    def _keys(self, x: np.ndarray) -> np.ndarray:
+        """One comparable key per ``(user, item)`` row: the flat index, or the row itself past int64."""
+        if self.n_pairs < 2**63:
+            return self.flat_index(x)
+        return np.ascontiguousarray(x).view([("user", x.dtype), ("item", x.dtype)])[:, 0]
+
+    def _example(self, part: str, rows: np.ndarray) -> tuple[int, int]:
+        """The ``(user, item)`` of the first True row of ``rows`` in ``x_{part}``."""
+        user, item = getattr(self, f"x_{part}")[np.flatnonzero(rows)[0]]
+        return int(user), int(item)
+
     def click_matrix(self) -> np.ndarray:
         """Click indicator ``o`` of all pairs, ``(n_pairs,)`` float32 in row-major order.
 
@@ -151,3 +202,29 @@ class CVRData:
             digest.update(f"{field} {array.dtype.str} {array.shape}\n".encode())
             digest.update(array.tobytes())
         return digest.hexdigest()[:16]
+
+
+def warn_repeated_pairs(data: CVRData) -> None:
+    """Issue one :class:`DataWarning` listing ``data``'s repeated pairs (:meth:`CVRData.repeated_pairs`), if any.
+
+    The message names the data set, each part or pair of parts with its count, and an
+    example pair. The loaders call it once per load.
+    """
+    found = data.repeated_pairs()
+    if not found:
+        return
+    findings = []
+    for where, (count, (user, item)) in found.items():
+        s = "" if count == 1 else "s"
+        if "/" in where:
+            a, b = where.split("/")
+            findings.append(f"{count} pair{s} in both {a} and {b} (e.g. user {user}, item {item})")
+        else:
+            findings.append(f"{count} repeated pair{s} within {where} (e.g. user {user}, item {item})")
+    # Attributed to the first caller outside cvrdata (the user's load_dataset line).
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("cvrdata."):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(DataWarning(
+        f"{data.name}: {'; '.join(findings)}: a repeated pair counts more than once in the losses and metrics, "
+        "and a training pair in validation or test is scored on what was trained on"), stacklevel=level)

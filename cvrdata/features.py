@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvrdata.formats import read_features, read_names
+from cvrdata.formats import is_present, read_features, read_names
 
 
 @dataclass(frozen=True)
@@ -31,19 +31,20 @@ def read_side_features(folder: Path, files: FeatureFiles, n_users: int, n_items:
     """The :class:`~cvrdata.CVRData` keyword arguments for the feature files ``folder`` holds.
 
     Each side is optional: a missing values file leaves ``{side}_features`` out (``None``).
-    A names file without its values file is an error. ``shape_origin`` says where
-    ``n_users`` / ``n_items`` came from, for the row-count error.
+    A names file without its values file, and a folder in place of either file, are errors.
+    ``shape_origin`` says where ``n_users`` / ``n_items`` came from, for the row-count error.
     """
     out: dict[str, object] = {}
     for side, n_rows in (("user", n_users), ("item", n_items)):
         values, names = folder / getattr(files, side), folder / getattr(files, f"{side}_names")
-        if not values.is_file():
-            if names.is_file():
+        has_names = is_present(names, f"one {side} feature name per line")
+        if not is_present(values, f"one row of numbers per {side}"):
+            if has_names:
                 raise ValueError(f"{names} names {side} features but {values.name} is missing in "
                                  f"{values.parent}; add it or remove {names.name}")
             continue
         table = read_features(values, n_rows, side, shape_origin)
         out[f"{side}_features"] = table
-        if names.is_file():
+        if has_names:
             out[f"{side}_feature_names"] = read_names(names, table.shape[1], values)
     return out

@@ -13,7 +13,7 @@ import numpy as np
 from cvrdata.checks import check_int
 from cvrdata.datadir import WHERE
 from cvrdata.dataset import CVRData
-from cvrdata.formats import first_line, read_table
+from cvrdata.formats import check_ids, first_line, implied_shape, read_table
 
 THRESHOLD = 3  # default: rating >= 3 is a conversion
 _COAT_SHAPE = (290, 300)
@@ -51,8 +51,12 @@ def read_coat(folder: Path) -> Ratings:
 
 
 def read_yahoo(folder: Path) -> Ratings:
-    """Yahoo! R3's MNAR train and random test ``user item rating`` lists, ids made 0-based."""
-    out = []
+    """Yahoo! R3's MNAR train and random test ``user item rating`` lists, ids made 0-based.
+
+    The shape is the largest ids; ids above ``2**31`` (1-based) or a shape above ``2**31``
+    user-item pairs are refused, naming the file and line (see :mod:`cvrdata.splits`).
+    """
+    out, paths = [], []
     for part in ("train", "test"):
         path = folder / _YAHOO_FILE.format(part)
         table = read_table(path, 3, np.int64, "`user item rating` with 1-based ids", hint=WHERE)
@@ -63,8 +67,10 @@ def read_yahoo(folder: Path) -> Ratings:
         line = first_line((table[:, 2] < 1) | (table[:, 2] > 5))
         if line is not None:
             raise ValueError(f"{path}, line {line}: rating {table[line - 1, 2]} is outside 1-5")
+        check_ids(path, table[:, :2], base=1)
         out += [table[:, :2] - 1, table[:, 2]]
-    n_users, n_items = (int(m) + 1 for m in np.maximum(out[0].max(axis=0), out[2].max(axis=0)))
+        paths.append(path)
+    n_users, n_items = implied_shape([(paths[0], out[0]), (paths[1], out[2])], base=1, remedy="")
     return Ratings(*out, n_users, n_items, "the largest ids in the rating files")
 
 

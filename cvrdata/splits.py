@@ -5,7 +5,16 @@
 threshold and ``V`` the percentage of the unbiased data used for validation. ``meta.json``
 (written by ``simulate``) may give ``n_users`` and ``n_items`` (both required when the
 file exists), ``threshold`` and ``val_pct`` (the split to read by default) and ``name``.
-Optional side features: see :data:`cvrdata.features.GENERIC`.
+Optional side features: see :data:`cvrdata.features.GENERIC`. Every file is UTF-8 (or
+ASCII) text.
+
+Size limits (so that the trainers' ``n_users x n_items`` tables stay allocatable): every
+id is at most ``2**31 - 1`` (int32). Without ``meta.json`` the shape is the largest ids
+plus one and may hold at most ``2**31`` user-item pairs (``n_users * n_items``): a larger
+one is refused, naming the file and line of the largest id, as almost surely a stray id.
+With ``meta.json`` the shape is the one it gives (``n_users`` and ``n_items`` each at
+most ``2**31``, their product not limited: the folder declares its size), and an id
+outside it is refused.
 """
 from __future__ import annotations
 
@@ -15,17 +24,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cvrdata.checks import check_int
 from cvrdata.datadir import WHERE
-from cvrdata.dataset import PARTS, CVRData
+from cvrdata.dataset import PARTS, CVRData, warn_repeated_pairs
 from cvrdata.features import GENERIC, FeatureFiles, read_side_features
-from cvrdata.formats import first_line, read_labels, read_pairs
+from cvrdata.formats import LABELS, MAX_ID, PAIRS, first_line, implied_shape, is_present, read_labels, read_pairs, \
+    read_text
 
 SPLIT_FILE = re.compile(r"[xy]_(?:train|val|test)_(\d+)_(\d+)\.txt")
 _PATTERN = "{x,y}_{train,val,test}_{T}_{V}.txt"
 _META_FORMAT = '{"n_users": <int>, "n_items": <int>}'
+_META_WHAT = f"a JSON object {_META_FORMAT}"
 
 
 @dataclass(frozen=True)
@@ -40,16 +49,20 @@ class Meta:
 
 
 def read_meta(path: Path) -> Meta:
-    """Parse and check a split folder's ``meta.json``; other keys are ignored."""
+    """Parse and check a split folder's ``meta.json``; other keys are ignored.
+
+    ``n_users`` and ``n_items`` are integers in ``1..2**31`` (ids fit int32), ``threshold``
+    an integer >= 0, ``val_pct`` one in 1..99, ``name`` a non-empty string.
+    """
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_text(path, _META_WHAT))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); expected {_META_FORMAT}") from exc
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object with 'n_users' and 'n_items'; "
                          f"got a {type(meta).__name__}")
     values: dict[str, object] = {}
-    for key, low, high, required in (("n_users", 1, None, True), ("n_items", 1, None, True),
+    for key, low, high, required in (("n_users", 1, MAX_ID + 1, True), ("n_items", 1, MAX_ID + 1, True),
                                      ("threshold", 0, None, False), ("val_pct", 1, 99, False)):
         value = meta.get(key)
         if value is None and not required:
@@ -79,9 +92,17 @@ def load_split(directory: str | os.PathLike, threshold: int, val_pct: int, name:
     """Load the split ``{x,y}_{train,val,test}_{threshold}_{val_pct}.txt`` of ``directory``.
 
     The shape comes from ``meta.json`` when the folder has one, otherwise from the largest
-    ids over all three parts plus one. ``user_features.txt`` / ``item_features.txt`` (and
-    their ``*_feature_names.txt``) are loaded when present. The name is ``name``, else
+    ids over all three parts plus one (at most ``2**31`` user-item pairs; see the module's
+    size limits). ``user_features.txt`` / ``item_features.txt`` (and their
+    ``*_feature_names.txt``) are loaded when present. The name is ``name``, else
     ``meta.json``'s ``"name"``, else the folder's name.
+
+    Errors (``ValueError``, naming the file and line where there is one): a missing split
+    file, a folder in place of a file, bytes that are not UTF-8, a malformed line, x and y
+    files of different lengths, an id above ``2**31 - 1`` or outside ``meta.json``'s shape,
+    a shape from the ids above ``2**31`` pairs. A pair repeated within a part, or present in
+    two parts (train and val, train and test, val and test), is a :class:`cvrdata.DataWarning`
+    issued once per load with the counts and an example pair.
     """
     return read_split(directory, threshold, val_pct, name, GENERIC)
 
@@ -96,7 +117,7 @@ def read_split(directory: str | os.PathLike, threshold: int, val_pct: int, name:
         raise ValueError(f"folder {directory} does not exist; {WHERE}")
     suffix = f"{threshold}_{val_pct}"
     missing = [f"{v}_{part}_{suffix}.txt" for part in PARTS for v in "xy"
-               if not (directory / f"{v}_{part}_{suffix}.txt").is_file()]
+               if not is_present(directory / f"{v}_{part}_{suffix}.txt", PAIRS if v == "x" else LABELS)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} in {directory} (threshold={threshold}, "
                          f"val_pct={val_pct}); {_existing_splits(directory)}; {WHERE}")
@@ -112,7 +133,7 @@ def read_split(directory: str | os.PathLike, threshold: int, val_pct: int, name:
         ys.append(y)
 
     meta_path = directory / "meta.json"
-    meta = read_meta(meta_path) if meta_path.is_file() else None
+    meta = read_meta(meta_path) if is_present(meta_path, _META_WHAT) else None
     if meta is not None:
         n_users, n_items = meta.n_users, meta.n_items
         for part, x in zip(PARTS, xs):
@@ -123,13 +144,17 @@ def read_split(directory: str | os.PathLike, threshold: int, val_pct: int, name:
                                  f"is outside the {n_users} x {n_items} shape given by {meta_path.name}")
         shape_origin = f"as {meta_path} gives"
     else:
-        n_users, n_items = (int(m) + 1 for m in np.concatenate(xs).max(axis=0))
+        n_users, n_items = implied_shape([(directory / f"x_{part}_{suffix}.txt", x) for part, x in zip(PARTS, xs)],
+                                         base=0, remedy=f"; if the data set is that large, give its shape in "
+                                                        f"{meta_path.name}: {_META_FORMAT}")
         shape_origin = ("taken from the largest ids in the split files as the folder has no meta.json; "
                         f"write one with {_META_FORMAT} if the data set is larger")
     side = read_side_features(directory, features, n_users, n_items, shape_origin)
     if name is None:
         name = meta.name if meta is not None and meta.name is not None else Path(os.path.abspath(directory)).name
-    return CVRData(name, n_users, n_items, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], **side)
+    data = CVRData(name, n_users, n_items, xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], **side)
+    warn_repeated_pairs(data)
+    return data
 
 
 def load_folder(directory: Path, threshold: int | None, val_pct: int | None) -> CVRData:
@@ -140,7 +165,7 @@ def load_folder(directory: Path, threshold: int | None, val_pct: int | None) -> 
     that agrees with those given; none or several such is an error listing what exists.
     """
     meta_path = directory / "meta.json"
-    meta = read_meta(meta_path) if meta_path.is_file() else None
+    meta = read_meta(meta_path) if is_present(meta_path, _META_WHAT) else None
     if meta is not None:
         threshold = meta.threshold if threshold is None else threshold
         val_pct = meta.val_pct if val_pct is None else val_pct

@@ -5,12 +5,15 @@ Common contract (every function):
 - ``e``: prediction errors e_{u,i}; entries where ``o = 0`` are ignored and may be NaN.
 - ``e_hat``: imputed errors ê_{u,i} (finite everywhere).
 - ``o``: click indicators o_{u,i} in {0, 1} (bool, integer or float).
-- ``p_hat``: learned propensities p̂_{u,i} in (0, 1].
+- ``p_hat``: learned propensities p̂_{u,i} in (0, 1]; read only where ``o = 1``, where it must be
+  at least :func:`estimators._validation.p_hat_floor` ``(dtype, 1)`` (2.2e-16 in float32, 1e-146 in
+  float64: below it ``1 / p_hat`` or its gradient overflows).  Where ``o = 0`` any value in (0, 1]
+  is fine: the pair's term is exactly 0 (or ``e_hat``), with zero gradient in ``p_hat``.
 - Shape ``(B,)`` is one batch D^(k); shape ``(K, B)`` is K batches and the result is the mean
   of the K per-batch values (eq. 13 written in full).  For the estimators that normalise by
   ``|D^(k)|`` this equals the estimator over all ``K * B`` pairs.
 - Differentiable in ``e`` and ``e_hat`` (``p_hat`` too, though training code detaches it);
-  float32 and float64, CPU and CUDA.
+  float32 and float64 (half precision is refused), CPU and CUDA.
 - The self-normalised estimators (:func:`snips`, :func:`badr`) raise ``ValueError`` for a batch
   without clicks: callers skip such batches.
 """
@@ -39,13 +42,13 @@ def naive(e, o) -> Tensor:
 
 def ips(e, o, p_hat) -> Tensor:
     """Inverse propensity score estimator, eq. (3): ``(1/|D|) sum o * e / p_hat``."""
-    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat)
+    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, p_hat_power=1)
     return _batch_mean(o * e / p_hat)
 
 
 def snips(e, o, p_hat) -> Tensor:
     """Self-normalised IPS, eq. (37): ``sum o * e / p_hat  /  sum o / p_hat`` per batch."""
-    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, need_click=True)
+    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, need_click=True, p_hat_power=1)
     return _self_normalised(o * e / p_hat, o, p_hat)
 
 
@@ -62,7 +65,7 @@ def _dr_terms(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
 
 def dr(e, e_hat, o, p_hat) -> Tensor:
     """Doubly robust estimator, eq. (7): ``(1/|D|) sum e_hat + o * (e - e_hat) / p_hat``."""
-    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat)
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=1)
     return _batch_mean(_dr_terms(e, e_hat, o, p_hat))
 
 
@@ -73,5 +76,5 @@ def badr(e, e_hat, o, p_hat) -> Tensor:
     mean over the K batches.  Equals :func:`dr` times ``|D^(k)| / sum(o / p_hat)`` within a batch
     and :func:`snips` when ``e_hat = 0`` (Section 3.6).
     """
-    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True)
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=1)
     return _self_normalised(_dr_terms(e, e_hat, o, p_hat), o, p_hat)

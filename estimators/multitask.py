@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_batch
+from ._validation import check_escm2
 
 REGULARISERS = (None, "ips", "dr")
 
@@ -56,19 +56,23 @@ def escm2_loss(
 
     Returns a dict with ``loss`` (to minimise) and its parts ``ctr``, ``ctcvr`` and ``cvr``
     (the regulariser, 0 for ESMM).  ``regulariser`` is ``None`` (ESMM), ``"ips"`` (ESCM2-IPS,
-    eq. 21) or ``"dr"`` (ESCM2-DR, eq. 26, needs ``delta_hat``).  ``r`` may be NaN where ``o = 0``.
+    eq. 21) or ``"dr"`` (ESCM2-DR, eq. 26, needs ``delta_hat``; ignored otherwise).
+
+    ``ctr_logit``, ``cvr_logit``, ``r`` and ``delta_hat`` are float32 or float64 tensors of one
+    dtype and of ``o``'s shape (1-D, or 2-D for K batches: the means run over all pairs); the
+    logits and ``delta_hat`` must be finite, ``o`` is 0/1 and ``r`` is 0/1 where ``o = 1`` and may
+    be anything (NaN included) where ``o = 0``, where it reaches neither the value nor a gradient.
+    ``gamma`` lies in (0, 1] (at least 2.2e-16 in float32, 1e-146 in float64: the regulariser
+    divides by it), ``lambda_c`` and ``lambda_g`` are finite and >= 0.  Bad input raises
+    ``ValueError`` naming the argument.
     """
     if regulariser not in REGULARISERS:
         raise ValueError(f"`regulariser` must be one of {REGULARISERS}; got {regulariser!r}")
     if regulariser == "dr" and delta_hat is None:
         raise ValueError("regulariser='dr' (ESCM2-DR) needs `delta_hat`, the imputation tower's output")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"`gamma` (CTR clipping floor in the regulariser) must lie in (0, 1]; got {gamma}")
-    o_t, r_t, _, _ = check_batch(o, e=r, e_hat=cvr_logit)
-    if ctr_logit.shape != o_t.shape:
-        raise ValueError(f"`ctr_logit` has shape {tuple(ctr_logit.shape)} but `o` has shape {tuple(o_t.shape)}")
-    if not bool(((r_t == 0) | (r_t == 1)).all()):
-        raise ValueError("`r` (conversion labels) must be 0 or 1 where o = 1")
+    ctr_logit, cvr_logit, o_t, r_t, delta_hat, gamma, lambda_c, lambda_g = check_escm2(
+        ctr_logit, cvr_logit, o, r, delta_hat if regulariser == "dr" else None,
+        gamma=gamma, lambda_c=lambda_c, lambda_g=lambda_g)
     ctr = F.binary_cross_entropy_with_logits(ctr_logit, o_t)
     ctcvr = _bce_of_product(ctr_logit, cvr_logit, o_t * r_t).mean()
     out = {"ctr": ctr, "ctcvr": ctcvr}
@@ -80,8 +84,6 @@ def escm2_loss(
         if regulariser == "ips":
             out["cvr"] = (w * delta).mean()
         else:
-            if delta_hat.shape != delta.shape:
-                raise ValueError(f"`delta_hat` has shape {tuple(delta_hat.shape)}, expected {tuple(delta.shape)}")
             fixed = delta_hat.detach()
             err = (fixed + w * (delta - fixed)).mean()
             imp = (w * (delta.detach() - delta_hat) ** 2).mean()

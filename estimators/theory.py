@@ -11,6 +11,18 @@ output: use :func:`ips_bias`, :func:`ips_variance`, :func:`dr_bias` and :func:`d
 
 IPS and DR functions accept any shape (they average over all pairs ``D``); the BADR
 functions take one batch ``(B,)`` or ``K`` batches ``(K, B)`` like :func:`estimators.badr`.
+
+Inputs are tensors or array-likes of real numbers on one device, of one shape, non-empty and
+finite, with ``p`` in (0, 1] and ``p_hat`` in (0, 1] and at least
+:func:`estimators._validation.p_hat_floor` ``(dtype, k)`` on every pair, ``k`` the number of
+divisions by ``p_hat`` of the formula (biases: k = 1, variances, bounds and the BADR functions:
+k = 2; e.g. 1e-146 / 5.9e-98 in float64, 2.2e-16 / 5.8e-11 in float32); bad input raises
+``ValueError`` naming the argument.  Integer input is computed in float64, float16 and bfloat16
+in float32.  Powers of ``p_hat`` are formed as successive divisions (``x / p_hat / p_hat``), so
+no intermediate, in the value or a gradient, goes beyond ``(1 / p_hat)^(k + 1)``.  The BADR
+functions divide by the batch's expected click weight ``E[W] = sum p / p_hat`` up to three times
+and raise ``ValueError`` where that overflows the dtype (a tiny ``p`` on every pair of a batch,
+e.g. ``p = 1e-300``) instead of returning inf or NaN.
 """
 from __future__ import annotations
 
@@ -19,89 +31,59 @@ import math
 import torch
 from torch import Tensor
 
-
-def _prep(**named) -> list[Tensor]:
-    """The named inputs as tensors of one floating dtype, checked for one shape and finiteness."""
-    ts = {name: torch.as_tensor(x) for name, x in named.items()}
-    (first, ref), *rest = ts.items()
-    dtype = torch.float64
-    if ref.is_floating_point():
-        dtype = torch.promote_types(ref.dtype, torch.float32)
-    for name, t in rest:
-        if t.shape != ref.shape:
-            raise ValueError(f"`{name}` has shape {tuple(t.shape)} but `{first}` has shape {tuple(ref.shape)}; "
-                             "all inputs must describe the same user-item pairs")
-        if t.is_floating_point():
-            dtype = torch.promote_types(dtype, t.dtype)
-    for name, t in ts.items():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"`{name}` contains NaN or inf; the closed forms need finite values on every pair")
-    return [t.to(dtype) for t in ts.values()]
-
-
-def _check_prob(x: Tensor, name: str) -> None:
-    if not bool(((x > 0) & (x <= 1)).all()):
-        raise ValueError(f"`{name}` must lie in (0, 1]; got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+from ._validation import check_closed_form, check_delta, check_finite_result
 
 
 def ips_bias(e, p, p_hat) -> Tensor:
     """Table 1, IPS bias (signed): ``(1/|D|) sum (p - p_hat) * e / p_hat``."""
-    e, p, p_hat = _prep(e=e, p=p, p_hat=p_hat)
-    _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
+    e, p, p_hat = check_closed_form(e=e, p=p, p_hat=p_hat, p_hat_power=1)
     return ((p - p_hat) * e / p_hat).mean()
 
 
 def ips_variance(e, p, p_hat) -> Tensor:
     """Table 1, IPS variance: ``|D|^-2 sum p (1 - p) e^2 / p_hat^2``."""
-    e, p, p_hat = _prep(e=e, p=p, p_hat=p_hat)
-    _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
-    return (p * (1 - p) * e**2 / p_hat**2).sum() / e.numel() ** 2
+    e, p, p_hat = check_closed_form(e=e, p=p, p_hat=p_hat, p_hat_power=2)
+    return (p * (1 - p) * e**2 / p_hat / p_hat).sum() / e.numel() ** 2
 
 
 def dr_bias(e, e_hat, p, p_hat) -> Tensor:
     """Table 1, DR bias (signed): ``(1/|D|) sum (p - p_hat) * (e - e_hat) / p_hat``."""
-    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
-    _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
+    e, e_hat, p, p_hat = check_closed_form(e=e, e_hat=e_hat, p=p, p_hat=p_hat, p_hat_power=1)
     return ((p - p_hat) * (e - e_hat) / p_hat).mean()
 
 
 def dr_variance(e, e_hat, p, p_hat) -> Tensor:
     """Table 1, DR variance: ``|D|^-2 sum p (1 - p) (e - e_hat)^2 / p_hat^2``."""
-    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
-    _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
-    return (p * (1 - p) * (e - e_hat) ** 2 / p_hat**2).sum() / e.numel() ** 2
-
-
-def _check_delta(delta: float) -> float:
-    delta = float(delta)
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"`delta` is the failure probability of the bound and must lie in (0, 1); got {delta}")
-    return delta
+    e, e_hat, p, p_hat = check_closed_form(e=e, e_hat=e_hat, p=p, p_hat=p_hat, p_hat_power=2)
+    return (p * (1 - p) * (e - e_hat) ** 2 / p_hat / p_hat).sum() / e.numel() ** 2
 
 
 def ips_generalization_bound(e, p_hat, delta: float) -> Tensor:
     """Table 1, IPS: with probability >= 1 - delta, ``|L_IPS - E_O[L_IPS]|`` is at most
-    ``sqrt(log(2/delta) / (2 |D|^2) * sum (e / p_hat)^2)`` (Hoeffding)."""
-    delta = _check_delta(delta)
-    e, p_hat = _prep(e=e, p_hat=p_hat)
-    _check_prob(p_hat, "p_hat")
-    return torch.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2) * ((e / p_hat) ** 2).sum())
+    ``sqrt(log(2/delta) / (2 |D|^2) * sum (e / p_hat)^2)`` (Hoeffding), computed as
+    ``sqrt(log(2/delta) / (2 |D|^2)) * ||e / p_hat||_2`` (gradient 0, not NaN, where ``e = 0``)."""
+    delta = check_delta(delta)
+    e, p_hat = check_closed_form(e=e, p_hat=p_hat, p_hat_power=2)
+    return math.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2)) * torch.linalg.vector_norm(e / p_hat)
 
 
 def dr_generalization_bound(e, e_hat, p_hat, delta: float) -> Tensor:
     """Table 1, DR: with probability >= 1 - delta, ``|L_DR - E_O[L_DR]|`` is at most
-    ``sqrt(log(2/delta) / (2 |D|^2) * sum ((e - e_hat) / p_hat)^2)`` (Hoeffding)."""
-    delta = _check_delta(delta)
-    e, e_hat, p_hat = _prep(e=e, e_hat=e_hat, p_hat=p_hat)
-    _check_prob(p_hat, "p_hat")
-    return torch.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2) * (((e - e_hat) / p_hat) ** 2).sum())
+    ``sqrt(log(2/delta) / (2 |D|^2) * sum ((e - e_hat) / p_hat)^2)`` (Hoeffding), computed as
+    ``sqrt(log(2/delta) / (2 |D|^2)) * ||(e - e_hat) / p_hat||_2`` (gradient 0, not NaN, where
+    ``e = e_hat``)."""
+    delta = check_delta(delta)
+    e, e_hat, p_hat = check_closed_form(e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=2)
+    return math.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2)) * torch.linalg.vector_norm((e - e_hat) / p_hat)
+
+
+def _check_variant(variant) -> None:
+    if variant not in ("corrected", "paper"):
+        raise ValueError(f"`variant` must be 'corrected' or 'paper'; got {variant!r}")
 
 
 def _badr_moments(e: Tensor, e_hat: Tensor, p: Tensor, p_hat: Tensor):
     """Per batch: E[W] = sum p/p_hat, and R = E[N] / E[W] with N = sum e_hat + sum o (e - e_hat)/p_hat."""
-    if e.dim() not in (1, 2):
-        raise ValueError(f"BADR inputs must be 1-D (one batch) or 2-D (K, B); got shape {tuple(e.shape)}")
-    _check_prob(p, "p"), _check_prob(p_hat, "p_hat")
     delta = e - e_hat
     q = p / p_hat
     mean_w = q.sum(dim=-1, keepdim=True)
@@ -124,18 +106,17 @@ def badr_bias(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
     this module's sign: ``sum(p/p_hat * delta) / sum(p/p_hat) - mean(delta)`` per batch.  It treats
     ``E_hat = sum e_hat / sum o/p_hat`` as a constant and so misses the ``e_hat`` term above.
     """
-    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
+    _check_variant(variant)
+    e, e_hat, p, p_hat = check_closed_form(e=e, e_hat=e_hat, p=p, p_hat=p_hat, p_hat_power=2, batched=True)
     delta, q, mean_w, ratio = _badr_moments(e, e_hat, p, p_hat)
     if variant == "paper":
         weighted = (q * delta).sum(dim=-1, keepdim=True) / mean_w
-        return (weighted - delta).mean(dim=-1).mean()
-    if variant != "corrected":
-        raise ValueError(f"`variant` must be 'corrected' or 'paper'; got {variant!r}")
+        return check_finite_result((weighted - delta).mean(dim=-1).mean(), "badr_bias")
     var_o = p * (1 - p)
-    cov_nw = (var_o * delta / p_hat**2).sum(dim=-1, keepdim=True)
-    var_w = (var_o / p_hat**2).sum(dim=-1, keepdim=True)
-    expected = ratio - cov_nw / mean_w**2 + var_w * ratio / mean_w**2
-    return (expected.squeeze(-1) - e.mean(dim=-1)).mean()
+    cov_nw = (var_o * delta / p_hat / p_hat).sum(dim=-1, keepdim=True)
+    var_w = (var_o / p_hat / p_hat).sum(dim=-1, keepdim=True)
+    expected = ratio - cov_nw / mean_w / mean_w + var_w * ratio / mean_w / mean_w
+    return check_finite_result((expected.squeeze(-1) - e.mean(dim=-1)).mean(), "badr_bias")
 
 
 def badr_variance(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
@@ -150,13 +131,12 @@ def badr_variance(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
     which treats ``E_hat`` as a constant; it agrees with the corrected form only when
     ``sum e_hat = 0`` over the batch (e.g. SNIPS, ``e_hat = 0``).
     """
-    e, e_hat, p, p_hat = _prep(e=e, e_hat=e_hat, p=p, p_hat=p_hat)
+    _check_variant(variant)
+    e, e_hat, p, p_hat = check_closed_form(e=e, e_hat=e_hat, p=p, p_hat=p_hat, p_hat_power=2, batched=True)
     delta, q, mean_w, ratio = _badr_moments(e, e_hat, p, p_hat)
     if variant == "paper":
         h = delta - (q * delta).sum(dim=-1, keepdim=True) / mean_w
-    elif variant == "corrected":
-        h = delta - ratio
     else:
-        raise ValueError(f"`variant` must be 'corrected' or 'paper'; got {variant!r}")
-    per_batch = (p * (1 - p) * h**2 / p_hat**2).sum(dim=-1) / mean_w.squeeze(-1) ** 2
-    return per_batch.sum() / per_batch.numel() ** 2
+        h = delta - ratio
+    per_batch = (p * (1 - p) * h**2 / p_hat / p_hat).sum(dim=-1) / mean_w.squeeze(-1) / mean_w.squeeze(-1)
+    return check_finite_result(per_batch.sum() / per_batch.numel() ** 2, "badr_variance")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from cvrdata import DATASETS, resolve_data_dir
 from . import config as C
 from .methods import METHODS, PROPENSITY_KEYS, get_method, parse_methods
 from .runs import Run, train_all
+from .files import check_folder, locked, remove_stale_temporaries
 from .table import append_result, read_results, render_table, run_key, write_history, write_table
 from .train import PropensityCache, resolve_device, setup_runtime
 
@@ -140,12 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--propensity", action="store_true",
                     help="also search the propensity model's lr and weight decay and write them to the config's "
                          "shared 'propensity' block (used by every method that does not override it)")
+    tu.add_argument("--out", default="results", metavar="DIR",
+                    help="output folder: the chosen values go to DIR/configs/DATASET.json (a copy of the config "
+                         "read, or the file an earlier search wrote there; pass --config-dir DIR/configs to train "
+                         "with it), the runs to DIR/tune/ (default results)")
+    tu.add_argument("--force", action="store_true",
+                    help="replace an entry whose status records a validation AUC this search does not beat, or "
+                         "records no AUC at all (e.g. the BADR authors' values)")
     tu.add_argument("--dry-run", action="store_true", help="report the best values without writing the config")
     tu.add_argument("--log", metavar="FILE",
                     help="CSV of every validation run, written as each finishes; runs already there are reused, "
-                         "so an interrupted search resumes (default results/tune/DATASET-METHOD.csv)")
-    tu.add_argument("--propensity-cache", default="results/propensity-cache", metavar="DIR",
-                    help="where trials share their propensity fits (default results/propensity-cache)")
+                         "so an interrupted search resumes (default OUT/tune/DATASET-METHOD.csv)")
+    tu.add_argument("--propensity-cache", metavar="DIR",
+                    help="where trials share their propensity fits (default OUT/propensity-cache)")
     tu.add_argument("--no-propensity-cache", action="store_true", help="fit the propensity model in every trial")
     tu.add_argument("--jobs", type=_positive, default=1,
                     help="validation runs trained at once, in worker processes (default 1); each worker uses "
@@ -159,11 +168,13 @@ def cmd_table3(args: argparse.Namespace) -> int:
     data_dir = None
     if not args.table_only and any(source.path is None for source in args.datasets):
         data_dir = resolve_data_dir(args.data_dir)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_folder(args.out, "--out")
     csv_path, md_path, history_path = out / "results.csv", out / "table3.md", out / "history.csv"
     done = {run_key(r) for r in read_results(csv_path)}
     cache_root = None if args.no_propensity_cache else out / "propensity-cache"
+    for folder in (out, cache_root):  # what writers killed mid-write left
+        if folder is not None and folder.is_dir():
+            remove_stale_temporaries(folder)
     keys: set = set()
     plan: list[Run] = []  # the runs still to do
     for source in args.datasets:
@@ -195,16 +206,23 @@ def cmd_table3(args: argparse.Namespace) -> int:
             plan += todo
     names = [source.name for source in args.datasets]
 
+    def render() -> str:
+        with locked(md_path):  # the last table written reads the latest results.csv
+            text = render_table(read_results(csv_path), names, strict=args.strict_ndcg, keys=keys)
+            write_table(md_path, text)
+        return text
+
     def record(row: dict[str, Any]) -> None:
         write_history(history_path, row, row.pop("history", []))
-        append_result(csv_path, row)
-        write_table(md_path, render_table(read_results(csv_path), names, strict=args.strict_ndcg, keys=keys))
+        if not append_result(csv_path, row):
+            print(f"{row['dataset']} {row['method']} seed {row['seed']}: another process recorded this run first; "
+                  "its row is kept", file=sys.stderr)
+        render()
 
     train_all(plan, data_dir, cache_root, record, args.jobs, args.threads)
-    text = render_table(read_results(csv_path), names, strict=args.strict_ndcg, keys=keys)
-    write_table(md_path, text)
-    print(text)
-    print(f"wrote {md_path}" + (f", {csv_path} and {history_path}" if plan else ""), file=sys.stderr)
+    print(render())
+    print(f"wrote {md_path}" + (f" and the rows of {len(plan)} run(s) to {csv_path} and {history_path}"
+                                if plan else ""), file=sys.stderr)
     return 0
 
 
@@ -241,8 +259,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         candidates = random_candidates(method, base, args.trials, args.search_seed, args.propensity)
         search = f"{args.trials} random-search trials (seed {args.search_seed},"
-    log = Path(args.log or f"results/tune/{source.name}-{method.name}.csv")
-    log.parent.mkdir(parents=True, exist_ok=True)
+    out = check_folder(args.out, "--out")
+    target = out / "configs" / f"{source.name}.json"
+    saved = C.load_config(source.name, target.parent) if target.is_file() else cfg
+    # The default config standing in for a folder's data set holds placeholders, nothing to keep.
+    protect = not args.force and saved.path.stem == source.name
+    if protect and not args.dry_run:  # refuse before the search, not after it
+        _check_replaceable(saved, method, args.propensity, None)
+    log = Path(args.log or out / "tune" / f"{source.name}-{method.name}.csv")
+    check_folder(log.parent, "--log's folder")
     earlier = sum(r["dataset"] == source.name and r["method"] == method.name for r in read_results(log))
     if earlier:
         print(f"{log}: {earlier} earlier validation run(s) of {method.name} on {source.name}; "
@@ -250,17 +275,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
     best, best_auc = tune(data, cfg, method, candidates, max_epochs=args.max_epochs, n_seeds=args.tune_seeds,
                           on_trial=on_trial, log=log, jobs=args.jobs, threads=args.threads, device=device,
                           extra=extra,
-                          propensity_cache=None if args.no_propensity_cache else PropensityCache(args.propensity_cache))
+                          propensity_cache=None if args.no_propensity_cache else PropensityCache(
+                              args.propensity_cache or out / "propensity-cache"))
     print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s; runs in {log})")
     if not args.dry_run:
         status = (f"tuned: {search} {args.tune_seeds} training seed(s) each) on the validation split, "
                   f"validation AUC {best_auc:.4f}")
         prop_status = f"{status}, jointly with {method.name}'s own keys" if args.propensity else None
-        # A folder's data set gets a config of its own, never a change to the shared default.
-        target = C.config_path(source.name, args.config_dir or (cfg.path.parent if source.path is None else None))
-        path = C.save_method_params(cfg, method, best, status, target, prop_status)
-        print(f"wrote {path}")
+        if protect:
+            _check_replaceable(saved, method, args.propensity, best_auc)
+        check_folder(target.parent, "--out's configs folder")
+        path = C.save_method_params(saved, method, best, status, target, prop_status)
+        print(f"wrote {path}; train with it: --config-dir {target.parent}")
     return 0
+
+
+def _recorded_auc(status: str) -> Optional[float]:
+    found = re.search(r"validation AUC (\d+(?:\.\d+)?)", status)
+    return float(found.group(1)) if found else None
+
+
+def _check_replaceable(cfg: C.Config, method, propensity: bool, best_auc: Optional[float]) -> None:
+    """Refuse (``ValueError``) to replace a better-documented choice: an entry (or, with
+    ``propensity``, the shared block) whose status records a validation AUC ``best_auc`` does not
+    beat, or no AUC at all; ``best_auc`` None checks only the latter, before a search."""
+    statuses = [("methods." + method.name, cfg.methods[method.name].status if method.name in cfg.methods else "")]
+    if propensity:
+        statuses.append(("propensity", cfg.raw["propensity"].get("status", "")))
+    for where, status in statuses:
+        if not status:
+            continue
+        recorded = _recorded_auc(status)
+        if recorded is None:
+            raise ValueError(f"{cfg.path}: {where} records no validation AUC ({status!r}); a search would replace "
+                             "that choice: pass --force to allow it, or --dry-run")
+        if best_auc is not None and best_auc <= recorded:
+            raise ValueError(f"{cfg.path}: {where} records validation AUC {recorded:.4f} ({status!r}); this search's "
+                             f"best, {best_auc:.4f}, does not beat it, so the config is not written (the runs are in "
+                             "the log); pass --force to replace it")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,7 +22,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -31,6 +30,7 @@ from cvrdata import DATASETS, CVRData, load_dataset
 from estimators.joint_loss import CROSS_ENTROPIES, IMPUTATIONS, IMPUTED_ERRORS
 from estimators.training import PROPENSITY_LOSSES, SAMPLINGS
 
+from . import files
 from .methods import METHODS, PROPENSITY_KEYS, Method
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -392,13 +392,5 @@ def save_method_params(cfg: Config, method: Method, params: Mapping[str, Any], s
     raw["dataset"] = path.stem
     parse_config(raw, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(raw, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.replace(path, json.dumps(raw, indent=2) + "\n")
     return path

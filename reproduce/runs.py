@@ -6,9 +6,13 @@ process that trains it or on the order of the runs.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
@@ -90,7 +94,11 @@ def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: O
 
     Workers start by spawning (no forked torch thread pools), with ``threads`` threads each
     (default: the cores shared out); ``shared`` (the data, say) is sent once per worker, not per
-    task.  ``fn`` must be a module-level function (it is pickled by name).
+    task.  ``fn`` must be a module-level function (it is pickled by name).  A worker exits within
+    a second of its parent's death, however the parent died (SIGKILL included): the kernel sends it
+    SIGTERM (``PR_SET_PDEATHSIG`` on Linux) and a watchdog thread notices the new parent
+    elsewhere; with the workers gone, multiprocessing's resource tracker sees its pipe close and
+    exits too.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer; got {jobs}")
@@ -98,7 +106,7 @@ def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: O
         raise ValueError(f"threads must be a positive integer or None (the cores shared out); got {threads}")
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(threads, shared))
+                               initializer=_start_worker, initargs=(threads, shared, os.getpid()))
     try:
         for future in as_completed([pool.submit(_call, fn, task) for task in tasks]):
             yield future.result()
@@ -110,10 +118,29 @@ _SHARED: tuple = ()  # a worker's `shared` arguments
 _WORKER_DATA: dict[DataSource, CVRData] = {}  # a table3 worker's data sets, loaded once each
 
 
-def _start_worker(threads: int, shared: tuple) -> None:
+def _start_worker(threads: int, shared: tuple, parent: int) -> None:
     global _SHARED
+    _die_with(parent)
     setup_runtime(threads)
     _SHARED = shared
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when process ``parent`` ends: SIGTERM from the kernel where it can send one,
+    and a thread that exits once the worker has been handed to another parent."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the watchdog alone
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def _call(fn: Callable[..., Any], task: tuple) -> Any:

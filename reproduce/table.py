@@ -8,12 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from .files import locked, replace
 from .methods import METHODS, TABLE3_ROWS
 from .train import HISTORY_COLUMNS
 
@@ -55,28 +56,74 @@ for _row, _vals in _PAPER_TABLE3.items():
 
 
 # ----------------------------------------------------------------------------------------- results.csv
+_TEXT_COLUMNS = ("dataset", "method", "signature", "status", "params", "device", "stage")
+_INT_COLUMNS = ("seed", "k", "epochs", "propensity_epochs", "max_epochs", "threads", "trial", "batch_size", "epoch")
+
+
+def _read_lines(path: Path) -> tuple[Optional[list[str]], list[tuple[int, dict[str, str]]]]:
+    """The header and the ``(line number, row)`` pairs of a CSV this tool wrote; ``(None, [])`` when
+    absent.  A torn line (a writer killed mid-write on a file system without atomic renames, or a
+    hand edit: a last line without its newline, or a line with another number of fields than the
+    header) is left out with a warning, never glued onto the next row; the next write drops it."""
+    if not path.exists():
+        return None, []
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; it must be the CSV file this tool writes (move the folder away or "
+                         "pass another --out / --log)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc}); it is not a file this tool wrote") from None
+    if not text:
+        return None, []
+    lines = text.split("\n")
+    header = next(csv.reader([lines[0]]))
+    body = lines[1:]
+    if body and body[-1] != "":  # no newline after the last line: it was cut
+        warnings.warn(f"{path}: line {len(lines)} is torn (no end of line); it is ignored and will be dropped")
+        body = body[:-1]
+    rows = []
+    for number, line in enumerate(body, start=2):
+        if not line:
+            continue
+        fields = next(csv.reader([line]))
+        if len(fields) != len(header):
+            warnings.warn(f"{path}: line {number} has {len(fields)} fields, the header {len(header)}; it is torn or "
+                          "edited by hand, so it is ignored and will be dropped")
+            continue
+        rows.append((number, dict(zip(header, fields))))
+    return header, rows
+
+
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of ``results.csv`` or of a tuning log (numbers parsed); an absent file is an empty list."""
+    """Rows of ``results.csv`` or of a tuning log (numbers parsed), each run once (the first row of a
+    run key); an absent file is an empty list.  A value that is not a number where one belongs
+    is a ``ValueError`` naming the file, the line and the column."""
     path = Path(path)
-    if not path.is_file():
+    header, lines = _read_lines(path)
+    if header is None:
         return []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds")
-                   if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} is not a results file of this tool (no column {', '.join(missing)}); "
-                             "pass another --out folder (table3) or --log file (tune)")
-        rows = []
-        for row in reader:
-            for key, value in row.items():
-                if key in ("dataset", "method", "signature", "status", "params", "device", "stage") or value in (None, ""):
-                    continue
-                if key == "propensity_cached":
-                    row[key] = value == "True"
-                    continue
-                row[key] = int(value) if key in ("seed", "k", "epochs", "propensity_epochs", "max_epochs",
-                                                  "threads", "trial", "batch_size", "epoch") else float(value)
+    missing = [c for c in ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds") if c not in header]
+    if missing:
+        raise ValueError(f"{path} is not a results file of this tool (no column {', '.join(missing)}); "
+                         "pass another --out folder (table3) or --log file (tune)")
+    rows, seen = [], set()
+    for number, row in lines:
+        for key, value in row.items():
+            if key in _TEXT_COLUMNS or value in (None, ""):
+                continue
+            if key == "propensity_cached":
+                row[key] = value == "True"
+                continue
+            try:
+                row[key] = int(value) if key in _INT_COLUMNS else float(value)
+            except ValueError:
+                kind = "an integer" if key in _INT_COLUMNS else "a number"
+                raise ValueError(f"{path}, line {number}: column {key!r} holds {value!r}, not {kind}; correct or "
+                                 "delete the line") from None
+        key = run_key(row)
+        if key not in seen:
+            seen.add(key)
             rows.append(row)
     return rows
 
@@ -86,23 +133,26 @@ def run_key(row: dict[str, Any]) -> tuple:
     return (row["dataset"], row["method"], int(row["seed"]), row.get("signature", ""))
 
 
-def append_result(path: str | os.PathLike, row: dict[str, Any], columns: tuple[str, ...] = COLUMNS) -> None:
-    """Add ``row`` to ``results.csv`` (or a tuning log, ``columns=TUNE_COLUMNS``) atomically: the whole
-    file is rewritten to a temporary file in the same folder and renamed over the old one, so an
-    interrupted job never leaves a torn row.  A file written by an older version (other columns)
-    is migrated to ``columns`` on the way."""
+def append_result(path: str | os.PathLike, row: dict[str, Any], columns: tuple[str, ...] = COLUMNS) -> bool:
+    """Add ``row`` to ``results.csv`` (or a tuning log, ``columns=TUNE_COLUMNS``) unless a row of the
+    same run is there already (another process that ran the same plan finished it first); return
+    whether it was added.  Under :func:`reproduce.files.locked`, so that concurrent writers lose
+    and duplicate nothing; the whole file is rewritten to a temporary file and renamed over the
+    old one, so a killed job never leaves a torn row.  A file written by an older version (other
+    columns) is migrated to ``columns`` on the way, and torn lines are dropped."""
     path = Path(path)
-    old = path.read_text() if path.is_file() else ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    if old and old.split("\n", 1)[0].split(",") == list(columns):
-        buf.write(old)
-    else:
+    with locked(path):
+        _, lines = _read_lines(path)
+        previous = [r for _, r in lines]
+        if any(run_key(r) == run_key(row) for r in previous if r.get("seed", "").lstrip("-").isdigit()):
+            return False
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        for previous in csv.DictReader(io.StringIO(old)):
-            writer.writerow({c: previous.get(c) or "" for c in columns})
-    writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
-    _replace(path, buf.getvalue())
+        writer.writerows({c: r.get(c) or "" for c in columns} for r in previous)
+        writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
+        replace(path, buf.getvalue())
+    return True
 
 
 #: Columns of history.csv: the run's key, then :data:`reproduce.train.HISTORY_COLUMNS`.
@@ -111,39 +161,21 @@ HISTORY_FILE_COLUMNS = ("dataset", "method", "seed", "signature") + HISTORY_COLU
 
 def write_history(path: str | os.PathLike, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """Put the per-epoch rows ``history`` of the run ``row`` (a results row: its run key) into
-    ``history.csv``, replacing rows an earlier, interrupted attempt of the same run left; the whole
-    file is rewritten to a temporary file and renamed over the old one."""
+    ``history.csv``, replacing rows an earlier, interrupted attempt of the same run left; under
+    :func:`reproduce.files.locked`, the whole file rewritten and renamed over the old one."""
     path = Path(path)
     key = run_key(row)
-    kept = [r for r in _read_raw(path) if (r["dataset"], r["method"], int(r["seed"]), r["signature"]) != key]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FILE_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(kept)
-    ident = {"dataset": row["dataset"], "method": row["method"], "seed": row["seed"], "signature": row["signature"]}
-    writer.writerows({**ident, **{c: _fmt(h.get(c, "")) for c in HISTORY_COLUMNS}} for h in history)
-    _replace(path, buf.getvalue())
-
-
-def _read_raw(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsynced, renamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with locked(path):
+        _, lines = _read_lines(path)
+        kept = [r for _, r in lines if (r["dataset"], r["method"], r["seed"], r["signature"]) != (
+            key[0], key[1], str(key[2]), key[3])]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=HISTORY_FILE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        ident = {"dataset": row["dataset"], "method": row["method"], "seed": row["seed"], "signature": row["signature"]}
+        writer.writerows({**ident, **{c: _fmt(h.get(c, "")) for c in HISTORY_COLUMNS}} for h in history)
+        replace(path, buf.getvalue())
 
 
 def _fmt(value: Any) -> Any:
@@ -215,4 +247,4 @@ def render_table(rows: Iterable[dict[str, Any]], datasets: list[str], methods: O
 
 
 def write_table(path: str | os.PathLike, text: str) -> None:
-    _replace(Path(path), text)
+    replace(path, text)

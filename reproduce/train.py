@@ -68,6 +68,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -80,6 +81,7 @@ from estimators.training import (Diverged, EpochStats, JointConfig, JointLearner
                                  fit_propensity, propensity_table)
 
 from .config import Config
+from .files import replace_with
 from .methods import Method
 from .metrics import auc, ndcg_recall_at_k
 from .progress import Progress
@@ -141,7 +143,14 @@ def fit_propensities(data: CVRData, cfg: Config, params: dict[str, Any], generat
                             batch_size=params["prop_batch_size"], max_epochs=cfg.propensity_max_epochs,
                             loss=cfg.propensity_loss, tol=cfg.early_stopping.tol, patience=cfg.early_stopping.patience,
                             generator=generator, on_epoch=on_epoch)
-    return propensity_table(model, data.n_users, data.n_items), epochs, losses
+    p = propensity_table(model, data.n_users, data.n_items)
+    # A learning rate far too large sends the logits to +-1e3 or beyond at random (Coat, prop_lr 100:
+    # 94 % of the pairs past +-30); a fitted logistic model saturates no pair's sigmoid.
+    saturated = float(((p <= 1e-13) | (p >= 1.0) | ~torch.isfinite(p)).float().mean())
+    if saturated > 0.5:
+        raise Diverged(f"the propensity model diverged: {saturated:.0%} of the pairs' propensities are saturated at "
+                       "0 or 1 (or not finite); lower prop_lr")
+    return p, epochs, losses
 
 
 def _data_signature(data: CVRData) -> str:
@@ -156,11 +165,15 @@ class PropensityCache:
     The fit depends only on the data, the seed, the propensity settings, the thread count and the
     device, and every baseline of a data set shares one propensity block (BADR and its ablations
     share the authors'), so a table of 12 methods needs 2 fits per data set and seed, not 11.  An
-    entry stores the unclipped propensities, the epochs' losses and the states of the seeded
-    generator and of torch's global generator after the fit, which a hit restores: the run then
-    makes exactly the draws it would have made after fitting (same parameters, bitwise).  Entries
-    are written atomically under ``root``; ``seconds`` of a run that hits counts the load only and
-    its ``propensity_cached`` column says so.
+    entry stores the unclipped propensities with their shape and digest, the key they were fitted
+    for, the epochs' losses and the states of the seeded generator and of torch's global generator
+    after the fit, which a hit restores: the run then makes exactly the draws it would have made
+    after fitting (same parameters, bitwise).  Entries are written whole or not at all
+    (:func:`reproduce.files.replace_with`: a unique temporary file, fsynced, renamed; never through
+    a planted link) and checked when read: an entry that is unreadable, truncated, a link, fitted
+    for another key or shape, or holds propensities that are not finite numbers in (0, 1] or do
+    not match their digest is refitted (and rewritten) with a warning, never used.  ``seconds`` of a
+    run that hits counts the load only and its ``propensity_cached`` column says so.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -179,24 +192,63 @@ class PropensityCache:
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
         return f"{data.name}-{seed}-{digest}"
 
-    def load(self, key: str, generator: torch.Generator,
+    def load(self, key: str, generator: torch.Generator, shape: tuple[int, int],
              device: torch.device = torch.device("cpu")) -> Optional[tuple[torch.Tensor, int, list[float]]]:
+        """The entry of ``key`` (propensities of ``shape`` on ``device``, epochs, losses), the
+        generators' states restored; None when there is none or it fails its checks (warned)."""
         path = self.root / f"{key}.pt"
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return None
-        entry = torch.load(path, weights_only=True)
-        generator.set_state(entry["generator"])
-        torch.set_rng_state(entry["global_rng"])
-        return entry["propensities"].to(device), int(entry["epochs"]), list(entry.get("losses", []))
+        try:
+            propensities, epochs, losses, states = self._checked(path, key, shape, generator)
+        except ValueError as exc:
+            warnings.warn(f"propensity cache: {path} is unusable ({exc}); the propensity model is refitted")
+            return None
+        generator.set_state(states[0])
+        torch.set_rng_state(states[1])
+        return propensities.to(device), epochs, losses
+
+    @staticmethod
+    def _checked(path: Path, key: str, shape: tuple[int, int],
+                 generator: torch.Generator) -> tuple[torch.Tensor, int, list[float], tuple]:
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a regular file")
+        try:
+            entry = torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, empty or foreign: any failure means unusable
+            first = (str(exc).splitlines() or [""])[0]  # torch's unpickling errors run over many lines
+            raise ValueError(f"cannot be read: {type(exc).__name__}: {first}") from None
+        if not isinstance(entry, dict) or entry.get("key") != key:
+            raise ValueError("it was not written for this key")
+        p = entry.get("propensities")
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or tuple(p.shape) != tuple(shape):
+            raise ValueError(f"its propensities are not a float tensor of shape {tuple(shape)}")
+        if not bool(torch.isfinite(p).all()) or not bool(((p > 0) & (p <= 1)).all()):
+            raise ValueError("its propensities are not all finite numbers in (0, 1]")
+        if entry.get("digest") != _digest(p):
+            raise ValueError("its propensities do not match their digest")
+        epochs, losses = entry.get("epochs"), entry.get("losses")
+        if not isinstance(epochs, int) or epochs < 1 or not isinstance(losses, list) or len(losses) != epochs:
+            raise ValueError("its epoch count or losses are missing")
+        states = (entry.get("generator"), entry.get("global_rng"))
+        try:  # on scratch generators: a bad state must not touch the run's
+            torch.Generator(generator.device).set_state(states[0])
+            torch.Generator().set_state(states[1])
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"its generator states are unusable ({exc})") from None
+        return p, epochs, [float(v) for v in losses], states
 
     def save(self, key: str, propensities: torch.Tensor, epochs: int, losses: list[float],
              generator: torch.Generator) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{key}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"propensities": propensities.cpu(), "epochs": epochs, "losses": losses,
-                    "generator": generator.get_state(), "global_rng": torch.get_rng_state()}, tmp)
-        os.replace(tmp, path)
+        p = propensities.detach().cpu().contiguous()
+        entry = {"key": key, "propensities": p, "digest": _digest(p), "epochs": epochs, "losses": list(losses),
+                 "generator": generator.get_state(), "global_rng": torch.get_rng_state()}
+        replace_with(self.root / f"{key}.pt", lambda f: torch.save(entry, f))
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _scores(learner: JointLearner, x: np.ndarray) -> torch.Tensor:
@@ -246,9 +298,12 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         if not 0.0 < params["gamma"] <= 1.0:
             raise ValueError(f"gamma (propensity clipping floor) must lie in (0, 1]; got {params['gamma']}")
         key = None if propensity_cache is None else propensity_cache.key(data, cfg, params, seed, device)
-        hit = None if key is None else propensity_cache.load(key, generator, device)
+        hit = None if key is None else propensity_cache.load(key, generator, (data.n_users, data.n_items), device)
         if hit is None:
-            p_hat, prop_epochs, prop_losses = fit_propensities(data, cfg, params, generator, progress, device)
+            try:
+                p_hat, prop_epochs, prop_losses = fit_propensities(data, cfg, params, generator, progress, device)
+            except Diverged as exc:
+                raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
             if key is not None:
                 propensity_cache.save(key, p_hat, prop_epochs, prop_losses, generator)
         else:

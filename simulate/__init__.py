@@ -25,6 +25,12 @@ Seeds: ``truth_seed`` fixes the ground truth (the MF held-out split and initiali
 and the low-rank source); ``seed`` fixes the clicks and the validation/test split.  So
 runs that differ only in ``seed`` are independent exposure draws over the same labels.
 
+Every setting is checked before any work, and degenerate ones (one label only, every
+propensity 1 or one of them 0, a split expecting fewer than 10 pairs of a label) are
+refused: a ValueError naming the flag (:func:`check_settings`, and
+:mod:`simulate.protocol` for the rule). ``write`` makes the output folder appear whole or
+not at all and replaces a non-empty one only with ``overwrite=True`` (:mod:`simulate.writer`).
+
 Python API::
 
     import simulate
@@ -36,15 +42,19 @@ Command line: ``python -m simulate --density 0.15 --out DIR`` (see ``--help``).
 """
 from simulate.completion import Factorisation, complete_ratings, fit_mf
 from simulate.protocol import (
+    MAX_RANK,
+    MIN_EXPECTED,
     SOURCES,
     THRESHOLD,
     YAHOO_R3_MARGINALS,
     Simulation,
     Truth,
+    check_settings,
     draw,
     generate,
     ground_truth,
     quantize,
+    rating_counts,
     resolve_propensity,
 )
 from simulate.sources import (
@@ -55,11 +65,11 @@ from simulate.sources import (
     resolve_data_dir,
     yahoo_r3_marginals,
 )
-from simulate.writer import write
+from simulate.writer import check_out, write
 
 __all__ = [
-    "ML100K_URL", "SOURCES", "THRESHOLD", "YAHOO_R3_MARGINALS", "Factorisation", "Simulation",
-    "Truth", "complete_ratings", "draw", "fit_mf", "generate", "ground_truth", "lowrank_ratings",
-    "quantize", "read_ml100k", "read_ratings", "resolve_data_dir", "resolve_propensity", "write",
-    "yahoo_r3_marginals",
+    "MAX_RANK", "MIN_EXPECTED", "ML100K_URL", "SOURCES", "THRESHOLD", "YAHOO_R3_MARGINALS", "Factorisation",
+    "Simulation", "Truth", "check_out", "check_settings", "complete_ratings", "draw", "fit_mf", "generate",
+    "ground_truth", "lowrank_ratings", "quantize", "rating_counts", "read_ml100k", "read_ratings",
+    "resolve_data_dir", "resolve_propensity", "write", "yahoo_r3_marginals",
 ]

@@ -33,16 +33,21 @@ def read_ratings(path: Path, n_fields: int, n_users: int, n_items: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parse ``user item rating [...]`` lines (1-based ids, ratings 1..5) into 0-based arrays.
 
-    Raises ValueError naming the file and line for a wrong field count, a non-integer
-    field, an id outside ``1..n_users`` / ``1..n_items``, a rating outside 1..5 or a
-    repeated (user, item) pair.
+    Raises ValueError naming the file and line for bytes that are not UTF-8, a wrong field
+    count, a non-integer field, an id outside ``1..n_users`` / ``1..n_items``, a rating
+    outside 1..5 or a repeated (user, item) pair.
     """
     limits = (("user id", n_users), ("item id", n_items), ("rating", 5))
     triples: list[tuple[int, int, int]] = []
     first_line: dict[tuple[int, int], int] = {}
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
             where = f"{path}, line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: byte 0x{raw[exc.start]:02x} (column {exc.start + 1}) is not UTF-8 "
+                                 "text; expected UTF-8 or ASCII text (re-save the file as UTF-8)") from None
             fields = line.split()
             if len(fields) != n_fields:
                 raise ValueError(f"{where}: expected {n_fields} whitespace-separated fields, "

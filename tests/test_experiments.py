@@ -172,14 +172,11 @@ def test_bad_options(argv, match, tmp_path, capsys):
 
 
 def test_tune_on_a_folder_writes_its_own_config(sim_dir, tmp_path):
-    """Tuning a folder's data set writes NAME.json beside the configs, never the shared default."""
-    folder = tmp_path / "configs"
-    folder.mkdir()
+    """Tuning a folder's data set writes OUT/configs/NAME.json, never the shared default."""
     default_before = C.config_path("default").read_text()
     assert main(["tune", "mf", str(sim_dir), "--trials", "1", "--max-epochs", "1", "--threads", "1",
-                 "--config-dir", str(folder), "--log", str(tmp_path / "tune.csv"),
-                 "--propensity-cache", str(tmp_path / "cache")]) == 0
-    written = C.load_config("lowrank-sim", folder)
+                 "--out", str(tmp_path / "out"), "--propensity-cache", str(tmp_path / "cache")]) == 0
+    written = C.load_config("lowrank-sim", tmp_path / "out" / "configs")
     assert written.methods["mf"].status.startswith("tuned: 1 random-search trials")
     assert C.config_path("default").read_text() == default_before
 

@@ -67,7 +67,7 @@ def test_escm2_validation(batch):
         escm2_loss(t["a"], t["b"], t["o"], t["r"], regulariser="dr")
     with pytest.raises(ValueError, match="gamma"):
         escm2_loss(t["a"], t["b"], t["o"], t["r"], gamma=0.0)
-    with pytest.raises(ValueError, match="`e`"):  # a NaN label on a clicked pair
+    with pytest.raises(ValueError, match="`r`"):  # a NaN label on a clicked pair
         escm2_loss(t["a"], t["b"], t["o"], torch.full_like(t["r"], float("nan")))
     with pytest.raises(ValueError, match="`r`"):
         escm2_loss(t["a"], t["b"], t["o"], torch.where(t["o"] == 1, 2.0, 0.0).double())

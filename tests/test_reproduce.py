@@ -312,8 +312,16 @@ def test_table3_jobs_give_the_rows_of_one_process(data_dir, tmp_path, capsys):
 
 
 def _scratch(tmp_path):
-    """A tune's log and propensity cache, kept out of the working directory."""
-    return ["--log", str(tmp_path / "tune.csv"), "--propensity-cache", str(tmp_path / "propensity-cache")]
+    """A tune's output folder, log and propensity cache, kept out of the working directory; --force
+    lets these short searches replace the shipped entries (their refusal: test_tune_keeps_...)."""
+    return ["--out", str(tmp_path / "out"), "--force", "--log", str(tmp_path / "tune.csv"), "--propensity-cache",
+            str(tmp_path / "propensity-cache")]
+
+
+def _written(tmp_path, cfg_dir):
+    """The config a tune wrote under --out; the configs it read (in ``cfg_dir``) are untouched."""
+    assert (cfg_dir / "coat.json").read_text() == (C.CONFIG_DIR / "coat.json").read_text()
+    return json.loads((tmp_path / "out" / "configs" / "coat.json").read_text())
 
 
 def test_tune_writes_config_from_validation(data_dir, tmp_path):
@@ -321,7 +329,7 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
     assert main(["tune", "mf", "coat", "--trials", "2", "--max-epochs", "1", "--threads", "1",
                  "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]) == 0
-    entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
+    entry = _written(tmp_path, cfg_dir)["methods"]["mf"]
     assert entry["status"].startswith("tuned: 2 random-search trials") and "validation AUC" in entry["status"]
     rows = read_results(tmp_path / "tune.csv")
     assert [(r["trial"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok")]
@@ -415,7 +423,7 @@ def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
     shutil.copytree(C.CONFIG_DIR, cfg_dir)
     assert main(["tune", "mf", "coat", "--grid", "lr=0.002,0.05", "--grid", "weight_decay=0.001", "--max-epochs", "1",
                  "--threads", "1", "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]) == 0
-    entry = json.loads((cfg_dir / "coat.json").read_text())["methods"]["mf"]
+    entry = _written(tmp_path, cfg_dir)["methods"]["mf"]
     assert entry["status"].startswith("tuned: grid of 2 points (lr in {0.002, 0.05} x weight_decay in {0.001};")
     old = C.load_config("coat").methods["mf"].params
     assert (entry["lr"], entry["weight_decay"]) in {(0.002, 0.001), (0.05, 0.001), (old["lr"], old["weight_decay"])}
@@ -429,7 +437,7 @@ def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, metho
     assert main(["tune", method, "coat", "--trials", "3", "--max-epochs", "1", "--threads", "1",
                  "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]
                 + ["--propensity"] * propensity) == 0
-    new = json.loads((cfg_dir / "coat.json").read_text())
+    new = _written(tmp_path, cfg_dir)
     overrides = {k for k in PROPENSITY_KEYS if k in old["methods"][method]}
     form = {"imputed_error"} & set(old["methods"][method])  # a method's own form survives tuning
     assert set(new["methods"][method]) == {"status", *METHODS[method].own_keys, *overrides, *form}
@@ -439,6 +447,24 @@ def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, metho
         assert new["propensity"]["prop_batch_size"] == old["propensity"]["prop_batch_size"]
     else:
         assert new["propensity"] == old["propensity"]
+
+
+def test_tune_keeps_a_better_documented_choice_without_force(data_dir, tmp_path, capsys):
+    """A short search does not replace an entry whose status records a better validation AUC, nor one
+    that records none (the BADR authors' values) — unless --force; the config it read is never written."""
+    argv = ["--max-epochs", "1", "--threads", "1", "--data-dir", str(data_dir), "--out", str(tmp_path / "out"),
+            "--log", str(tmp_path / "tune.csv"), "--propensity-cache", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "mf", "coat", "--trials", "1", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "methods.mf records validation AUC 0.7327" in err and "--force" in err
+    assert not (tmp_path / "out" / "configs" / "coat.json").exists()
+    with pytest.raises(SystemExit) as exc:  # refused before any training
+        main(["tune", "badr", "coat", "--trials", "1", *argv])
+    assert "records no validation AUC ('tuned by the BADR authors')" in capsys.readouterr().err
+    assert main(["tune", "mf", "coat", "--trials", "1", "--force", *argv]) == 0
+    written = json.loads((tmp_path / "out" / "configs" / "coat.json").read_text())
+    assert written["methods"]["mf"]["status"].startswith("tuned: 1 random-search trials")
 
 
 def test_tune_propensity_refused_for_an_override(data_dir, capsys):

@@ -20,8 +20,10 @@ train (the imputation logits in the prediction loss, the prediction logits in th
 loss) and the propensities are always detached.
 
 Inputs are checked at these entry points (names, shapes, ``p_hat_b`` in (0, 1], labels 0/1, a
-non-empty B); ``validate=False`` skips the checks for trainers whose inner loop builds its
-inputs correctly by construction (scikit-learn's ``check_input=False``).
+non-empty B, finite logits), with the same ``ValueError`` whichever backend would run;
+``validate=False`` skips the checks for trainers whose inner loop builds its inputs correctly by
+construction (scikit-learn's ``check_input=False``); the value for input the checks would refuse
+is then undefined.
 """
 from __future__ import annotations
 
@@ -83,9 +85,14 @@ def _check_tensors(**tensors: Optional[Tensor]) -> None:
                              f"tensors on {'B' if name[-1] == 'b' else 'U'}")
 
 
-def _check_values(x_b: Tensor, r_b: Tensor, p_hat_b: Tensor) -> None:
-    if x_b.numel() == 0:
+def _check_values(trained_b: Tensor, r_b: Tensor, p_hat_b: Tensor, **logits: Optional[Tensor]) -> None:
+    if trained_b.numel() == 0:
         raise ValueError("the clicked batch B is empty; a step needs at least one clicked pair")
+    for name, t in logits.items():
+        # The kernels and the reference treat +-inf differently (inf against NaN): neither sees one.
+        if t is not None and not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"`{name}` (logits) contains NaN or inf; a model whose logits are not finite has "
+                             "diverged: lower its learning rate")
     p = p_hat_b.detach()
     if not bool(((p > 0) & (p <= 1)).all()):  # False for NaN too
         raise ValueError(f"`p_hat_b` must lie in (0, 1] (clipped learned propensities); got values in "
@@ -120,7 +127,7 @@ def _prepare_prediction(estimator: str, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, impu
         if spec.needs_u:
             _require(estimator, "estimator", x_u=x_u, xt_b=xt_b, xt_u=xt_u)
         _check_tensors(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
-        _check_values(x_b, r_b, p_hat_b)
+        _check_values(x_b, r_b, p_hat_b, x_b=x_b, x_u=x_u, xt_b=xt_b, xt_u=xt_u)
     used = (x_b, x_u, xt_b, xt_u) if spec.needs_u else (x_b,)
     fused = imputation == "pseudo_label" and _ext.loss_kernels("prediction", estimator, *used)
     return spec, form, fused
@@ -135,7 +142,7 @@ def _prepare_imputation(kind: str, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, im
         if spec.needs_u:
             _require(kind, "imputation loss", xt_u=xt_u, x_u=x_u)
         _check_tensors(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
-        _check_values(xt_b, r_b, p_hat_b)
+        _check_values(xt_b, r_b, p_hat_b, xt_b=xt_b, x_b=x_b, xt_u=xt_u, x_u=x_u)
     used = (xt_b, x_b, xt_u, x_u) if spec.needs_u else (xt_b, x_b)
     fused = imputation == "pseudo_label" and _ext.loss_kernels("imputation", kind, *used)
     return spec, form, fused, params
