@@ -7,8 +7,10 @@ naming the argument and the fix.
 
 Propensity floor
 ----------------
-A formula that divides by ``p_hat`` up to ``k`` times forms ``(1 / p_hat)^k`` in its value and
-``(1 / p_hat)^(k + 1)`` in its gradient with respect to ``p_hat``.  :func:`p_hat_floor` is the
+A formula whose highest power of ``1 / p_hat`` is ``k`` forms ``(1 / p_hat)^k`` in its value
+and ``(1 / p_hat)^(k + 1)`` in its gradient with respect to ``p_hat`` (``x / p_hat**k`` is
+differentiated by ``estimators.loss._divided_by_power``, which avoids autograd's
+``(1 / p_hat)^(2k)``).  :func:`p_hat_floor` is the
 smallest ``p_hat`` for which ``(1 / p_hat)^(k + 1)`` stays at most ``2^E``, the largest power of two
 below ``finfo.max * finfo.eps``: a factor ``1 / eps`` (8e6 in float32, 4e15 in float64) is left
 for the size of the errors and of the batch.  Below it the value or a gradient overflows (and
@@ -149,7 +151,7 @@ def check_batch(
     - with ``need_click``, every batch has at least one click (self-normalised estimators divide
       by ``sum(o / p_hat)`` over the batch);
     - with ``p_hat_power = k`` (for formulas that use ``p_hat`` only in terms multiplied by ``o``
-      and divide by it at most ``k`` times): ``p_hat >= p_hat_floor(dtype, k)`` where ``o = 1``,
+      and form powers of ``1 / p_hat`` up to ``k``): ``p_hat >= p_hat_floor(dtype, k)`` where ``o = 1``,
       and ``p_hat`` is replaced by 1 where ``o = 0`` with ``torch.where``, so an unclicked pair's
       term is exactly 0 in the value and every gradient (no ``0 * inf`` for a tiny ``p_hat``).
     """
@@ -252,7 +254,8 @@ def check_escm2(ctr_logit, cvr_logit, o, r, delta_hat=None, *, gamma, lambda_c, 
     for name, value in (("lambda_c", lambda_c), ("lambda_g", lambda_g)):
         value = _number(value, name)
         if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"`{name}` weighs a term of the loss (eq. 34) and must be a finite number >= 0; got {value}")
+            raise ValueError(f"`{name}` weighs a term of the loss (eq. 34) and must be a finite number >= 0; "
+                             f"got {value}")
         lambdas.append(value)
     return (given["ctr_logit"], given["cvr_logit"], o, labels, given.get("delta_hat"), gamma, *lambdas)
 
@@ -307,7 +310,7 @@ def check_delta(delta: float) -> float:
 def check_finite_result(value: Tensor, what: str) -> Tensor:
     """A closed form whose value overflows the dtype for valid inputs raises instead of returning inf/NaN."""
     if not bool(torch.isfinite(value).all()):
+        fix = "use larger true propensities `p`" + (" or compute in float64" if value.dtype != torch.float64 else "")
         raise ValueError(f"{what} overflows {value.dtype} for these `p` and `p_hat`: the expected click weight "
-                         "sum(p / p_hat) of a batch is too small for the expansion. Compute in float64 or use "
-                         "larger true propensities `p`")
+                         f"sum(p / p_hat) of a batch is too small for the expansion; {fix}")
     return value

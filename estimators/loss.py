@@ -19,9 +19,35 @@ Common contract (every function):
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._validation import check_batch
+
+
+class _DividedByPower(torch.autograd.Function):
+    """``x / p**k``, computed exactly as written; the gradient in ``p`` is formed as
+    ``-k * (grad * (x / p**k)) / p``.  (Autograd's rule for ``x / y`` forms ``(x / y) / y``, i.e.
+    ``(1 / p)^(2k)``, which overflows for propensities whose ``(1 / p)^(k + 1)`` is finite.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: Tensor, k: int) -> Tensor:
+        out = x / p**k
+        ctx.save_for_backward(p, out)
+        ctx.k = k
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, out = ctx.saved_tensors
+        grad_x = grad / p**ctx.k if ctx.needs_input_grad[0] else None
+        grad_p = -ctx.k * (grad * out) / p if ctx.needs_input_grad[1] else None
+        return grad_x, grad_p, None
+
+
+def _divided_by_power(x: Tensor, p: Tensor, k: int) -> Tensor:
+    """``x / p**k`` whose gradients stay within ``(1 / p)^(k + 1)`` (see :class:`_DividedByPower`)."""
+    return _DividedByPower.apply(x, p, k)
 
 
 def _batch_mean(per_pair: Tensor) -> Tensor:

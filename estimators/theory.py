@@ -14,15 +14,16 @@ functions take one batch ``(B,)`` or ``K`` batches ``(K, B)`` like :func:`estima
 
 Inputs are tensors or array-likes of real numbers on one device, of one shape, non-empty and
 finite, with ``p`` in (0, 1] and ``p_hat`` in (0, 1] and at least
-:func:`estimators._validation.p_hat_floor` ``(dtype, k)`` on every pair, ``k`` the number of
-divisions by ``p_hat`` of the formula (biases: k = 1, variances, bounds and the BADR functions:
-k = 2; e.g. 1e-146 / 5.9e-98 in float64, 2.2e-16 / 5.8e-11 in float32); bad input raises
-``ValueError`` naming the argument.  Integer input is computed in float64, float16 and bfloat16
-in float32.  Powers of ``p_hat`` are formed as successive divisions (``x / p_hat / p_hat``), so
-no intermediate, in the value or a gradient, goes beyond ``(1 / p_hat)^(k + 1)``.  The BADR
-functions divide by the batch's expected click weight ``E[W] = sum p / p_hat`` up to three times
-and raise ``ValueError`` where that overflows the dtype (a tiny ``p`` on every pair of a batch,
-e.g. ``p = 1e-300``) instead of returning inf or NaN.
+:func:`estimators._validation.p_hat_floor` ``(dtype, k)`` on every pair, ``k``
+the highest power of ``1 / p_hat`` the formula forms (biases: k = 1; variances, bounds and the
+BADR functions: k = 2; e.g. 1e-146 / 5.9e-98 in float64, 2.2e-16 / 5.8e-11 in float32); bad
+input raises ``ValueError`` naming the argument.  Integer input is computed in float64, float16
+and bfloat16 in float32.  The gradient of ``x / p_hat**2`` in ``p_hat`` is formed as
+``-2 (x / p_hat**2) / p_hat``, so no intermediate, in the value or a gradient, goes beyond
+``(1 / p_hat)^(k + 1)``.  The BADR functions divide by the batch's expected click weight
+``E[W] = sum p / p_hat`` up to three times and raise ``ValueError`` where that overflows the
+dtype (a tiny ``p`` on every pair of a batch, e.g. ``p = 1e-300``) instead of returning inf or
+NaN.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._validation import check_closed_form, check_delta, check_finite_result
+from .loss import _divided_by_power
 
 
 def ips_bias(e, p, p_hat) -> Tensor:
@@ -43,7 +45,7 @@ def ips_bias(e, p, p_hat) -> Tensor:
 def ips_variance(e, p, p_hat) -> Tensor:
     """Table 1, IPS variance: ``|D|^-2 sum p (1 - p) e^2 / p_hat^2``."""
     e, p, p_hat = check_closed_form(e=e, p=p, p_hat=p_hat, p_hat_power=2)
-    return (p * (1 - p) * e**2 / p_hat / p_hat).sum() / e.numel() ** 2
+    return _divided_by_power(p * (1 - p) * e**2, p_hat, 2).sum() / e.numel() ** 2
 
 
 def dr_bias(e, e_hat, p, p_hat) -> Tensor:
@@ -55,26 +57,32 @@ def dr_bias(e, e_hat, p, p_hat) -> Tensor:
 def dr_variance(e, e_hat, p, p_hat) -> Tensor:
     """Table 1, DR variance: ``|D|^-2 sum p (1 - p) (e - e_hat)^2 / p_hat^2``."""
     e, e_hat, p, p_hat = check_closed_form(e=e, e_hat=e_hat, p=p, p_hat=p_hat, p_hat_power=2)
-    return (p * (1 - p) * (e - e_hat) ** 2 / p_hat / p_hat).sum() / e.numel() ** 2
+    return _divided_by_power(p * (1 - p) * (e - e_hat) ** 2, p_hat, 2).sum() / e.numel() ** 2
 
 
 def ips_generalization_bound(e, p_hat, delta: float) -> Tensor:
     """Table 1, IPS: with probability >= 1 - delta, ``|L_IPS - E_O[L_IPS]|`` is at most
-    ``sqrt(log(2/delta) / (2 |D|^2) * sum (e / p_hat)^2)`` (Hoeffding), computed as
-    ``sqrt(log(2/delta) / (2 |D|^2)) * ||e / p_hat||_2`` (gradient 0, not NaN, where ``e = 0``)."""
+    ``sqrt(log(2/delta) / (2 |D|^2) * sum (e / p_hat)^2)`` (Hoeffding); its gradient is 0, not NaN,
+    where every ``e`` is 0."""
     delta = check_delta(delta)
     e, p_hat = check_closed_form(e=e, p_hat=p_hat, p_hat_power=2)
-    return math.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2)) * torch.linalg.vector_norm(e / p_hat)
+    return _sqrt(math.log(2 / delta) / (2 * e.numel() ** 2), ((e / p_hat) ** 2).sum())
 
 
 def dr_generalization_bound(e, e_hat, p_hat, delta: float) -> Tensor:
     """Table 1, DR: with probability >= 1 - delta, ``|L_DR - E_O[L_DR]|`` is at most
-    ``sqrt(log(2/delta) / (2 |D|^2) * sum ((e - e_hat) / p_hat)^2)`` (Hoeffding), computed as
-    ``sqrt(log(2/delta) / (2 |D|^2)) * ||(e - e_hat) / p_hat||_2`` (gradient 0, not NaN, where
-    ``e = e_hat``)."""
+    ``sqrt(log(2/delta) / (2 |D|^2) * sum ((e - e_hat) / p_hat)^2)`` (Hoeffding); its gradient is
+    0, not NaN, where ``e = e_hat`` on every pair."""
     delta = check_delta(delta)
     e, e_hat, p_hat = check_closed_form(e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=2)
-    return math.sqrt(math.log(2 / delta) / (2 * e.numel() ** 2)) * torch.linalg.vector_norm((e - e_hat) / p_hat)
+    return _sqrt(math.log(2 / delta) / (2 * e.numel() ** 2), (((e - e_hat) / p_hat) ** 2).sum())
+
+
+def _sqrt(c: float, x: Tensor) -> Tensor:
+    """``sqrt(c * x)`` for ``x >= 0``, with gradient 0 (not ``inf * 0 = NaN``) at ``x = 0``."""
+    positive = x > 0
+    safe = torch.where(positive, x, torch.ones_like(x))
+    return torch.where(positive, torch.sqrt(c * safe), torch.zeros_like(x))
 
 
 def _check_variant(variant) -> None:
@@ -113,9 +121,9 @@ def badr_bias(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
         weighted = (q * delta).sum(dim=-1, keepdim=True) / mean_w
         return check_finite_result((weighted - delta).mean(dim=-1).mean(), "badr_bias")
     var_o = p * (1 - p)
-    cov_nw = (var_o * delta / p_hat / p_hat).sum(dim=-1, keepdim=True)
-    var_w = (var_o / p_hat / p_hat).sum(dim=-1, keepdim=True)
-    expected = ratio - cov_nw / mean_w / mean_w + var_w * ratio / mean_w / mean_w
+    cov_nw = _divided_by_power(var_o * delta, p_hat, 2).sum(dim=-1, keepdim=True)
+    var_w = _divided_by_power(var_o, p_hat, 2).sum(dim=-1, keepdim=True)
+    expected = ratio - cov_nw / mean_w**2 + var_w * ratio / mean_w**2
     return check_finite_result((expected.squeeze(-1) - e.mean(dim=-1)).mean(), "badr_bias")
 
 
@@ -138,5 +146,5 @@ def badr_variance(e, e_hat, p, p_hat, *, variant: str = "corrected") -> Tensor:
         h = delta - (q * delta).sum(dim=-1, keepdim=True) / mean_w
     else:
         h = delta - ratio
-    per_batch = (p * (1 - p) * h**2 / p_hat / p_hat).sum(dim=-1) / mean_w.squeeze(-1) / mean_w.squeeze(-1)
+    per_batch = _divided_by_power(p * (1 - p) * h**2, p_hat, 2).sum(dim=-1) / mean_w.squeeze(-1) ** 2
     return check_finite_result(per_batch.sum() / per_batch.numel() ** 2, "badr_variance")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -16,6 +17,14 @@ from .runs import Run, train_all
 from .files import check_folder, locked, remove_stale_temporaries
 from .table import append_result, read_results, render_table, run_key, write_history, write_table
 from .train import PropensityCache, resolve_device, setup_runtime
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _positive(text: str) -> int:
@@ -112,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train nothing: render table3.md from the finished runs in results.csv")
     t3.add_argument("--strict-ndcg", action="store_true",
                     help="exclude users without a positive test item from NDCG/Recall (published: NDCG = 1)")
-    t3.add_argument("--jobs", type=_positive, default=1,
-                    help="runs trained at once, in worker processes (default 1); each worker uses --threads "
-                         "threads (default: the cores divided by the jobs); the results do not depend on it")
+    t3.add_argument("--jobs", type=_positive, default=_cores(),
+                    help=f"runs trained at once, in worker processes (default: the cores, {_cores()} here); each "
+                         "worker uses --threads threads (default: the cores divided by the jobs); the results do not "
+                         "depend on it")
     t3.add_argument("--no-propensity-cache", action="store_true",
                     help="fit every run's propensity model (default: share fits through OUT/propensity-cache; "
                          "the runs are the same either way)")

@@ -46,7 +46,7 @@ def _quick_config(tmp_path: Path, name: str) -> Path:
 def test_table3_trains_on_a_simulated_folder(sim_dir, tmp_path):
     """A new data set needs no code: a folder path in --datasets, its config NAME.json (else the default)."""
     out = tmp_path / "run"
-    argv = ["table3", "--datasets", str(sim_dir), "--seeds", "1", "--max-epochs", "2", "--out", str(out)]
+    argv = ["table3", "--datasets", str(sim_dir), "--seeds", "1", "--max-epochs", "2", "--out", str(out), "--jobs", "1"]
     assert main(argv + ["--methods", "mf,badr", "--config-dir", str(_quick_config(tmp_path, "lowrank-sim"))]) == 0
     rows = read_results(out / "results.csv")
     assert [(r["dataset"], r["method"], r["status"]) for r in rows] == [("lowrank-sim", "mf", "ok"),

@@ -27,9 +27,9 @@ from estimators._validation import p_hat_floor
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 
-#: The number of divisions by ``p_hat`` of each function (its floor is ``p_hat_floor(dtype, k)``).
+#: The highest power of ``1 / p_hat`` each function forms (its floor is ``p_hat_floor(dtype, k)``).
 ESTIMATOR_POWER = {"ips": 1, "snips": 1, "dr": 1, "badr": 1}
-IMPUTATION_POWER = {"dr": 1, "mrdr": 2, "dr_bias": 3, "dr_mse": 3, "badr": 1, "badr_paper": 1}
+IMPUTATION_POWER = {"dr": 1, "mrdr": 2, "dr_bias": 3, "dr_mse": 3, "badr": 2, "badr_paper": 2}
 WITH_P_HAT = [pytest.param(ESTIMATORS[n].function, ESTIMATORS[n].reads, k, id=f"estimator-{n}")
               for n, k in ESTIMATOR_POWER.items()] + [
     pytest.param(IMPUTATION_LOSSES[n].function, IMPUTATION_LOSSES[n].reads, k, id=f"imputation-{n}")
@@ -159,37 +159,63 @@ def test_two_d_input_floor_per_clicked_pair(fn, names, power):
         fn(**two)
 
 
-def _old_formulas(e, e_hat, o, p_hat):
-    """Eqs. (8), (9), (32) as written before the overflow fix (x / p_hat**k, w^2 / (sum w)^2)."""
+def _old_formulas(e, e_hat, o, p_hat, p):
+    """The formulas as written before the overflow fix (``x / p_hat**k`` with autograd's gradient,
+    ``p_hat`` read on unclicked pairs too)."""
     e = torch.where(o == 1, e, torch.zeros((), dtype=e.dtype))
-    eq8 = (o * (1 - p_hat) * (e_hat - e) ** 2 / p_hat**2).sum(-1).mean()
-    eq9 = (o * (o - p_hat) ** 2 * (e_hat - e) ** 2 / p_hat**3).sum(-1).mean()
     w = o / p_hat
     sum_w = w.sum(-1, keepdim=True)
-    estimate = (e_hat + o * (e - e_hat) / p_hat).sum(-1, keepdim=True) / sum_w
+    dr_terms = e_hat + o * (e - e_hat) / p_hat
+    estimate = dr_terms.sum(-1, keepdim=True) / sum_w
     resid = e - e_hat + e_hat.sum(-1, keepdim=True) / sum_w - estimate
-    eq32 = ((w**2 * resid**2).sum(-1) / sum_w.squeeze(-1) ** 2).mean()
-    return {"mrdr": eq8, "dr_bias": eq9, "badr": eq32}
+    eq8 = (o * (1 - p_hat) * (e_hat - e) ** 2 / p_hat**2).sum(-1).mean()
+    eq9 = (o * (o - p_hat) ** 2 * (e_hat - e) ** 2 / p_hat**3).sum(-1).mean()
+    delta = e_hat - e
+    return {
+        "ips": (o * e / p_hat).mean(-1).mean(),
+        "snips": ((o * e / p_hat).sum(-1) / (o / p_hat).sum(-1)).mean(),
+        "dr": dr_terms.mean(-1).mean(),
+        "badr": (dr_terms.sum(-1) / (o / p_hat).sum(-1)).mean(),
+        "eq6": (o * (e_hat - e) ** 2 / p_hat).mean(dim=-1).mean(),
+        "eq8": eq8, "eq9": eq9, "eq10": 0.5 * eq9 + (1 - 0.5) * eq8,
+        "eq32": ((w**2 * resid**2).sum(-1) / sum_w.squeeze(-1) ** 2).mean(),
+        "ips_variance": (p * (1 - p) * e_hat**2 / p_hat**2).sum() / e.numel() ** 2,
+        "dr_variance": (p * (1 - p) * delta**2 / p_hat**2).sum() / e.numel() ** 2,
+        "dr_bound": torch.sqrt(math.log(2 / 0.1) / (2 * e.numel() ** 2) * ((delta / p_hat) ** 2).sum()),
+    }
 
 
-def test_rewritten_formulas_agree_with_the_old_ones():
-    """The successive divisions and the normalised weights of eq. (32) change only rounding:
-    within 1e-12 relative of the old expressions on ordinary inputs (float64, 1-D and 2-D)."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_bitwise_unchanged_on_ordinary_inputs(dtype):
+    """Reading p_hat only where clicked and the overflow-safe gradient of ``x / p_hat**k`` leave
+    the values bitwise as before (float32 and float64, 1-D and 2-D), and the gradients in e and
+    e_hat within rounding."""
     rng = np.random.default_rng(5)
     for shape in ((50,), (4, 30)):
-        o = torch.tensor(rng.random(shape) < 0.4, dtype=torch.float64)
+        o = torch.tensor(rng.random(shape) < 0.4, dtype=dtype)
         o[..., 0] = 1
-        e, e_hat = torch.tensor(rng.random(shape) * 3), torch.tensor(rng.random(shape) * 3)
-        p_hat = torch.tensor(10 ** rng.uniform(-6, 0, shape))
-        old = _old_formulas(e, e_hat, o, p_hat)
+        e, e_hat = (torch.tensor(rng.random(shape) * 3, dtype=dtype).requires_grad_(True) for _ in range(2))
+        p_hat = torch.tensor(10 ** rng.uniform(-6, 0, shape), dtype=dtype)
+        p = torch.tensor(rng.uniform(0.01, 1, shape), dtype=dtype)
+        old = _old_formulas(e, e_hat, o, p_hat, p)
+        d = e_hat - torch.where(o == 1, e, 0.0)
+        new = {
+            "ips": ESTIMATORS["ips"].function(e, o, p_hat), "snips": ESTIMATORS["snips"].function(e, o, p_hat),
+            "dr": ESTIMATORS["dr"].function(e, e_hat, o, p_hat),
+            "badr": ESTIMATORS["badr"].function(e, e_hat, o, p_hat),
+            **{eq: IMPUTATION_LOSSES[n].function(e, e_hat, o, p_hat)
+               for eq, n in (("eq6", "dr"), ("eq8", "mrdr"), ("eq9", "dr_bias"), ("eq10", "dr_mse"), ("eq32", "badr"))},
+            "ips_variance": theory.ips_variance(e_hat, p, p_hat),
+            "dr_variance": theory.dr_variance(torch.where(o == 1, e, 0.0), e_hat, p, p_hat),
+            "dr_bound": theory.dr_generalization_bound(d, torch.zeros_like(d), p_hat, 0.1),
+        }
         for name, want in old.items():
-            got = IMPUTATION_LOSSES[name].function(e, e_hat, o, p_hat)
-            assert math.isclose(float(got), float(want), rel_tol=1e-12), (name, float(got), float(want))
-        mse = IMPUTATION_LOSSES["dr_mse"].function(e, e_hat, o, p_hat)
-        assert math.isclose(float(mse), float(0.5 * old["dr_bias"] + 0.5 * old["mrdr"]), rel_tol=1e-12)
-        p = torch.tensor(rng.uniform(0.01, 1, shape))
-        assert math.isclose(float(theory.ips_variance(e, p, p_hat)),
-                            float((p * (1 - p) * e**2 / p_hat**2).sum() / e.numel() ** 2), rel_tol=1e-12)
+            assert new[name].item() == want.item(), (name, new[name].item(), want.item())
+            g_new = torch.autograd.grad(new[name], [e, e_hat], allow_unused=True, retain_graph=True)
+            g_old = torch.autograd.grad(want, [e, e_hat], allow_unused=True, retain_graph=True)
+            for a, b in zip(g_new, g_old):
+                if a is not None and b is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0.0)
 
 
 # Closed forms: (function, argument names, divisions by p_hat)
@@ -244,18 +270,19 @@ def test_theory_tiny_p_hat_is_finite_or_refused(fn, names, power, dtype):
 @pytest.mark.parametrize("fn", [theory.badr_bias, theory.badr_variance])
 @pytest.mark.parametrize("variant", ["corrected", "paper"])
 def test_badr_theory_overflow_refused(fn, variant, dtype):
-    """A batch whose true propensities are all tiny has an expected click weight sum(p / p_hat)
-    so small that the corrected BADR expansion (which divides ``sum e_hat`` by it) overflows:
-    ``ValueError`` (it returned inf or NaN).  The paper's forms (a weighted mean of ``e - e_hat``)
-    and the IPS / DR closed forms (``p`` only multiplies) stay finite there."""
+    """A batch whose true propensities are all tiny has an expected click weight
+    ``E[W] = sum(p / p_hat)`` so small that the corrected BADR expansion (which divides
+    ``sum e_hat`` by it) and the variance (divided by ``E[W]^2``) overflow: ``ValueError`` (they
+    returned inf or NaN).  The paper's bias (a weighted mean of ``e - e_hat``) and the IPS / DR
+    closed forms (``p`` only multiplies) stay finite there."""
     tiny = 1e-300 if dtype == torch.float64 else 1e-38
     e, e_hat = torch.tensor([1.0, 2.0, 0.5], dtype=dtype), torch.tensor([0.3, 0.1, 0.2], dtype=dtype)
     p, p_hat = torch.full((3,), tiny, dtype=dtype), torch.full((3,), 0.5, dtype=dtype)
-    if variant == "corrected":
+    if variant == "paper" and fn is theory.badr_bias:
+        assert bool(torch.isfinite(fn(e, e_hat, p, p_hat, variant=variant)))
+    else:
         with pytest.raises(ValueError, match="overflows.*`p`"):
             fn(e, e_hat, p, p_hat, variant=variant)
-    else:
-        assert bool(torch.isfinite(fn(e, e_hat, p, p_hat, variant=variant)))
     for value in (theory.ips_bias(e, p, p_hat), theory.ips_variance(e, p, p_hat),
                   theory.dr_bias(e, e_hat, p, p_hat), theory.dr_variance(e, e_hat, p, p_hat)):
         assert bool(torch.isfinite(value))
@@ -315,9 +342,9 @@ def _escm2_batch(dtype=torch.float64, n=12):
     o = (rng.random(n) < 0.5).astype(float)
     o[0], o[1] = 1.0, 0.0
     r = np.where(o == 1, rng.integers(0, 2, n), np.nan)
-    t = lambda x: torch.tensor(x, dtype=dtype)  # noqa: E731
-    return dict(ctr_logit=t(rng.normal(size=n)), cvr_logit=t(rng.normal(size=n)), o=t(o), r=t(r),
-                delta_hat=t(rng.uniform(0.1, 2, n)))
+    arrays = {"ctr_logit": rng.normal(size=n), "cvr_logit": rng.normal(size=n), "o": o, "r": r,
+              "delta_hat": rng.uniform(0.1, 2, n)}
+    return {k: torch.tensor(v, dtype=dtype) for k, v in arrays.items()}
 
 
 def _escm2(b, regulariser="dr", **kw):
