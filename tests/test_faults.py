@@ -292,3 +292,33 @@ def test_a_diverging_run_is_recorded_as_diverged_not_ok(coat, method, key, value
     params = {**cfg.method_params(METHODS[method]), key: value}
     result = run_or_diverged(coat, cfg, METHODS[method], params, 2024, max_epochs=20, show_progress=False)
     assert result["status"] == "diverged" and reason in capsys.readouterr().err
+
+
+def _save_entry(root: str, key: str, value: float, rounds: int) -> None:
+    cache = PropensityCache(root)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(rounds):
+        cache.save(key, torch.full((30, 40), value), 3, [1.0, 0.9, 0.8], generator)
+
+
+def test_workers_saving_one_cache_entry_at_once_never_collide(tmp_path):
+    """Two workers fitting the same propensity model write its entry at the same time (they used to
+    race on one temporary name): each write is whole, and the entry read is one of them."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save_entry, args=(str(tmp_path), "coat-2024-abc", v, 30)) for v in (0.25, 0.5)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    hit = PropensityCache(tmp_path).load("coat-2024-abc", torch.Generator(), (30, 40))
+    assert hit is not None and float(hit[0].unique()) in (0.25, 0.5)
+    assert [p.name for p in tmp_path.iterdir()] == ["coat-2024-abc.pt"]
+
+
+def test_repeated_datasets_and_methods_are_trained_once(data_dir, tmp_path):
+    assert main(["table3", "--datasets", "coat,coat", "--methods", "mf,mf", "--seeds", "1", "--max-epochs", "1",
+                 "--jobs", "1", "--data-dir", str(data_dir), "--out", str(tmp_path)]) == 0
+    assert [(r["dataset"], r["method"]) for r in read_results(tmp_path / "results.csv")] == [("coat", "mf")]
