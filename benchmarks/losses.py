@@ -1,6 +1,6 @@
 """Benchmark of the fused DR-family losses against the eager pure-PyTorch reference.
 
-``python -m benchmarks.losses [--json] [--device cpu|cuda] [--quick] [--threads N] [--ops NAME ...]``
+``python -m benchmarks.losses [--json] [--device cpu|cuda] [--quick] [--threads N] [--load N] [--ops NAME ...]``
 
 For every operator (the prediction loss of each estimator, ``prediction/<estimator>``, and
 each imputation loss, ``imputation/<kind>``) and every batch size B in {128, 4096, 65536,
@@ -25,16 +25,26 @@ writes, once) divided by ``fused_us``; ``copy_gbps`` the bandwidth of a large de
 copy (bytes read plus bytes written) measured in the same run, the ceiling ``gbps`` is
 compared with.  ``--json`` prints the list of records instead of the table; ``--quick`` runs
 B in {128, 4096} only.
+
+``--load N`` starts N busy processes (Python loops) before the measurements and kills them after
+(also on an error or Ctrl-C), to time the operators on a machine whose cores are taken, as
+other jobs take them on a shared machine.  A measurement whose blocks spread more than
+UNSTABLE_SPREAD (interquartile range over median) prints a warning to stderr; each record
+carries these spreads under ``spread``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Iterator
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -50,6 +60,67 @@ GROUPS = (5, 8)
 BUDGET_S = 0.25
 BLOCK_S = 0.002
 MIN_REPEATS, MAX_REPEATS = 3, 300
+#: Interquartile range over median of a measurement's blocks above which it is reported unstable.
+UNSTABLE_SPREAD = 0.25
+
+# A busy process of --load: spins until killed, or until its parent (whose pid is its argument)
+# is gone, so that a benchmark killed without cleanup leaves no spinning orphan behind.
+_BUSY_LOOP = """import os, sys
+parent = int(sys.argv[1])
+print("ready", flush=True)
+while os.getppid() == parent:
+    for _ in range(100000):
+        pass
+"""
+
+
+class Timing(NamedTuple):
+    """A measurement: the median time of one call (microseconds) and the spread of its blocks."""
+    us: float
+    spread: float
+
+
+def spread(samples: list[float]) -> float:
+    """Interquartile range over median of a measurement's block times (0 for fewer than two)."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(samples)
+
+
+def unstable_warning(label: str, timing: Timing, threshold: float = UNSTABLE_SPREAD) -> str | None:
+    """The warning line for a measurement whose spread exceeds ``threshold``, else None."""
+    if timing.spread <= threshold:
+        return None
+    return (f"warning: unstable timing of {label}: its blocks spread {timing.spread:.0%} "
+            f"(interquartile range / median, median {timing.us:.1f} us); the machine is busy?")
+
+
+def _report(label: str, timing: Timing) -> Timing:
+    warning = unstable_warning(label, timing)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return timing
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` busy processes (Python loops), running once entered and killed (and reaped) on exit,
+    whatever ends the block."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(os.getpid())],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+        for p in procs:  # each spins once it has said so
+            p.stdout.readline()
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+            p.stdout.close()
 
 
 def _inputs(B: int, G: int, device: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -104,8 +175,9 @@ def _operators() -> list[tuple[str, Callable, Callable, Callable, Callable]]:
     return ops
 
 
-def _median_us(call: Callable[[], object], device: str) -> float:
-    """Median time in microseconds of one ``call()`` within a stream of back-to-back calls.
+def _measure(call: Callable[[], object], device: str) -> Timing:
+    """Median time in microseconds of one ``call()`` within a stream of back-to-back calls, and
+    the spread of the blocks' times.
 
     The calls run in blocks of ``k`` (about BLOCK_S a block), synchronised with the device only
     at the ends of a block, as a training loop that does not wait for its losses runs them: on a
@@ -131,16 +203,17 @@ def _median_us(call: Callable[[], object], device: str) -> float:
         k = max(1, min(1000, int(BLOCK_S / max(first, 1e-9))))
         block(max(1, min(20, int(0.05 / max(first, 1e-9)))))  # warm-up
         repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(BUDGET_S / max(k * first, 1e-9))))
-        return 1e6 * statistics.median(block(k) for _ in range(repeats))
+        samples = [1e6 * block(k) for _ in range(repeats)]
+        return Timing(statistics.median(samples), spread(samples))
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _time_us(fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str,
-             backward: bool = True) -> float:
+def _time(fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...], device: str,
+          backward: bool = True) -> Timing:
     """Time of ``fn(inputs)`` (then ``.backward()`` on its result when ``backward``), as
-    :func:`_median_us` measures it; the gradients of ``wrt`` are reset before each call."""
+    :func:`_measure` measures it; the gradients of ``wrt`` are reset before each call."""
     params = [inputs[name] for name in wrt]
 
     def once() -> None:
@@ -150,20 +223,20 @@ def _time_us(fn: Callable, inputs: dict[str, torch.Tensor], wrt: tuple[str, ...]
         if backward:
             out.backward()
 
-    return _median_us(once, device)
+    return _measure(once, device)
 
 
 def engine_us(device: str) -> float:
     """The autograd engine's fixed cost: forward and backward of a one-element sum."""
     x = torch.ones(1, device=device, requires_grad=True)
-    return _time_us(lambda d: d["x"].sum(), {"x": x}, ("x",), device)
+    return _report("the autograd engine's fixed cost", _time(lambda d: d["x"].sum(), {"x": x}, ("x",), device)).us
 
 
 def copy_gbps(device: str, nbytes: int = 1 << 28) -> float:
     """Bandwidth of ``dst.copy_(src)`` over ``nbytes``, counting bytes read plus bytes written."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _median_us(lambda: dst.copy_(src), device) / 1e3
+    return 2 * nbytes / _report("the copy", _measure(lambda: dst.copy_(src), device)).us / 1e3
 
 
 def run(device: str = "cpu", sizes=SIZES, groups=GROUPS, only: tuple[str, ...] = ()) -> list[dict]:
@@ -180,9 +253,12 @@ def run(device: str = "cpu", sizes=SIZES, groups=GROUPS, only: tuple[str, ...] =
                     continue
                 wrt = ("x_b", "x_u") if name.startswith("prediction") else ("xt_b", "xt_u")
                 inputs = {k: v.detach().requires_grad_(k in wrt) for k, v in data.items()}
-                fused_us = _time_us(with_grads, inputs, wrt, device, backward=False)
-                autograd_us = _time_us(fused, inputs, wrt, device)
-                reference_us = _time_us(reference, inputs, wrt, device)
+                timings = {
+                    key: _report(f"{name} B={B} G={G} {key}",
+                                 _time(fn, inputs, wrt, device, backward=key != "fused_us"))
+                    for key, fn in (("fused_us", with_grads), ("fused_autograd_us", fused), ("reference_us", reference))
+                }
+                fused_us, autograd_us, reference_us = (timings[k].us for k in timings)
                 nbytes = moved(B, G) * data["x_b"].element_size()
                 records.append({
                     "op": name, "B": B, "G": G, "device": device,
@@ -190,6 +266,7 @@ def run(device: str = "cpu", sizes=SIZES, groups=GROUPS, only: tuple[str, ...] =
                     "reference_us": round(reference_us, 1), "speedup": round(reference_us / fused_us, 2),
                     "autograd_speedup": round(reference_us / autograd_us, 2),
                     "gbps": round(nbytes / fused_us / 1e3, 3), "copy_gbps": ceiling, "engine_us": engine,
+                    "spread": {k: round(t.spread, 3) for k, t in timings.items()},
                 })
     return records
 
@@ -211,6 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="B in {128, 4096} only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="run N busy processes during the measurements (default 0)")
     parser.add_argument("--ops", nargs="+", default=(), metavar="NAME",
                         help="only these operators, e.g. prediction/badr imputation/badr")
     args = parser.parse_args(argv)
@@ -227,13 +306,22 @@ def main(argv=None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be positive; got {args.threads}")
         torch.set_num_threads(args.threads)
-    records = run(args.device, QUICK_SIZES if args.quick else SIZES, GROUPS, tuple(args.ops))
+    if args.load < 0:
+        parser.error(f"--load must not be negative; got {args.load}")
+    with busy_processes(args.load) as procs:
+        if procs:
+            print(f"# --load {args.load}: {len(procs)} busy processes running during the measurements "
+                  f"(pids {' '.join(str(p.pid) for p in procs)})", file=sys.stderr, flush=True)
+        records = run(args.device, QUICK_SIZES if args.quick else SIZES, GROUPS, tuple(args.ops))
+    if procs:
+        print(f"# --load {args.load}: the busy processes are stopped", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(records, indent=1))
     else:
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels for "
               f"{_ext._C.cpu_capability}; medians; device-to-device copy "
-              f"{records[0]['copy_gbps']:.0f} GB/s; autograd engine's fixed cost {records[0]['engine_us']:.1f} us")
+              f"{records[0]['copy_gbps']:.0f} GB/s; autograd engine's fixed cost {records[0]['engine_us']:.1f} us"
+              + (f"; {args.load} busy processes" if args.load else ""))
         print(format_table(records))
     return 0
 
