@@ -3,6 +3,7 @@
 // itself only records how the library was built.
 #include <Python.h>
 
+#include "cpu/claim_loop.h"
 #include "kernel_names.h"
 
 #ifndef CVR_CPU_CAPABILITY
@@ -27,11 +28,27 @@ PyObject* names_tuple(const std::array<std::string_view, N>& names) {
   return tuple;
 }
 
+// claim_loop_stats() -> dict of the counters of cpu/claim_loop.h: lets the tests check that a
+// loop took the parallel path.
+PyObject* claim_loop_stats(PyObject*, PyObject*) {
+  const cvr::ops::ClaimLoopStats s = cvr::ops::claim_loop_stats();
+  return Py_BuildValue("{sLsLsLsLsLsLsL}", "pooled_loops", static_cast<long long>(s.pooled_loops), "serial_loops",
+                       static_cast<long long>(s.serial_loops), "helper_chunks", static_cast<long long>(s.helper_chunks),
+                       "helper_parks", static_cast<long long>(s.helper_parks), "helper_backoffs",
+                       static_cast<long long>(s.helper_backoffs), "late_helpers", static_cast<long long>(s.late_helpers),
+                       "caller_blocks", static_cast<long long>(s.caller_blocks));
+}
+
+PyMethodDef methods[] = {
+    {"claim_loop_stats", claim_loop_stats, METH_NOARGS,
+     "Counters of the CPU kernels' claim loop since import (csrc/cpu/claim_loop.h)"},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "estimators._C",
-                               "Fused DR-family losses, registered as torch.ops.cvr.*", -1, nullptr};
+                               "Fused DR-family losses, registered as torch.ops.cvr.*", -1, methods};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
 #ifdef WITH_CUDA

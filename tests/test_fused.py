@@ -6,6 +6,8 @@ which builds it with README's install line and where a missing extension is a fa
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -218,26 +220,80 @@ def test_nan_logits_give_nan_loss():
         assert torch.isnan(_imputation(_ext.imputation_loss, "badr", bad)), name
 
 
+def _badr_losses_and_grads(d):
+    return [
+        *torch.ops.cvr.prediction_loss_and_grads("badr", d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"], d["xt_u"]),
+        *torch.ops.cvr.imputation_loss_and_grads("badr", d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"], d["x_u"],
+                                                 0.5),
+    ]
+
+
+def _assert_same(expected, got):
+    for a, b in zip(expected, got, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @needs_extension
 def test_result_does_not_depend_on_thread_count():
-    # B and U both span more chunks than the kernels' grain, so both passes run in parallel; float64,
-    # where a sum grouped otherwise changes the last bits (float32 rounds such changes away).
+    # B and U both span more chunks than the kernels' grain, so with 2 threads every pass runs on the
+    # claim loop's pool; float64, where a sum grouped otherwise changes the last bits (float32 rounds
+    # such changes away).  Which thread computes which chunk varies from call to call (a pool thread
+    # that starts late computes none, and late ones make the loops run on the caller alone for a
+    # while), so the 2-thread calls repeat until a pool thread has computed some, each equal to the
+    # 1-thread result.
     d = make_inputs(B=16384, G=8, dtype=torch.float64, extreme=False)
     threads = torch.get_num_threads()
-    results = []
     try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append([
-                *torch.ops.cvr.prediction_loss_and_grads("badr", d["x_b"], d["r_b"], d["p_hat_b"], d["x_u"], d["xt_b"],
-                                                         d["xt_u"]),
-                *torch.ops.cvr.imputation_loss_and_grads("badr", d["xt_b"], d["x_b"], d["r_b"], d["p_hat_b"], d["xt_u"],
-                                                         d["x_u"], 0.5),
-            ])
+        torch.set_num_threads(1)
+        expected = _badr_losses_and_grads(d)
+        torch.set_num_threads(2)
+        before = _ext._C.claim_loop_stats()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            _assert_same(expected, _badr_losses_and_grads(d))
+            now = _ext._C.claim_loop_stats()
+            if now["helper_chunks"] > before["helper_chunks"]:
+                break
+            if now["serial_loops"] > before["serial_loops"]:
+                time.sleep(0.05)  # backing off: let the machine settle
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*results):
-        assert (a is None and b is None) or torch.equal(a, b)
+    after = _ext._C.claim_loop_stats()
+    assert after["pooled_loops"] > before["pooled_loops"], "the passes did not run on the claim loop's pool"
+    assert after["helper_chunks"] > before["helper_chunks"], "no pool thread computed a chunk in 60 s"
+
+
+@needs_extension
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_runs_the_kernels_on_its_own_pool():
+    # The parent's pool threads do not exist in a child; the child starts its own.  (The child
+    # compares on one thread: ATen's OpenMP regions hang in a child forked after the parent used them.)
+    d = make_inputs(B=16384, G=8, dtype=torch.float64, extreme=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = _badr_losses_and_grads(d)  # the parent's pool is running
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 when its results equal the parent's
+            status = 1
+            try:
+                loops = _ext._C.claim_loop_stats()["pooled_loops"]
+                got = _badr_losses_and_grads(d)
+                status = 0 if _ext._C.claim_loop_stats()["pooled_loops"] > loops else 2
+                torch.set_num_threads(1)
+                _assert_same(expected, got)
+            finally:
+                os._exit(status)
+    finally:
+        torch.set_num_threads(threads)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 @needs_extension

@@ -1,12 +1,12 @@
 // CPU kernels of the fused DR-family losses: arithmetic in at::vec::Vectorized, reductions
-// over fixed chunks spread by at::parallel_for.  See estimators/joint_loss.py for the
-// reference each kernel equals and dr_loss.h for the calling convention.
+// over fixed chunks spread over threads by claim_loop (claim_loop.h).  See
+// estimators/joint_loss.py for the reference each kernel equals and dr_loss.h for the calling
+// convention.
 //
 // Notation as in the BADR paper: on the clicked batch B, x the prediction logit, xt the
 // imputation logit, r the label, w = 1 / p_hat; l(x, t) = softplus(x) - t x is the binary
 // cross-entropy of sigmoid(x) against t and dl/dx = sigmoid(x) - t.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../dr_loss.h"
+#include "claim_loop.h"
 
 namespace cvr::ops {
 namespace {
@@ -29,12 +30,14 @@ using Vec = at::vec::Vectorized<T>;
 
 // Sums run over fixed chunks of kChunk elements; one thread sums a chunk into double and the
 // chunk sums are added in chunk order, so a loss is bitwise the same for any number of
-// threads.  Chunks go to the thread pool only above kGrainChunks chunks (8192 elements): an
-// element costs 1-2 ns here (an exp, a division and a log1p series per logit), 5-10 times an
-// element of ATen's cheap elementwise kernels, whose grain (GRAIN_SIZE, 32768) thus holds the
-// same ~10 us of work per task.  Below it, waking the pool costs more than it saves, and on a
-// loaded machine a parallel region waits a whole scheduler slice (milliseconds) for a busy
-// core.  (ATen's grain left BADR's pass over U at B = 4096, G = 8 on one thread.)
+// threads and whichever thread sums which chunk.  Chunks go to other threads only above
+// kGrainChunks chunks (8192 elements): an element costs 1-2 ns here (an exp, a division and a
+// log1p series per logit), 5-10 times an element of ATen's cheap elementwise kernels, whose
+// grain (GRAIN_SIZE, 32768) thus holds the same ~10 us of work per task; below it, waking a
+// thread costs more than it saves.  The threads claim chunks (claim_loop) instead of splitting
+// them up front (at::parallel_for): with the cores taken by other processes, an OpenMP region
+// waits at its end for a thread the OS has not run yet, a scheduler slice (milliseconds),
+// where the claim loop's caller computes the chunks nobody has claimed.
 constexpr int64_t kChunk = 1024;
 constexpr int64_t kGrainChunks = 8;
 // Within a chunk each lane adds kFlush vectors in the input precision before they are added
@@ -49,7 +52,7 @@ constexpr int kFlush = 16;
 // which would map a NaN logit to a finite value; adding x - x (zero for finite x) keeps NaN
 // propagating.
 template <typename T>
-Vec<T> exp_neg_abs(const Vec<T>& x) {
+C10_ALWAYS_INLINE Vec<T> exp_neg_abs(const Vec<T>& x) {
   return x.abs().neg().exp_u20() + (x - x);
 }
 
@@ -59,7 +62,7 @@ Vec<T> exp_neg_abs(const Vec<T>& x) {
 // for tiny z (softplus of a logit of -40 is 4e-18) and costs k fma, where Sleef's log1p takes
 // several times longer.
 template <typename T>
-Vec<T> log1p_series(const Vec<T>& s) {
+C10_ALWAYS_INLINE Vec<T> log1p_series(const Vec<T>& s) {
   constexpr int terms = std::is_same_v<T, float> ? 7 : 16;
   const Vec<T> s2 = s * s;
   Vec<T> poly(T(1) / T(2 * terms - 1));
@@ -70,13 +73,16 @@ Vec<T> log1p_series(const Vec<T>& s) {
 }
 
 // sigmoid(x), softplus(x) = max(x, 0) + log1p(exp(-|x|)) and sigmoid'(x), from z = exp(-|x|).
+// (The per-element helpers are forced inline: in a chunk's body, which claim_loop calls through
+// a function_ref, GCC's size limits left Logit's constructor out of line in the BADR imputation
+// kernel, a quarter of its time at B = 4096.)
 // 1 / (1 + z) and s = z / (2 + z) share one division by (1 + z)(2 + z), in [2, 6]; a kernel
 // that uses no softplus drops s and its multiplications at compile time.
 template <typename T>
 struct Logit {
   Vec<T> z, inv, s, sigmoid;  // exp(-|x|), 1 / (1 + z), z / (2 + z), sigmoid(x)
 
-  explicit Logit(const Vec<T>& x) : z(exp_neg_abs(x)) {
+  C10_ALWAYS_INLINE explicit Logit(const Vec<T>& x) : z(exp_neg_abs(x)) {
     const Vec<T> one_z = Vec<T>(1) + z, two_z = Vec<T>(2) + z;
     const Vec<T> q = (one_z * two_z).reciprocal();
     inv = two_z * q;
@@ -103,7 +109,7 @@ struct ExactCE {
   Vec<T> x;
   Logit<T> lx;
 
-  explicit ExactCE(const Vec<T>& x) : x(x), lx(x) {}
+  C10_ALWAYS_INLINE explicit ExactCE(const Vec<T>& x) : x(x), lx(x) {}
   Vec<T> value(const Vec<T>& t) const { return lx.softplus(x) - t * x; }
   Vec<T> dinput(const Vec<T>& t) const { return lx.sigmoid - t; }
   Vec<T> gap() const { return x; }
@@ -121,7 +127,7 @@ template <typename T>
 struct ClampedCE {
   Vec<T> p, log_p, log_q;  // sigmoid(x), max(log p, -100), max(log1p(-p), -100)
 
-  explicit ClampedCE(const Vec<T>& x)
+  C10_ALWAYS_INLINE explicit ClampedCE(const Vec<T>& x)
       : p((Vec<T>(1) + x.neg().exp()).reciprocal()),
         log_p(at::vec::maximum(p.log(), Vec<T>(-100))),
         log_q(at::vec::maximum(p.neg().log1p(), Vec<T>(-100))) {}
@@ -182,20 +188,18 @@ std::array<double, K> reduce(int64_t size, const Body& body) {
   constexpr int64_t width = Vec<T>::size();
   const int64_t chunks = (size + kChunk - 1) / kChunk;
   std::vector<std::array<double, K>> partial(chunks);
-  at::parallel_for(0, chunks, kGrainChunks, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const int64_t end = std::min(size, (c + 1) * kChunk);
-      LaneSums<T, K> sums;
-      for (int64_t i = c * kChunk; i < end; i += width) {
-        const int64_t n = std::min(width, end - i);
-        std::array<Vec<T>, K> terms = body(i, n);
-        if (n < width) {
-          for (auto& t : terms) t = Vec<T>::set(Vec<T>(0), t, n);
-        }
-        sums.add(terms);
+  claim_loop(chunks, kGrainChunks, [&](int64_t c) {
+    const int64_t end = std::min(size, (c + 1) * kChunk);
+    LaneSums<T, K> sums;
+    for (int64_t i = c * kChunk; i < end; i += width) {
+      const int64_t n = std::min(width, end - i);
+      std::array<Vec<T>, K> terms = body(i, n);
+      if (n < width) {
+        for (auto& t : terms) t = Vec<T>::set(Vec<T>(0), t, n);
       }
-      partial[c] = sums.total();
+      sums.add(terms);
     }
+    partial[c] = sums.total();
   });
   std::array<double, K> total{};
   for (const auto& p : partial) {
@@ -205,13 +209,13 @@ std::array<double, K> reduce(int64_t size, const Body& body) {
 }
 
 // One multiplication per element: threads pay off only from the grain of ATen's own
-// elementwise kernels (at::internal::GRAIN_SIZE) on.
+// elementwise kernels (at::internal::GRAIN_SIZE, 32768 elements) on, a chunk here.
 template <typename T>
 void scale(T* data, int64_t size, T factor) {
-  constexpr int64_t grain = 32768;
-  at::parallel_for(0, size, grain, [&](int64_t begin, int64_t end) {
-    at::vec::map([factor](const Vec<T>& v) { return v * Vec<T>(factor); }, data + begin, data + begin,
-                 end - begin);
+  constexpr int64_t chunk = 32768;
+  claim_loop((size + chunk - 1) / chunk, 1, [&](int64_t c) {
+    const int64_t begin = c * chunk, n = std::min(chunk, size - begin);
+    at::vec::map([factor](const Vec<T>& v) { return v * Vec<T>(factor); }, data + begin, data + begin, n);
   });
 }
 
