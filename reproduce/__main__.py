@@ -1,4 +1,6 @@
-"""Command line: ``python -m reproduce table3 ...`` and ``python -m reproduce tune ...``."""
+"""Command line: ``python -m reproduce table3 | table4 | table5 | table6 | fig1 | fig2 | fig3 | fig4 |
+all ...`` (the BADR paper's experiments, :mod:`reproduce.experiments`) and ``python -m reproduce
+tune ...``."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +15,10 @@ from cvrdata import DATASETS, resolve_data_dir
 
 from . import config as C
 from .methods import METHODS, PROPENSITY_KEYS, get_method, parse_methods
-from .runs import Run, train_all
-from .files import check_folder, locked, remove_stale_temporaries
-from .table import append_result, read_results, render_table, run_key, write_history, write_table
+from .experiments import Context, Options, execute, experiments, run_experiments
+from .files import check_folder, locked
+from .report import write_report
+from .table import read_results, render_table, write_table
 from .train import PropensityCache, resolve_device, setup_runtime
 
 
@@ -170,69 +173,72 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validation runs trained at once, in worker processes (default 1); each worker uses "
                          "--threads threads (default: the cores divided by the jobs); the choice does not depend on it")
     common(tu)
+
+    paper = {"table4": "Table 4: sparsity study on Yahoo! R3 (80/60/40/20 %% of the clicked training pairs)",
+             "table5": "Table 5: sparsity study on KuaiRec", "table6": "Table 6: simulated ML-100K (Section 4.8)",
+             "fig1": "Figure 1: ablations (Table 3's runs)", "fig2": "Figure 2: loss on the unbiased data per epoch",
+             "fig3": "Figure 3: BADR's AUC against the batch size", "fig4": "Figure 4: BADR's training-loss curves",
+             "all": "Table 3 and everything above, then OUT/REPORT.md"}
+    for name, about in paper.items():
+        p = sub.add_parser(name, help=about, description=f"{about}. Trains the runs not finished in OUT/results.csv "
+                                                         f"(shared by every command on one --out), then writes "
+                                                         f"OUT/{name if name != 'all' else 'REPORT'}.md with the CSV "
+                                                         "(and PNG) behind it.")
+        p.add_argument("--datasets", type=_datasets,
+                       help="data sets instead of the experiment's own (table6: simulated folders; default: generated "
+                            "into OUT/data from ML-100K)")
+        p.add_argument("--seeds", type=_positive, default=5, help="number of seeds, from 2024 on (default 5)")
+        p.add_argument("--jobs", type=_positive, default=_cores(),
+                       help=f"runs trained at once, in worker processes (default: the cores, {_cores()} here)")
+        p.add_argument("--out", default="results", help="output folder (default results)")
+        p.add_argument("--table-only", action="store_true", help="train nothing: render from the finished runs")
+        common(p)
     return parser
 
 
+def _options(args: argparse.Namespace, **more: Any) -> Options:
+    return Options(out=check_folder(args.out, "--out"), data_dir=args.data_dir, config_dir=args.config_dir,
+                   seeds=args.seeds, max_epochs=args.max_epochs, jobs=args.jobs, threads=args.threads,
+                   device=str(resolve_device(args.device)), render_only=args.table_only, **more)
+
+
 def cmd_table3(args: argparse.Namespace) -> int:
-    device = str(resolve_device(args.device))
-    data_dir = None
-    if not args.table_only and any(source.path is None for source in args.datasets):
-        data_dir = resolve_data_dir(args.data_dir)
-    out = check_folder(args.out, "--out")
-    csv_path, md_path, history_path = out / "results.csv", out / "table3.md", out / "history.csv"
-    done = {run_key(r) for r in read_results(csv_path)}
-    cache_root = None if args.no_propensity_cache else out / "propensity-cache"
-    for folder in (out, cache_root):  # what writers killed mid-write left
-        if folder is not None and folder.is_dir():
-            remove_stale_temporaries(folder)
+    opts = _options(args, strict_ndcg=args.strict_ndcg, propensity_cache=not args.no_propensity_cache,
+                    datasets=tuple(args.datasets), methods=tuple(args.methods))
+    ctx = Context(opts)
     keys: set = set()
-    plan: list[Run] = []  # the runs still to do
     for source in args.datasets:
-        cfg = source.config(args.config_dir).with_batch_size(args.batch_size)
-        max_epochs = args.max_epochs or cfg.max_epochs
-        seeds = list(cfg.seeds[:args.seeds]) if args.seeds <= len(cfg.seeds) else \
-            list(range(cfg.seeds[0], cfg.seeds[0] + args.seeds))
-        extra = {}
-        if args.train_fraction < 1:
-            extra["train_fraction"] = args.train_fraction
-        if source.path is not None:  # a user folder: its content is part of what decides a run
-            extra["data"] = source.load(cfg, None).fingerprint()
-        if device != "cpu":
-            extra["device"] = device
-        todo = []
-        for method in args.methods:
-            params = cfg.method_params(method)
-            sig = C.run_signature(cfg, method, params, max_epochs, extra)
-            for seed in seeds:
-                key = (source.name, method.name, seed, sig)
-                keys.add(key)
-                if key not in done:
-                    todo.append(Run(source, cfg, method, params, seed, sig, max_epochs, args.train_fraction, device,
-                                    args.record_test_loss))
-        skipped = len(args.methods) * len(seeds) - len(todo)
-        if skipped:
-            print(f"{source.name}: {skipped} finished run(s) found in {csv_path}, skipped", file=sys.stderr)
-        if not args.table_only:
-            plan += todo
+        keys |= ctx.runs(source, args.methods, train_fraction=args.train_fraction, batch_size=args.batch_size,
+                         record_test_loss=args.record_test_loss)
+    out = opts.out
+    csv_path, md_path = out / "results.csv", out / "table3.md"
     names = [source.name for source in args.datasets]
 
-    def render() -> str:
+    def render(_row: Optional[dict[str, Any]] = None) -> str:
         with locked(md_path):  # the last table written reads the latest results.csv
             text = render_table(read_results(csv_path), names, strict=args.strict_ndcg, keys=keys)
             write_table(md_path, text)
         return text
 
-    def record(row: dict[str, Any]) -> None:
-        write_history(history_path, row, row.pop("history", []))
-        if not append_result(csv_path, row):
-            print(f"{row['dataset']} {row['method']} seed {row['seed']}: another process recorded this run first; "
-                  "its row is kept", file=sys.stderr)
-        render()
-
-    train_all(plan, data_dir, cache_root, record, args.jobs, args.threads)
+    trained = execute(ctx, on_row=render)
     print(render())
-    print(f"wrote {md_path}" + (f" and the rows of {len(plan)} run(s) to {csv_path} and {history_path}"
-                                if plan else ""), file=sys.stderr)
+    print(f"wrote {md_path}" + (f" and the rows of {trained} run(s) to {csv_path} and {out / 'history.csv'}"
+                                if trained else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    """``table4`` ... ``fig4`` and ``all`` (:mod:`reproduce.experiments`)."""
+    opts = _options(args, datasets=tuple(args.datasets) if args.datasets else None)
+    names = list(experiments()) if args.command == "all" else [args.command]
+    parts = run_experiments(names, opts)
+    for name, files, _, seconds in parts:
+        print(f"{name}: {seconds:.0f}s, wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    if args.command == "all":
+        path = write_report(opts.out, [(n, text) for n, _, text, _ in parts], {n: s for n, _, _, s in parts})
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        print(parts[0][2])
     return 0
 
 
@@ -330,7 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_runtime(args.threads)
     try:
-        return cmd_table3(args) if args.command == "table3" else cmd_tune(args)
+        if args.command == "table3":
+            return cmd_table3(args)
+        return cmd_tune(args) if args.command == "tune" else cmd_paper(args)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
 

@@ -1,12 +1,13 @@
-"""Evaluation metrics of the BADR paper's Table 3 (numpy + scipy; no scikit-learn).
+"""Evaluation metrics of the BADR paper's Tables 3-6 (numpy + scipy; no scikit-learn).
 
 - :func:`auc`: ROC AUC over all test pairs pooled, by the Mann-Whitney U statistic with
   average ranks for ties (equal to ``sklearn.metrics.roc_auc_score``).
-- :func:`ndcg_recall_at_k`: NDCG@K and Recall@K computed per test user over that user's test
-  items ranked by score, then averaged over users, vectorised (one sort for all users).
+- :func:`ranking_at_k`: NDCG@K, Recall@K and Precision@K computed per test user over that
+  user's test items ranked by score, then averaged over users, vectorised (one sort for all
+  users and all K); :func:`ndcg_recall_at_k` the first two at one K.
 
 Users without a positive test item: the published code counts NDCG = 1 for them (the ideal
-DCG is 0 and the ratio is set to 1) and Recall = 0 (hits / max(1, #positives));
+DCG is 0 and the ratio is set to 1), Recall = 0 (hits / max(1, #positives)) and Precision = 0;
 ``variant="strict"`` excludes those users from both averages instead.
 """
 from __future__ import annotations
@@ -42,19 +43,21 @@ def auc(scores, labels) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def ndcg_recall_at_k(users, scores, labels, k: int, variant: str = "published") -> tuple[float, float]:
-    """Mean over test users of NDCG@K and Recall@K (binary relevance, log2 discount).
+def ranking_at_k(users, scores, labels, ks, variant: str = "published") -> dict[int, dict[str, float]]:
+    """NDCG@K, Recall@K and Precision@K for each K of ``ks``, means over the test users, from one sort.
 
     For user ``u`` with test items ranked by descending score (ties keep the input order),
     ``DCG = sum_{rank r < K} y_r / log2(r + 2)``, ``IDCG`` the DCG of the ideal order,
-    ``NDCG = DCG / IDCG`` and ``Recall = hits@K / max(1, #positives)``.  ``variant`` says what a
-    user without a positive test item counts: ``"published"`` NDCG = 1 and Recall = 0 (as the
-    published code), ``"strict"`` excludes the user from both means.
+    ``NDCG = DCG / IDCG``, ``Recall = hits@K / max(1, #positives)`` and ``Precision = hits@K / K``.
+    ``variant`` says what a user without a positive test item counts: ``"published"`` NDCG = 1,
+    Recall = 0 and Precision = 0 (as the published code), ``"strict"`` excludes the user.
+    Returns ``{K: {"ndcg": ..., "recall": ..., "precision": ...}}``.
     """
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}; got {variant!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be a positive integer; got {k!r}")
+    ks = [ks] if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool) else list(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ValueError(f"`k` must be a positive integer (or a list of them); got {ks!r}")
     scores, labels = _check_scores_labels(scores, labels)
     users = np.asarray(users)
     if users.shape != scores.shape or not np.issubdtype(users.dtype, np.integer):
@@ -65,18 +68,28 @@ def ndcg_recall_at_k(users, scores, labels, k: int, variant: str = "published") 
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
     group = np.cumsum(np.r_[False, u[1:] != u[:-1]])  # group id of each sorted pair
     rank = np.arange(u.size) - starts[group]
-    top = rank < k
-    discount = 1.0 / np.log2(np.arange(k) + 2.0)
     n_groups = starts.size
-    dcg = np.bincount(group[top], weights=y[top] * discount[rank[top]], minlength=n_groups)
-    hits = np.bincount(group[top], weights=y[top].astype(np.float64), minlength=n_groups)
     n_pos = np.bincount(group, weights=y.astype(np.float64), minlength=n_groups).astype(np.int64)
-    ideal = np.r_[0.0, np.cumsum(discount)][np.minimum(n_pos, k)]
     has_pos = n_pos > 0
-    ndcg = np.where(has_pos, dcg / np.where(has_pos, ideal, 1.0), 1.0)
-    recall = hits / np.maximum(1, n_pos)
-    if variant == "strict":
-        if not has_pos.any():
-            raise ValueError("no test user has a positive item; the strict NDCG / Recall are undefined")
-        ndcg, recall = ndcg[has_pos], recall[has_pos]
-    return float(ndcg.mean()), float(recall.mean())
+    if variant == "strict" and not has_pos.any():
+        raise ValueError("no test user has a positive item; the strict NDCG / Recall are undefined")
+    out = {}
+    for k in dict.fromkeys(int(k) for k in ks):
+        top = rank < k
+        discount = 1.0 / np.log2(np.arange(k) + 2.0)
+        dcg = np.bincount(group[top], weights=y[top] * discount[rank[top]], minlength=n_groups)
+        hits = np.bincount(group[top], weights=y[top].astype(np.float64), minlength=n_groups)
+        ideal = np.r_[0.0, np.cumsum(discount)][np.minimum(n_pos, k)]
+        metrics = {"ndcg": np.where(has_pos, dcg / np.where(has_pos, ideal, 1.0), 1.0),
+                   "recall": hits / np.maximum(1, n_pos), "precision": hits / k}
+        out[k] = {name: float((v[has_pos] if variant == "strict" else v).mean()) for name, v in metrics.items()}
+    return out
+
+
+def ndcg_recall_at_k(users, scores, labels, k: int, variant: str = "published") -> tuple[float, float]:
+    """Mean over test users of NDCG@K and Recall@K (binary relevance, log2 discount); see
+    :func:`ranking_at_k`, which also gives Precision@K and several K from one sort."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be a positive integer; got {k!r}")
+    m = ranking_at_k(users, scores, labels, [k], variant)[int(k)]
+    return m["ndcg"], m["recall"]

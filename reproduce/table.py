@@ -1,7 +1,7 @@
 """results.csv (one row per finished run, written atomically, resumable), history.csv (the runs'
 per-epoch rows) and table3.md.
 
-The paper's Table 3 numbers appear only here, as the "paper" column beside ours.
+The paper's numbers (:mod:`reproduce.published`) appear only as the "paper" column beside ours.
 """
 from __future__ import annotations
 
@@ -16,44 +16,16 @@ import numpy as np
 
 from .files import locked, replace
 from .methods import METHODS, TABLE3_ROWS
-from .train import HISTORY_COLUMNS
+from .published import PUBLISHED
+from .train import HISTORY_COLUMNS, RANKING_COLUMNS
 
 COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "ndcg_strict", "recall_strict",
            "epochs", "propensity_epochs", "propensity_seconds", "propensity_cached", "max_epochs", "signature",
-           "threads", "batch_size", "train_fraction", "device", "status")
+           "threads", "batch_size", "train_fraction", "device", "status") + RANKING_COLUMNS
 #: Columns of a tuning log (``python -m reproduce tune``): one validation run per row, ``params`` as JSON.
 TUNE_COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "max_epochs", "signature",
                 "threads", "status", "trial", "params")
 DATASET_LABELS = {"yahoo": "Yahoo! R3", "coat": "Coat", "kuairec": "KuaiRec"}
-
-#: BADR paper, Table 3: (mean, std) of AUC, NDCG@K, Recall@K on Yahoo! R3, Coat, KuaiRec.
-PUBLISHED: dict[str, dict[str, tuple[tuple[float, float], ...]]] = {}
-_PAPER_TABLE3 = {
-    "MF": ((0.7096, 0.0001), (0.7089, 0.001), (0.466, 0.0018), (0.6983, 0.0088), (0.6658, 0.0055), (0.5151, 0.0093), (0.753, 0.0012), (0.5714, 0.0026), (0.6252, 0.0055)),
-    "IPS": ((0.7097, 0.0005), (0.7106, 0.0021), (0.4674, 0.0012), (0.7371, 0.0043), (0.6959, 0.0031), (0.5381, 0.0076), (0.7789, 0.0007), (0.5761, 0.0027), (0.647, 0.0057)),
-    "SNIPS": ((0.7108, 0.0006), (0.7122, 0.0015), (0.4685, 0.0017), (0.7439, 0.002), (0.6868, 0.0043), (0.5296, 0.0057), (0.7844, 0.0013), (0.5887, 0.002), (0.6472, 0.0049)),
-    "DRJL": ((0.7171, 0.0003), (0.7232, 0.0005), (0.4777, 0.0009), (0.7423, 0.0089), (0.701, 0.0105), (0.5368, 0.0114), (0.7879, 0.0013), (0.5918, 0.0034), (0.6574, 0.0039)),
-    "MRDR": ((0.7186, 0.0003), (0.7248, 0.0007), (0.478, 0.0008), (0.7515, 0.0038), (0.7063, 0.0056), (0.5458, 0.0071), (0.8075, 0.0034), (0.5803, 0.0105), (0.6774, 0.0036)),
-    "DR-BIAS": ((0.7195, 0.0003), (0.7265, 0.0007), (0.4803, 0.0015), (0.754, 0.0038), (0.7042, 0.0052), (0.5388, 0.0049), (0.8058, 0.0025), (0.5916, 0.0122), (0.6803, 0.0032)),
-    "DR-MSE": ((0.7194, 0.0005), (0.727, 0.001), (0.48, 0.0013), (0.7561, 0.0027), (0.7064, 0.0035), (0.5432, 0.004), (0.8049, 0.0032), (0.5926, 0.0091), (0.6671, 0.0021)),
-    "StableDR": ((0.712, 0.0006), (0.7195, 0.0013), (0.475, 0.0012), (0.7538, 0.0038), (0.7058, 0.0049), (0.5442, 0.0062), (0.8049, 0.0007), (0.6098, 0.0008), (0.6816, 0.0025)),
-    "TDR-CL": ((0.7212, 0.0008), (0.7283, 0.0021), (0.483, 0.0031), (0.7571, 0.0015), (0.707, 0.0037), (0.5435, 0.0088), (0.8061, 0.0043), (0.5968, 0.0141), (0.6519, 0.0013)),
-    "DR-MSE-GPL": ((0.7229, 0.0007), (0.7319, 0.0015), (0.4844, 0.0022), (0.7565, 0.0009), (0.709, 0.0008), (0.5417, 0.0038), (0.8126, 0.0009), (0.6151, 0.0008), (0.6822, 0.0019)),
-    "D-DR": ((0.7198, 0.0005), (0.7274, 0.0012), (0.4785, 0.001), (0.7556, 0.0021), (0.7056, 0.0024), (0.5422, 0.0034), (0.7833, 0.0019), (0.5872, 0.0032), (0.6572, 0.0003)),
-    "DCE-TDR": ((0.7233, 0.0003), (0.76, 0.0013), (0.517, 0.0012), (0.7608, 0.0023), (0.7162, 0.0047), (0.5552, 0.0046), (0.8269, 0.0019), (0.6566, 0.0034), (0.6991, 0.0052)),
-    "CVIB": ((0.7103, 0.0006), (0.7249, 0.0016), (0.4912, 0.0012), (0.7579, 0.0045), (0.6793, 0.0064), (0.5302, 0.0051), (0.7701, 0.0018), (0.5839, 0.0031), (0.6312, 0.0036)),
-    "DIB": ((0.7133, 0.0007), (0.7073, 0.0014), (0.4654, 0.0029), (0.7556, 0.0025), (0.7014, 0.0049), (0.5409, 0.0052), (0.7702, 0.0012), (0.5836, 0.0028), (0.6304, 0.0012)),
-    "DAMF": ((0.7216, 0.0006), (0.7402, 0.0009), (0.4963, 0.0016), (0.7561, 0.005), (0.7012, 0.0065), (0.537, 0.0067), (0.8085, 0.0009), (0.6306, 0.0032), (0.6556, 0.0026)),
-    "Multi-IPS": ((0.7109, 0.0005), (0.712, 0.0019), (0.4687, 0.0024), (0.7337, 0.0033), (0.6939, 0.0048), (0.5391, 0.0051), (0.7683, 0.0022), (0.5785, 0.0032), (0.6253, 0.0018)),
-    "Multi-DR": ((0.7168, 0.0005), (0.7212, 0.0009), (0.4766, 0.0022), (0.7556, 0.0026), (0.6921, 0.004), (0.5252, 0.0056), (0.7767, 0.0011), (0.5811, 0.0036), (0.6309, 0.0063)),
-    "ESCM2-IPS": ((0.7106, 0.0008), (0.7113, 0.0018), (0.4676, 0.002), (0.7392, 0.0026), (0.6872, 0.004), (0.5294, 0.0056), (0.7766, 0.003), (0.5817, 0.0056), (0.6467, 0.0039)),
-    "ESCM2-DR": ((0.7174, 0.0006), (0.727, 0.0008), (0.478, 0.0015), (0.7337, 0.0054), (0.6939, 0.0088), (0.5391, 0.0051), (0.7812, 0.0022), (0.5866, 0.0032), (0.6479, 0.0042)),
-    "DDPO": ((0.7204, 0.0004), (0.7266, 0.0012), (0.4788, 0.001), (0.7612, 0.0038), (0.7059, 0.0032), (0.5339, 0.0054), (0.8174, 0.0013), (0.6199, 0.0033), (0.68, 0.0036)),
-    "BADR": ((0.7332, 0.0009), (0.7831, 0.0011), (0.5382, 0.0012), (0.7694, 0.003), (0.7417, 0.0009), (0.575, 0.0041), (0.8391, 0.0011), (0.6689, 0.0021), (0.7189, 0.0061)),
-}
-for _row, _vals in _PAPER_TABLE3.items():
-    PUBLISHED[_row] = {"yahoo": _vals[0:3], "coat": _vals[3:6], "kuairec": _vals[6:9]}
-
 
 # ----------------------------------------------------------------------------------------- results.csv
 _TEXT_COLUMNS = ("dataset", "method", "signature", "status", "params", "device", "stage")
@@ -176,6 +148,26 @@ def write_history(path: str | os.PathLike, row: dict[str, Any], history: list[di
         ident = {"dataset": row["dataset"], "method": row["method"], "seed": row["seed"], "signature": row["signature"]}
         writer.writerows({**ident, **{c: _fmt(h.get(c, "")) for c in HISTORY_COLUMNS}} for h in history)
         replace(path, buf.getvalue())
+
+
+def read_history(path: str | os.PathLike) -> dict[tuple, list[dict[str, Any]]]:
+    """The rows of ``history.csv`` by run key (:func:`run_key`), numbers parsed (an empty cell:
+    None), in file order; an absent file is an empty dict."""
+    _, lines = _read_lines(Path(path))
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for number, row in lines:
+        parsed: dict[str, Any] = {}
+        for key, value in row.items():
+            if key in _TEXT_COLUMNS or value in (None, ""):
+                parsed[key] = value if key in _TEXT_COLUMNS else None
+                continue
+            try:
+                parsed[key] = int(value) if key in _INT_COLUMNS else float(value)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: column {key!r} holds {value!r}, not a number; correct or "
+                                 "delete the line") from None
+        out.setdefault(run_key(parsed), []).append(parsed)
+    return out
 
 
 def _fmt(value: Any) -> Any:

@@ -83,7 +83,7 @@ from estimators.training import (Diverged, EpochStats, JointConfig, JointLearner
 from .config import Config
 from .files import replace_with
 from .methods import Method
-from .metrics import auc, ndcg_recall_at_k
+from .metrics import auc, ranking_at_k
 from .progress import Progress
 
 #: Columns of a run's history rows (``history.csv`` adds the run's key in front).
@@ -261,12 +261,22 @@ def _log_loss(scores: torch.Tensor, y: np.ndarray) -> float:
     return float(torch.nn.functional.binary_cross_entropy(scores, torch.from_numpy(y).to(torch.float64)))
 
 
+#: The cut-offs of Table 6's ranking metrics, recorded for every run as ``ndcg@K``, ``recall@K`` and
+#: ``precision@K`` (published variant) beside the data set's own ``ndcg`` and ``recall`` at ``k``.
+RANKING_KS = (5, 50)
+#: The result keys of :data:`RANKING_KS`.
+RANKING_COLUMNS = tuple(f"{m}@{k}" for k in RANKING_KS for m in ("ndcg", "recall", "precision"))
+
+
 def evaluate(learner: JointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
-    """AUC, NDCG@k and Recall@k (both variants) of the prediction model on pairs ``x``."""
+    """AUC, NDCG@k and Recall@k (both variants) of the prediction model on pairs ``x``, and the
+    ranking metrics at :data:`RANKING_KS` (:data:`RANKING_COLUMNS`)."""
     scores = _scores(learner, x).numpy()
-    ndcg, recall = ndcg_recall_at_k(x[:, 0], scores, y, k)
-    ndcg_s, recall_s = ndcg_recall_at_k(x[:, 0], scores, y, k, variant="strict")
-    return {"auc": auc(scores, y), "ndcg": ndcg, "recall": recall, "ndcg_strict": ndcg_s, "recall_strict": recall_s}
+    published = ranking_at_k(x[:, 0], scores, y, (k, *RANKING_KS))
+    strict = ranking_at_k(x[:, 0], scores, y, [k], variant="strict")[k]
+    return {"auc": auc(scores, y), "ndcg": published[k]["ndcg"], "recall": published[k]["recall"],
+            "ndcg_strict": strict["ndcg"], "recall_strict": strict["recall"],
+            **{f"{m}@{c}": published[c][m] for c in RANKING_KS for m in ("ndcg", "recall", "precision")}}
 
 
 def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], seed: int, *,
@@ -372,5 +382,6 @@ def run_or_diverged(data: CVRData, cfg: Config, method: Method, params: dict[str
     except FloatingPointError as exc:  # Diverged, from run_one
         print(exc, file=sys.stderr)
         nan = float("nan")
-        return {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan, "k": cfg.k,
+        return {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan,
+                **{c: nan for c in RANKING_COLUMNS}, "k": cfg.k,
                 "seconds": time.perf_counter() - start, "status": "diverged"}

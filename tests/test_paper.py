@@ -1,0 +1,184 @@
+"""The BADR paper's other experiments (``python -m reproduce table4 ... fig4 | all``): every
+command end to end on a tiny budget (Coat, one seed, one or two epochs), the files each writes,
+and the claims' verdicts and the figure's baseline choice on made-up runs."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import simulate
+from reproduce import experiments as E
+from reproduce import report as R
+from reproduce.__main__ import main
+from reproduce.published import SAMPLING_RATES, TABLE4
+from reproduce.table import read_history, read_results, run_key
+
+COMMANDS = ("table3", "table4", "table5", "table6", "fig1", "fig2", "fig3", "fig4")
+
+
+@pytest.fixture(autouse=True)
+def _restore_runtime():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def all_out(tmp_path_factory, data_dir) -> Path:
+    """``all`` on Coat with one seed and one epoch per run (train once, read by the tests below)."""
+    out = tmp_path_factory.mktemp("paper")
+    assert main(["all", "--datasets", "coat", "--seeds", "1", "--max-epochs", "1", "--jobs", "1", "--threads", "1",
+                 "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    return out
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_all_writes_every_table_and_figure_and_the_report(all_out):
+    for name in COMMANDS:
+        assert (all_out / f"{name}.md").is_file(), name
+        if name != "table3":
+            assert _csv(all_out / f"{name}.csv"), name  # the numbers behind it
+    for name in ("fig1", "fig2", "fig3", "fig4"):
+        png = (all_out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+    report = (all_out / "REPORT.md").read_text()
+    for heading in ("Table 3", "Table 4", "Table 5", "Table 6", "Figure 1", "Figure 2", "Figure 3", "Figure 4"):
+        assert heading in report
+    assert "](fig2.png)" in report and "| part | seconds" in report
+    # each run once, however many parts use it
+    rows = read_results(all_out / "results.csv")
+    assert len({run_key(r) for r in rows}) == len(rows)
+
+
+def test_sparsity_runs_subsample_and_record_the_test_loss(all_out):
+    rows = [r for r in read_results(all_out / "results.csv") if r["method"] == "badr" and r["batch_size"] == 128]
+    assert sorted({r["train_fraction"] for r in rows}) == sorted({1.0, *SAMPLING_RATES})
+    history = read_history(all_out / "history.csv")
+    for r in rows:
+        fit = [h for h in history[run_key(r)] if h["stage"] == "fit"]
+        assert fit and all(h["test_loss"] is not None and h["test_loss"] > 0 for h in fit)
+    table = (all_out / "table4.md").read_text()
+    assert "## 80% of the training pairs" in table and "## 20% of the training pairs" in table
+    assert f"| {TABLE4['MF'][0][0]:.4f}" in table  # the paper's MF AUC at 80 %, beside ours
+    assert "| TDR-CL | not implemented" in table and "Impv-MF (%)" in table and "Impv (%)" in table
+    assert "## The paper's claims" in table and ("**holds**" in table or "**does not hold**" in table)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_command_resumes_from_the_shared_results(all_out, data_dir, capsys, name):
+    """Every command on the folder ``all`` filled trains nothing and rewrites its files."""
+    (all_out / f"{name}.md").unlink()
+    assert main([name, "--datasets", "coat", "--seeds", "1", "--max-epochs", "1", "--jobs", "1",
+                 "--data-dir", str(data_dir), "--out", str(all_out)]) == 0
+    err = capsys.readouterr().err
+    assert "to train)" not in err or "(0 of" in err
+    assert "seed 2024: ok" not in err  # no run trained again
+    assert (all_out / f"{name}.md").is_file()
+
+
+def test_fig3_plans_every_batch_size_and_the_full_batch(all_out):
+    rows = [r for r in _csv(all_out / "fig3.csv") if r["dataset"] == "coat"]
+    sizes = [int(r["batch_size"]) for r in rows]
+    assert sizes[:6] == [32, 64, 128, 256, 512, 1024] and rows[-1]["full"] == "True"
+    assert sizes[-1] > 1024  # every clicked training pair of Coat
+
+
+def test_table6_generates_its_folders_and_reports_the_closest_setting(tmp_path, monkeypatch):
+    """Without --datasets, table6 simulates its settings into OUT/data (here from the low-rank
+    source, which needs no download) and compares our MF / BADR with both paper columns."""
+    monkeypatch.setattr(E, "TABLE6_SETTINGS", (E.SimSetting("sim-a", {"alpha": 0.5}, "test", "lowrank"),
+                                               E.SimSetting("sim-b", {"density": 0.15}, "test", "lowrank")))
+    out = tmp_path / "t6"
+    assert main(["table6", "--seeds", "1", "--max-epochs", "1", "--jobs", "1", "--out", str(out)]) == 0
+    assert (out / "data" / "sim-a" / "summary.json").is_file() and (out / "data" / "sim-b" / "meta.json").is_file()
+    text = (out / "table6.md").read_text()
+    assert "## sim-a (mean propensity 0.09" in text and "Precision@50" in text
+    assert "Closest setting to each paper column" in text
+    rows = read_results(out / "results.csv")
+    assert {r["method"] for r in rows} == {"mf", "dr_jl", "badr"}
+    assert all(0 <= r["precision@5"] <= 1 and 0 <= r["ndcg@50"] <= 1 for r in rows)
+
+
+# ---------------------------------------------------------------- verdicts on made-up finished runs
+def _fake(rows: list[dict], history: dict | None = None) -> E.Finished:
+    return E.Finished({run_key(r): r for r in rows}, history or {})
+
+
+def _row(method, seed, auc, rate=1.0, ds="yahoo", sig="s"):
+    return {"dataset": ds, "method": method, "seed": seed, "signature": f"{sig}{rate}", "auc": auc, "ndcg": auc,
+            "recall": auc, "k": 5, "status": "ok", "train_fraction": rate}
+
+
+def _sparsity(values: dict[str, float], tmp_path) -> str:
+    rows, keys = [], {}
+    for rate in (1.0, *SAMPLING_RATES):
+        for method, auc in values.items():
+            for seed in (1, 2, 3):
+                r = _row(method, seed, auc - 0.02 * (1 - rate) + 0.0005 * seed, rate)
+                rows.append(r)
+                keys.setdefault(rate, set()).add(run_key(r))
+    opts = E.Options(out=tmp_path)
+    R.render_sparsity(_fake(rows), keys, opts, "table4")
+    return (tmp_path / "table4.md").read_text()
+
+
+def test_the_sparsity_claim_holds_only_when_badr_beats_every_baseline(tmp_path):
+    text = _sparsity({"mf": 0.70, "dr_jl": 0.71, "mrdr": 0.712, "dr_bias": 0.711, "badr": 0.72}, tmp_path)
+    assert "every metric*: **holds** (12 rate-metric cells checked)" in text
+    assert "| Impv-MF (%) | 2.8" in text  # (0.7216 - 0.7016) / 0.7016 at 80 %
+    text = _sparsity({"mf": 0.70, "dr_jl": 0.71, "mrdr": 0.725, "dr_bias": 0.711, "badr": 0.72}, tmp_path)
+    assert "every metric*: **does not hold**" in text and "MRDR" in text.split("exceptions:")[1]
+
+
+def test_fig2_picks_the_baseline_by_validation_auc_not_by_the_test_loss(tmp_path):
+    rows, history, keys = [], {}, {"yahoo": {1.0: set()}}
+    # dr_jl has the better validation AUC; mrdr the lower test loss: dr_jl must be drawn.
+    for method, val_auc, test_loss in (("badr", 0.80, 0.40), ("dr_jl", 0.75, 0.60), ("mrdr", 0.70, 0.30)):
+        r = _row(method, 1, 0.7)
+        rows.append(r)
+        keys["yahoo"][1.0].add(run_key(r))
+        history[run_key(r)] = [{"stage": "fit", "epoch": e, "val_auc": val_auc, "test_loss": test_loss + 0.1 / e}
+                               for e in (1, 2, 3)]
+    R.render_fig2(_fake(rows, history), keys, E.Options(out=tmp_path))
+    text = (tmp_path / "fig2.md").read_text()
+    assert "strongest baseline by validation AUC at full data: DR-JL" in text
+    assert "**holds**: Yahoo! R3 100% 0.4333 vs 0.6333" in text
+    drawn = {r["method"] for r in csv.DictReader(open(tmp_path / "fig2.csv"))}
+    assert drawn == {"badr", "dr_jl"}
+
+
+def test_fig3_verdicts(tmp_path):
+    keys, rows = {"yahoo": {}}, []
+    for b, auc in ((256, 0.70), (1024, 0.73), (4096, 0.72), (300_000, 0.69)):
+        r = {**_row("badr", 1, auc, sig=f"b{b}"), "batch_size": b}
+        rows.append(r)
+        keys["yahoo"][b] = {run_key(r)}
+    R.render_fig3(_fake(rows), keys, E.Options(out=tmp_path))
+    text = (tmp_path / "fig3.md").read_text()
+    assert "*Worst AUC at the full batch*: **holds**" in text and "best at 1,024 (0.7300)" in text
+    assert "Coat, as the paper says for it): **holds**" in text
+
+
+def test_paired_t_test():
+    a = {s: 0.7 + 0.001 * s for s in range(5)}
+    assert R._paired_p(a, {s: v - 0.01 + 0.0001 * (s % 2) for s, v in a.items()}) < 0.05
+    rng = np.random.default_rng(0)
+    b = {s: v + rng.normal(0, 0.01) for s, v in a.items()}
+    assert R._paired_p(a, b) > 0.05 and R._paired_p(a, {0: 1.0}) is None
+
+
+def test_bad_experiment_name_and_datasets_are_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown experiment"):
+        E.run_experiments(["table9"], E.Options(out=tmp_path))
+    with pytest.raises(SystemExit):
+        main(["fig3", "--datasets", str(tmp_path / "absent"), "--out", str(tmp_path)])
+    assert "--datasets" in capsys.readouterr().err
