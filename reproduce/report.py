@@ -444,7 +444,7 @@ def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list
     plt = _pyplot()
     datasets = list(keys)
     rates = sorted({r for d in datasets for r in keys[d]}, reverse=True)
-    fig, axes = plt.subplots(len(datasets), len(rates), figsize=(3.1 * len(rates), 2.8 * len(datasets)),
+    fig, axes = plt.subplots(len(datasets), len(rates), figsize=(3.1 * len(rates), 3.2 * len(datasets) + 0.4),
                              squeeze=False)
     csv_rows, lines, verdicts = [], [], []
     for i, ds in enumerate(datasets):
@@ -471,10 +471,11 @@ def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list
                 finals[name] = curve[-1]
                 csv_rows += [{"dataset": ds, "rate": rate, "method": name, "epoch": e, "test_loss": v, "seeds": n}
                              for e, v in zip(epochs, curve)]
-            ax.set_title(f"{_label(ds)}, {rate:.0%} of the pairs", fontsize=9)
+            ax.set_title(f"{_label(ds)}, {rate:.0%} of the training pairs", fontsize=9)
             ax.set_xlabel("epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             if j == 0:
-                ax.set_ylabel("cross-entropy on the unbiased test data")
+                ax.set_ylabel("test cross-entropy (nats)")
             ax.legend(fontsize=7)
             if "badr" in finals and baseline in finals:
                 verdicts.append((ds, rate, finals["badr"] < finals[baseline], finals["badr"], finals[baseline]))
@@ -514,13 +515,15 @@ def render_fig3(finished, keys: dict[str, dict[int, set]], opts) -> tuple[list[P
                                  "auc_std": stds[-1], "seeds": len(vals)})
         xs = np.arange(len(sizes))
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label="BADR, ours")
-        if ds in TABLE3["BADR"]:
-            ax.axhline(TABLE3["BADR"][ds][0][0], color="gray", ls=":", label="BADR, paper Table 3")
+        default = _default_batch_size(ds)
+        if ds in TABLE3["BADR"] and default in sizes:
+            ax.errorbar([sizes.index(default)], [TABLE3["BADR"][ds][0][0]], yerr=[TABLE3["BADR"][ds][0][1]],
+                        marker="*", ms=11, color="black", ls="none", label=f"BADR, paper Table 3 (batch {default:,})")
         ax.set_xticks(xs, [f"full\n{b:,}" if b == full else f"{b:,}" for b in sizes], fontsize=7, rotation=45)
         ax.set_xlabel("batch size (clicked pairs per step)")
         ax.set_ylabel("test AUC (mean ± std over seeds)")
         ax.set_title(_label(ds))
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
         table.append(f"| {_label(ds)} | " + " | ".join(
             f"{b:,}{' (full)' if b == full else ''}: {m:.4f}" for b, m in zip(sizes, means) if m == m) + " |")
         done = [(b, m) for b, m in zip(sizes, means) if m == m]
@@ -547,6 +550,15 @@ def render_fig3(finished, keys: dict[str, dict[int, set]], opts) -> tuple[list[P
     text = "\n".join(lines + [""])
     replace(Path(opts.out) / "fig3.md", text)
     return files + [Path(opts.out) / "fig3.md"], text.replace("# ", "## ", 1)
+
+
+def _default_batch_size(ds: str) -> Optional[int]:
+    from .config import load_config
+
+    try:
+        return load_config(ds).batch_size
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------- Figure 4
