@@ -39,6 +39,11 @@ Python API::
     sim.summary["propensity_mean"]
 
 Command line: ``python -m simulate --density 0.15 --out DIR`` (see ``--help``).
+
+:mod:`simulate.ctcvr` (``python -m simulate ctcvr --exposures N --out DIR``) is the other
+data set: a streamed, Ali-CCP style click / conversion log with the true click and
+conversion probabilities of every exposure (the ESCM2 setting); ``simulate.ctcvr.load_ctcvr``
+reads it.
 """
 from simulate.completion import Factorisation, complete_ratings, fit_mf
 from simulate.protocol import (

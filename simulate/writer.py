@@ -20,6 +20,10 @@ write into the same parent, or :func:`recover` of the parent, then renames the o
 Files honour the umask (``0o666 & ~umask``; the folder ``0o777 & ~umask``). The temporary
 folder is removed if writing fails; temporaries left by writers on this host whose process
 no longer runs (killed) are removed by the next write into the same parent (:func:`recover`).
+
+:func:`write_folder` is that machinery for any set of files (``python -m simulate ctcvr``
+streams its arrays through it, :mod:`simulate.ctcvr`); :func:`write` is it with this
+module's files.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ import re
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
 import numpy as np
 
@@ -117,12 +122,15 @@ def recover(parent: str | os.PathLike) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def check_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+def check_out(out_dir: str | os.PathLike, overwrite: bool = False, *, ours: re.Pattern[str] = _OURS,
+              command: str = "python -m simulate") -> None:
     """Check that ``out_dir`` can take a new output folder; a ValueError naming --out and the fix.
 
     Refused: a file (or a path through a file) instead of a folder; a non-empty folder
-    without ``overwrite``; with ``overwrite``, a folder holding anything this writer does
-    not write. A missing or empty folder is fine (the parents are created as needed).
+    without ``overwrite``; with ``overwrite``, a folder holding anything but files whose
+    names ``ours`` matches (by default those :func:`write` writes; ``command`` is the
+    command named in that message). A missing or empty folder is fine (the parents are
+    created as needed).
     """
     out = _absolute(out_dir)
     shown = os.fspath(out_dir)
@@ -142,9 +150,9 @@ def check_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
         listed = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         raise ValueError(f"--out {shown} is not empty (it holds {listed}): pass --overwrite to replace it, "
                          "or choose a new or empty folder")
-    foreign = [e for e in entries if not (_OURS.fullmatch(e) and (out / e).is_file() and not (out / e).is_symlink())]
+    foreign = [e for e in entries if not (ours.fullmatch(e) and (out / e).is_file() and not (out / e).is_symlink())]
     if foreign:
-        raise ValueError(f"--out {shown} holds {foreign[0]!r}, which python -m simulate does not write: "
+        raise ValueError(f"--out {shown} holds {foreign[0]!r}, which {command} does not write: "
                          "--overwrite replaces only a folder it wrote; remove the folder yourself or choose "
                          "another --out")
 
@@ -179,6 +187,16 @@ def _files(sim: Simulation) -> dict[str, Callable[[IO[bytes]], None]]:
     return files
 
 
+@contextmanager
+def create(path: Path) -> Iterator[IO[bytes]]:
+    """A new binary file at ``path`` (refused if it exists; mode ``0o666 & ~umask``), flushed and
+    fsynced when the block ends without an error."""
+    with open(path, "xb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write(sim: Simulation, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``sim`` to the folder ``out_dir``, whole or not at all, and return ``out_dir`` as a Path.
 
@@ -188,30 +206,43 @@ def write(sim: Simulation, out_dir: str | os.PathLike, overwrite: bool = False) 
     steps and the one short window of a replacement; stale temporaries of killed writers
     in the parent are cleaned up first (:func:`recover`).
     """
+    def fill(tmp: Path) -> None:
+        for name, content in _files(sim).items():
+            with create(tmp / name) as handle:
+                content(handle)
+    return write_folder(out_dir, fill, overwrite)
+
+
+def write_folder(out_dir: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False, *,
+                 ours: re.Pattern[str] = _OURS, command: str = "python -m simulate") -> Path:
+    """Make ``out_dir`` the folder that ``fill`` writes, whole or not at all; return ``out_dir`` as a Path.
+
+    ``fill(tmp)`` writes every file into the empty temporary folder ``tmp`` (with
+    :func:`create`, so each is fsynced); an exception from it removes ``tmp`` and
+    propagates, leaving ``out_dir`` as it was. ``ours`` and ``command`` are those of
+    :func:`check_out`: with ``overwrite``, only a folder of files ``ours`` matches is
+    replaced. The steps are those of the module docstring.
+    """
     out = _absolute(out_dir)
-    check_out(out_dir, overwrite)
+    check_out(out_dir, overwrite, ours=ours, command=command)
     out.parent.mkdir(parents=True, exist_ok=True)
     recover(out.parent)
-    check_out(out_dir, overwrite)  # again: recover may have put an old folder back
+    check_out(out_dir, overwrite, ours=ours, command=command)  # again: recover may have put an old folder back
     umask = _umask()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.simulate-{_HOST}-{os.getpid()}-", suffix=".tmp",
                                 dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~umask)
-        for name, content in _files(sim).items():
-            with open(tmp / name, "xb") as handle:  # created 0o666 & ~umask
-                content(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
+        fill(tmp)
         _fsync_dir(tmp)
-        _move_in(tmp, out, out_dir, overwrite)
+        _move_in(tmp, out, lambda: check_out(out_dir, overwrite, ours=ours, command=command))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left there once renamed into place
     return Path(out_dir)
 
 
-def _move_in(tmp: Path, out: Path, out_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Rename the complete folder ``tmp`` to ``out``, replacing a non-empty ``out`` only as :func:`check_out` allows."""
+def _move_in(tmp: Path, out: Path, recheck: Callable[[], None]) -> None:
+    """Rename the complete folder ``tmp`` to ``out``, replacing a non-empty ``out`` only if ``recheck`` passes."""
     try:
         os.rename(tmp, out)  # atomic onto a missing or empty folder
     except OSError as exc:
@@ -220,7 +251,7 @@ def _move_in(tmp: Path, out: Path, out_dir: str | os.PathLike, overwrite: bool) 
     else:
         _fsync_dir(out.parent)
         return
-    check_out(out_dir, overwrite)  # again: files may have appeared in out while we wrote
+    recheck()  # again (check_out): files may have appeared in out while we wrote
     old = tmp.with_suffix(".old")
     os.rename(out, old)
     # The window: out is absent until the next rename (recover() puts the old folder back).
