@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -111,7 +112,7 @@ def render_table3(finished, keys: dict[str, set], opts) -> tuple[list[Path], str
     text = render_table(finished.select(everything), list(keys), strict=opts.strict_ndcg, keys=everything)
     path = Path(opts.out) / "table3.md"
     replace(path, text)
-    return [path], text.replace("# Table 3", "## Table 3", 1)
+    return [path], text
 
 
 # ------------------------------------------------------------------------------------ Tables 4 / 5
@@ -189,7 +190,7 @@ def render_sparsity(finished, keys: dict[float, set], opts, table: str) -> tuple
     replace(path, text)
     files = [path, _write_csv(Path(opts.out) / f"{table}.csv", ("dataset", "rate", "method", "metric", "mean", "std",
                                                                 "seeds", "paper_mean", "paper_std"), csv_rows)]
-    return files, text.replace("# ", "## ", 1)
+    return files, text
 
 
 def _sparsity_claims(summary: dict, paper, k: int) -> list[str]:
@@ -285,7 +286,7 @@ def render_table6(finished, keys: dict[str, set], opts) -> tuple[list[Path], str
     replace(path, text)
     files = [path, _write_csv(Path(opts.out) / "table6.csv", ("dataset", "method", "metric", "mean", "std", "seeds"),
                               csv_rows)]
-    return files, text.replace("# ", "## ", 1)
+    return files, text
 
 
 def _sim_summary(folder: Path) -> Optional[dict[str, Any]]:
@@ -407,7 +408,7 @@ def render_fig1(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
                  + (f"{_verdict(all(var_ok))}: " + "; ".join(var_txt) if var_ok else "not evaluated") + ".")
     text = "\n".join(lines + [""])
     replace(Path(opts.out) / "fig1.md", text)
-    return files + [Path(opts.out) / "fig1.md"], text.replace("# ", "## ", 1)
+    return files + [Path(opts.out) / "fig1.md"], text
 
 
 # ---------------------------------------------------------------------------------------- Figure 2
@@ -492,7 +493,7 @@ def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list
             f"{_label(d)} {r:.0%} {b:.4f} vs {o:.4f}" for d, r, _, b, o in verdicts) if verdicts else "not evaluated")
         + ".", ""])
     replace(Path(opts.out) / "fig2.md", text)
-    return files + [Path(opts.out) / "fig2.md"], text.replace("# ", "## ", 1)
+    return files + [Path(opts.out) / "fig2.md"], text
 
 
 # ---------------------------------------------------------------------------------------- Figure 3
@@ -549,7 +550,7 @@ def render_fig3(finished, keys: dict[str, dict[int, set]], opts) -> tuple[list[P
         lines.append("Not evaluated: not every batch size has finished runs.")
     text = "\n".join(lines + [""])
     replace(Path(opts.out) / "fig3.md", text)
-    return files + [Path(opts.out) / "fig3.md"], text.replace("# ", "## ", 1)
+    return files + [Path(opts.out) / "fig3.md"], text
 
 
 def _default_batch_size(ds: str) -> Optional[int]:
@@ -600,7 +601,7 @@ def render_fig4(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
                       "The propensity model's epoch loss, and the prediction and imputation models' mean loss per "
                       "step of each epoch, per seed (history.csv).", ""] + lines + [""])
     replace(Path(opts.out) / "fig4.md", text)
-    return files + [Path(opts.out) / "fig4.md"], text.replace("# ", "## ", 1)
+    return files + [Path(opts.out) / "fig4.md"], text
 
 
 def write_report(out: Path, sections: Sequence[tuple[str, str]], seconds: dict[str, float]) -> Path:
@@ -609,8 +610,8 @@ def write_report(out: Path, sections: Sequence[tuple[str, str]], seconds: dict[s
              "| part | seconds (training shared between parts is counted where it first ran) |", "|---|---|"]
     lines += [f"| {name} | {seconds.get(name, 0.0):.0f} |" for name, _ in sections]
     lines.append("")
-    for _, text in sections:
-        lines += [text.replace("\n# ", "\n## "), ""]
+    for _, text in sections:  # each part's headings one level down, under the page's title
+        lines += [re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M), ""]
     path = out / "REPORT.md"
     replace(path, "\n".join(lines))
     return path
