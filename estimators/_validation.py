@@ -1,7 +1,7 @@
 """Input validation at the public boundary (one place, as in scikit-learn's ``validation``).
 
-Every public estimator and imputation loss calls :func:`check_batch` once, :func:`estimators.escm2_loss`
-calls :func:`check_escm2` and the closed forms of :mod:`estimators.theory` call
+Every public estimator and imputation loss calls :func:`check_batch` once, the entire-space losses of
+:mod:`estimators.multitask` call :func:`check_entire_space` and the closed forms of :mod:`estimators.theory` call
 :func:`check_closed_form`; the internals trust what they return.  Errors are ``ValueError``
 naming the argument and the fix.
 
@@ -210,23 +210,37 @@ def _number(x, name: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# ESMM / ESCM2 (estimators.multitask)
+# Entire-space losses: ESMM, ESCM2, Multi-IPS / Multi-DR, DDPO (estimators.multitask)
 # ----------------------------------------------------------------------------------------------
-def check_escm2(ctr_logit, cvr_logit, o, r, delta_hat=None, *, gamma, lambda_c, lambda_g):
-    """Validate :func:`estimators.escm2_loss`'s inputs; return
-    ``(ctr_logit, cvr_logit, o, r, delta_hat, gamma, lambda_c, lambda_g)`` ready for the formulas.
+#: What each optional per-pair input of an entire-space loss is, for the messages.
+_ENTIRE_SPACE_TENSORS = {
+    "ctr_logit": "CTR logits",
+    "cvr_logit": "CVR logits",
+    "delta_hat": "imputed CVR errors",
+    "conv_logit": "conversion-propensity logits",
+}
 
-    - ``ctr_logit``, ``cvr_logit``, ``r`` (and ``delta_hat`` when given) are float32 or float64
-      tensors of one dtype, on ``o``'s device and of ``o``'s shape, 1-D or 2-D; ``o`` holds only
-      0/1 and is returned in that dtype;
-    - ``ctr_logit``, ``cvr_logit`` and ``delta_hat`` are finite everywhere;
+
+def check_entire_space(ctr_logit, cvr_logit, o, r, *, delta_hat=None, conv_logit=None, p_hat=None, gamma,
+                       lambdas: dict):
+    """Validate an entire-space loss's inputs (:mod:`estimators.multitask`); return
+    ``(tensors, o, r, p_hat, gamma, lambdas)`` ready for the formulas, ``tensors`` a dict of the
+    given logits / ``delta_hat`` by name.
+
+    - ``ctr_logit``, ``cvr_logit``, ``r`` (and ``delta_hat``, ``conv_logit``, ``p_hat`` when given)
+      are float32 or float64 tensors of one dtype, on ``o``'s device and of ``o``'s shape, 1-D or
+      2-D; ``o`` holds only 0/1 and is returned in that dtype;
+    - the logits and ``delta_hat`` are finite everywhere;
     - ``r`` is 0 or 1 where ``o = 1``; where ``o = 0`` it may be anything (NaN included) and is
       replaced by 0 with ``torch.where``, so it reaches neither the value nor the gradient;
-    - ``gamma`` (the CTR floor of the regulariser's weights ``o / max(o_hat, gamma)``) lies in
-      ``[p_hat_floor(dtype, 1), 1]``; ``lambda_c`` and ``lambda_g`` are finite and >= 0.
+    - ``p_hat`` (an external propensity replacing the CTR tower's in the weights) is finite and
+      in (0, 1]; it is returned detached;
+    - ``gamma`` (the floor of the clipped propensities ``clip(p, gamma, 1)``) lies in
+      ``[p_hat_floor(dtype, 1), 1]``; every ``lambdas`` value is finite and >= 0.
     """
     o = _as_tensor(o, "o")
-    named = (("ctr_logit", ctr_logit), ("cvr_logit", cvr_logit), ("r", r), ("delta_hat", delta_hat))
+    named = (("ctr_logit", ctr_logit), ("cvr_logit", cvr_logit), ("r", r), ("delta_hat", delta_hat),
+             ("conv_logit", conv_logit), ("p_hat", p_hat))
     given = {name: _as_tensor(t, name) for name, t in named if t is not None}
     for name, t in given.items():
         _check_float(t, name)
@@ -235,7 +249,7 @@ def check_escm2(ctr_logit, cvr_logit, o, r, delta_hat=None, *, gamma, lambda_c, 
     dtype = _one_dtype(given, o)
     clicked = _clicks(o)
     o = clicked.to(dtype)
-    for name, what in (("ctr_logit", "CTR logits"), ("cvr_logit", "CVR logits"), ("delta_hat", "imputed CVR errors")):
+    for name, what in _ENTIRE_SPACE_TENSORS.items():
         if name in given:
             _check_finite(given[name], name, what)
     labels = given["r"]
@@ -244,20 +258,33 @@ def check_escm2(ctr_logit, cvr_logit, o, r, delta_hat=None, *, gamma, lambda_c, 
         raise ValueError("`r` (conversion labels) must be 0 or 1 where o = 1; NaN (or any value) is allowed "
                          "only where o = 0, where the label is unseen")
     labels = torch.where(clicked, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+    p = given.get("p_hat")
+    if p is not None:
+        _check_unit_interval(p, "p_hat")
+        p = p.detach()
 
     gamma = _number(gamma, "gamma")
     floor = p_hat_floor(dtype, 1)
     if not floor <= gamma <= 1.0:
-        raise ValueError(f"`gamma` (CTR clipping floor in the regulariser) must lie in (0, 1] and be at least "
-                         f"{floor:.3g} in {dtype} (the regulariser divides by it); got {gamma}")
-    lambdas = []
-    for name, value in (("lambda_c", lambda_c), ("lambda_g", lambda_g)):
+        raise ValueError(f"`gamma` (the propensity clipping floor of the counterfactual regulariser) must lie in "
+                         f"(0, 1] and be at least {floor:.3g} in {dtype} (the regulariser divides by it); got {gamma}")
+    checked = {}
+    for name, value in lambdas.items():
         value = _number(value, name)
         if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"`{name}` weighs a term of the loss (eq. 34) and must be a finite number >= 0; "
-                             f"got {value}")
-        lambdas.append(value)
-    return (given["ctr_logit"], given["cvr_logit"], o, labels, given.get("delta_hat"), gamma, *lambdas)
+            raise ValueError(f"`{name}` weighs a term of the loss and must be a finite number >= 0; got {value}")
+        checked[name] = value
+    tensors = {name: given[name] for name in _ENTIRE_SPACE_TENSORS if name in given}
+    return tensors, o, labels, p, gamma, checked
+
+
+def check_escm2(ctr_logit, cvr_logit, o, r, delta_hat=None, *, gamma, lambda_c, lambda_g):
+    """:func:`check_entire_space` for ESMM / ESCM2 as the earlier callers unpack it:
+    ``(ctr_logit, cvr_logit, o, r, delta_hat, gamma, lambda_c, lambda_g)``."""
+    tensors, o, r, _, gamma, lam = check_entire_space(ctr_logit, cvr_logit, o, r, delta_hat=delta_hat, gamma=gamma,
+                                                      lambdas={"lambda_c": lambda_c, "lambda_g": lambda_g})
+    return (tensors["ctr_logit"], tensors["cvr_logit"], o, r, tensors.get("delta_hat"), gamma, lam["lambda_c"],
+            lam["lambda_g"])
 
 
 # ----------------------------------------------------------------------------------------------

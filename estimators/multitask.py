@@ -1,23 +1,36 @@
-"""Entire-space multi-task losses: ESMM and ESCM2 (ESCM2 paper, Sections II-C and IV).
+"""Entire-space multi-task losses: ESMM, ESCM2-IPS / -DR / -BADR, Multi-IPS / Multi-DR and DDPO.
 
-A CTR tower gives ``o_hat = sigmoid(a)``, a CVR tower ``r_hat = sigmoid(b)`` and, for ESCM2-DR,
-an imputation tower the imputed CVR error ``delta_hat``.  Over a batch of exposed pairs with
-click indicators ``o`` and conversion labels ``r`` (NaN allowed where ``o = 0``):
+Every loss here scores one batch of EXPOSED pairs D (clicked or not) from the logits of the
+towers of a multi-task model (:class:`estimators.training.models.MMoE`, :class:`~estimators.
+training.models.EntireSpaceMF`, :class:`~estimators.training.models.ESCM2`):
 
-- ``L_CTR   = mean BCE(o_hat, o)``                                            eq. (35)
-- ``L_CTCVR = mean BCE(o_hat * r_hat, o * r)``                                eq. (5)
-- ``R_IPS   = mean o * delta / o_hat``                                        eq. (21)
-- ``R_DR    = mean [delta_hat + o (delta - delta_hat) / o_hat]
-             + mean o (delta - delta_hat)^2 / o_hat``                         eqs. (23), (25), (26)
-- ``L = L_CTR + lambda_c * R + lambda_g * L_CTCVR``                           eq. (34)
+- ``a = ctr_logit``: the CTR tower, ``o_hat = sigmoid(a)`` (ESCM2 eq. 17), which is also the
+  propensity of the counterfactual CVR terms (ESCM2 Section II-D: ``q = P(O = 1 | u, i)``);
+- ``b = cvr_logit``: the CVR tower, ``r_hat = sigmoid(b)`` (eq. 18);
+- ``delta_hat``: the imputation tower's imputed CVR error (eq. 19), for the DR and BADR terms;
+- ``conv_logit``: DDPO's conversion-propensity network (see :func:`ddpo_loss`).
 
-with ``delta = BCE(r_hat, r)``.  ESMM is ``regulariser=None`` (no CVR term).  As in the
-propensity-weighted estimators of :mod:`estimators.loss`, the CTR estimate enters the
-regulariser clipped to ``[gamma, 1]`` and DETACHED: the CTR tower is trained by ``L_CTR`` and
-``L_CTCVR`` only (a port that leaves the weights attached lets the CVR regulariser push CTR
-estimates up to shrink its own weights).  Likewise ``delta_hat`` is detached in ``R_DR^err`` and
-trained by ``R_DR^imp`` alone, as in joint learning.  The model with the three towers is
-:class:`estimators.training.models.ESCM2`.
+``o`` are the click indicators and ``r`` the conversion labels, read only where ``o = 1``
+(anything, NaN included, where ``o = 0``: it is replaced by 0 before any arithmetic, so it
+reaches neither the value nor a gradient).  With ``l(x, t) = softplus(x) - t x`` the
+cross-entropy of ``sigmoid(x)`` against ``t`` and ``delta = l(b, r)`` the CVR error (eq. 20)::
+
+    L_CTR   = mean_D l(a, o)                                                   ESCM2 eqs. (5), (35)
+    L_CTCVR = mean_D BCE(o_hat * r_hat, o * r)                                 eqs. (5), (36)
+
+Propensity weights.  The counterfactual terms weigh clicked pairs by ``1 / p`` with
+``p = clip(o_hat, gamma, 1)`` (or ``clip(p_hat, gamma, 1)`` for an external ``p_hat``, e.g. the
+true CTR of simulated data or a separately fitted propensity model).  ``p`` is DETACHED: the CTR
+tower is trained by ``L_CTR`` (and ``L_CTCVR``) only.  A port that leaves the weights attached
+lets the CVR term push CTR estimates up to shrink its own weights (a known defect of one public
+multi-task port, see ``shared/notes/published-protocols.md``).  CLIPPING: ``gamma`` in (0, 1]
+bounds every weight by ``1 / gamma`` (default 0.05, the value the DR baselines use, so weights
+are at most 20); with ``gamma`` below every propensity the weights are exactly ``1 / o_hat``.
+
+Input shapes: 1-D ``(B,)`` is one batch; 2-D ``(K, B)`` is K batches.  Means run over all pairs
+(for equal-size batches, the mean of the K batch means); BADR's normaliser is per batch (row).
+All functions return a dict of tensors: ``loss`` (to minimise) and its parts.  Bad input raises
+``ValueError`` naming the argument (:func:`estimators._validation.check_entire_space`).
 """
 from __future__ import annotations
 
@@ -27,9 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_escm2
+from ._validation import check_entire_space
 
-REGULARISERS = (None, "ips", "dr")
+#: The counterfactual CVR regularisers of :func:`escm2_loss` (None: ESMM, no regulariser).
+REGULARISERS = (None, "ips", "dr", "badr")
+
+
+def _l(x: Tensor, t: Tensor) -> Tensor:
+    """``l(x, t) = softplus(x) - t * x``: BCE of ``sigmoid(x)`` against ``t``, finite for finite logits."""
+    return F.softplus(x) - t * x
 
 
 def _bce_of_product(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
@@ -40,6 +59,87 @@ def _bce_of_product(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     return -(t * log_p + (1 - t) * log_not_p)
 
 
+def _propensity(ctr_logit: Tensor, p_hat: Optional[Tensor], gamma: float) -> Tensor:
+    """``clip(o_hat, gamma, 1)`` (or ``clip(p_hat, gamma, 1)``), detached."""
+    p = torch.sigmoid(ctr_logit.detach()) if p_hat is None else p_hat.detach()
+    return p.clamp(gamma, 1.0)
+
+
+def _non_click_propensity(ctr_logit: Tensor, p_hat: Optional[Tensor], gamma: float) -> Tensor:
+    """``clip(1 - o_hat, gamma, 1)`` (``1 - o_hat`` as ``sigmoid(-a)``, exact near 1), detached."""
+    q = torch.sigmoid(-ctr_logit.detach()) if p_hat is None else 1 - p_hat.detach()
+    return q.clamp(gamma, 1.0)
+
+
+def _entire_space_terms(a: Tensor, b: Tensor, o: Tensor, r: Tensor) -> dict[str, Tensor]:
+    return {"ctr": F.binary_cross_entropy_with_logits(a, o), "ctcvr": _bce_of_product(a, b, o * r).mean()}
+
+
+# ---- the counterfactual CVR regularisers (internals: inputs already checked) -------------------
+def _ips_regulariser(delta: Tensor, o: Tensor, p: Tensor) -> dict[str, Tensor]:
+    """ESCM2 eq. (21) / BADR eq. (3): ``mean_D o * delta / p``."""
+    return {"cvr": (o * delta / p).mean()}
+
+
+def _dr_regulariser(delta: Tensor, delta_hat: Tensor, o: Tensor, p: Tensor) -> dict[str, Tensor]:
+    """ESCM2 eqs. (23), (25), (26): ``R_err + R_imp``; ``delta_hat`` detached in ``R_err``,
+    ``delta`` detached in ``R_imp`` (joint learning: each tower trained by its own term)."""
+    fixed = delta_hat.detach()
+    err = (fixed + o * (delta - fixed) / p).mean()
+    imp = (o * (delta.detach() - delta_hat) ** 2 / p).mean()
+    return {"cvr": err + imp, "cvr_err": err, "cvr_imp": imp}
+
+
+def _badr_regulariser(delta: Tensor, delta_hat: Tensor, o: Tensor, p: Tensor) -> dict[str, Tensor]:
+    """BADR eq. (13) as the CVR risk and eq. (32) as the imputation risk, per batch (row).
+
+    With ``w = o / p`` and ``S = sum_k w`` (the sum of ``1 / p`` over the clicked exposures of
+    batch k)::
+
+        R_err^(k) = sum_k (delta_hat + w (delta - delta_hat)) / S          (delta_hat detached)
+        R_imp^(k) = sum_k w^2 (delta - delta_hat + E_hat - L)^2 / S^2       (delta detached)
+
+    ``E_hat = sum_k delta_hat / S`` and ``L = R_err^(k)`` with ``delta`` detached (the gradient
+    reaches ``delta_hat`` through every occurrence, as eq. 32 is written).  A batch without a click
+    has ``S = 0`` and eq. (13) is undefined there: it contributes 0, and the result is the mean
+    over the batches with a click (0 if none), so a training step never fails on such a batch.
+    """
+    if o.dim() == 1:
+        delta, delta_hat, o, p = delta[None], delta_hat[None], o[None], p[None]
+    w = o / p
+    s = w.sum(dim=-1, keepdim=True)
+    has_click = s > 0
+    s_safe = torch.where(has_click, s, torch.ones_like(s))
+    fixed = delta_hat.detach()
+    err = (fixed + w * (delta - fixed)).sum(dim=-1, keepdim=True) / s_safe
+    target = delta.detach()
+    e_hat_mean = delta_hat.sum(dim=-1, keepdim=True) / s_safe
+    estimate = (delta_hat + w * (target - delta_hat)).sum(dim=-1, keepdim=True) / s_safe
+    imp = (w**2 * (target - delta_hat + e_hat_mean - estimate) ** 2).sum(dim=-1, keepdim=True) / s_safe**2
+    n = has_click.sum().clamp_min(1)
+    err = torch.where(has_click, err, torch.zeros_like(err)).sum() / n
+    imp = torch.where(has_click, imp, torch.zeros_like(imp)).sum() / n
+    return {"cvr": err + imp, "cvr_err": err, "cvr_imp": imp}
+
+
+# ---- public losses ------------------------------------------------------------------------------
+def esmm_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, lambda_g: float = 1.0) -> dict[str, Tensor]:
+    """ESMM (Ma et al. 2018), ESCM2 paper eq. (5): ``L = L_CTR + lambda_g * L_CTCVR``.
+
+    ``L_CTR = mean_D l(a, o)`` is the CTR cross-entropy over the exposures and ``L_CTCVR =
+    mean_D BCE(sigmoid(a) * sigmoid(b), o * r)`` the CTCVR cross-entropy of the product over the
+    exposures; the CVR tower is trained only through the product (no CVR term: ``cvr`` is 0).
+    ``lambda_g = 1`` is eq. (5) as written.  Returns ``{"loss", "ctr", "ctcvr", "cvr"}``.
+    """
+    tensors, o_t, r_t, _, _, lam = check_entire_space(ctr_logit, cvr_logit, o, r, gamma=1.0,
+                                                      lambdas={"lambda_g": lambda_g})
+    a, b = tensors["ctr_logit"], tensors["cvr_logit"]
+    out = _entire_space_terms(a, b, o_t, r_t)
+    out["cvr"] = torch.zeros((), dtype=a.dtype, device=a.device)
+    out["loss"] = out["ctr"] + lam["lambda_g"] * out["ctcvr"]
+    return out
+
+
 def escm2_loss(
     ctr_logit: Tensor,
     cvr_logit: Tensor,
@@ -48,46 +148,157 @@ def escm2_loss(
     *,
     regulariser: Optional[str] = "ips",
     delta_hat: Optional[Tensor] = None,
+    p_hat: Optional[Tensor] = None,
     gamma: float = 0.05,
     lambda_c: float = 0.1,
     lambda_g: float = 1.0,
 ) -> dict[str, Tensor]:
-    """ESMM / ESCM2 training loss, eq. (34), over one batch of exposed pairs.
+    """ESCM2 training loss, eq. (34): ``L = L_CTR + lambda_c * R + lambda_g * L_CTCVR``.
 
-    Returns a dict with ``loss`` (to minimise) and its parts ``ctr``, ``ctcvr`` and ``cvr``
-    (the regulariser, 0 for ESMM).  ``regulariser`` is ``None`` (ESMM), ``"ips"`` (ESCM2-IPS,
-    eq. 21) or ``"dr"`` (ESCM2-DR, eq. 26, needs ``delta_hat``; ignored otherwise).
+    ``R`` is the counterfactual CVR risk chosen by ``regulariser``, with ``delta = l(b, r)`` the
+    CVR error (eq. 20), ``p = clip(o_hat, gamma, 1)`` detached (module docstring) and ``w = o / p``:
 
-    ``ctr_logit``, ``cvr_logit``, ``r`` and ``delta_hat`` are float32 or float64 tensors of one
-    dtype and of ``o``'s shape (1-D, or 2-D for K batches: the means run over all pairs); the
-    logits and ``delta_hat`` must be finite, ``o`` is 0/1 and ``r`` is 0/1 where ``o = 1`` and may
-    be anything (NaN included) where ``o = 0``, where it reaches neither the value nor a gradient.
-    ``gamma`` lies in (0, 1] (at least 2.2e-16 in float32, 1e-146 in float64: the regulariser
-    divides by it), ``lambda_c`` and ``lambda_g`` are finite and >= 0.  Bad input raises
-    ``ValueError`` naming the argument.
+    - ``None``: ESMM (eq. 5), ``R = 0``, equal to :func:`esmm_loss`;
+    - ``"ips"`` (ESCM2-IPS, eqs. 21, 34): ``R = mean_D w * delta``;
+    - ``"dr"`` (ESCM2-DR, eqs. 23, 25, 26): ``R = R_err + R_imp`` with
+      ``R_err = mean_D [delta_hat + w (delta - delta_hat)]`` (``delta_hat`` detached) and
+      ``R_imp = mean_D w (delta - delta_hat)^2`` (``delta`` detached), needs ``delta_hat``;
+    - ``"badr"`` (ESCM2-BADR, BADR paper Section 3.7): ``R = R_err + R_imp`` per batch k with
+      the batch-adaptive normaliser ``S_k = sum_k w`` (the sum of ``1 / p`` over the clicked
+      exposures of the batch): ``R_err = sum_k [delta_hat + w (delta - delta_hat)] / S_k``
+      (BADR eq. 13, ``delta_hat`` detached) and ``R_imp = sum_k w^2 (delta - delta_hat + E_hat -
+      R_err)^2 / S_k^2`` (BADR eq. 32, ``E_hat = sum_k delta_hat / S_k``, ``delta`` detached),
+      averaged over the batches (rows) with a click; a batch without a click contributes 0.
+      Needs ``delta_hat``.
+
+    ``L_CTR`` and ``L_CTCVR`` are eqs. (35), (36).  Defaults ``lambda_c = 0.1``, ``lambda_g = 1``
+    are the ESCM2 paper's (Section V-A).  ``p_hat`` (optional, in (0, 1]) replaces ``o_hat`` in
+    the weights, e.g. the true CTR (Proposition 4: then ``E_O[R_IPS]`` is the ideal loss).
+
+    Returns ``{"loss", "ctr", "ctcvr", "cvr"}`` (``cvr`` is ``R``), plus ``cvr_err`` and
+    ``cvr_imp`` for DR and BADR.  ``ctr_logit``, ``cvr_logit``, ``r``, ``delta_hat`` and ``p_hat``
+    are float32 or float64 tensors of one dtype and of ``o``'s shape (1-D, or 2-D for K batches);
+    the logits and ``delta_hat`` are finite, ``o`` is 0/1 and ``r`` is 0/1 where ``o = 1`` (anything
+    where ``o = 0``).  ``gamma`` lies in (0, 1] (at least 2.2e-16 in float32, 1e-146 in float64),
+    ``lambda_c`` and ``lambda_g`` are finite and >= 0.  Bad input raises ``ValueError`` naming the
+    argument.
     """
     if regulariser not in REGULARISERS:
         raise ValueError(f"`regulariser` must be one of {REGULARISERS}; got {regulariser!r}")
-    if regulariser == "dr" and delta_hat is None:
-        raise ValueError("regulariser='dr' (ESCM2-DR) needs `delta_hat`, the imputation tower's output")
-    ctr_logit, cvr_logit, o_t, r_t, delta_hat, gamma, lambda_c, lambda_g = check_escm2(
-        ctr_logit, cvr_logit, o, r, delta_hat if regulariser == "dr" else None,
-        gamma=gamma, lambda_c=lambda_c, lambda_g=lambda_g)
-    ctr = F.binary_cross_entropy_with_logits(ctr_logit, o_t)
-    ctcvr = _bce_of_product(ctr_logit, cvr_logit, o_t * r_t).mean()
-    out = {"ctr": ctr, "ctcvr": ctcvr}
+    if regulariser in ("dr", "badr") and delta_hat is None:
+        raise ValueError(f"regulariser={regulariser!r} (ESCM2-{regulariser.upper()}) needs `delta_hat`, the "
+                         "imputation tower's output")
+    tensors, o_t, r_t, p_ext, gamma, lam = check_entire_space(
+        ctr_logit, cvr_logit, o, r, delta_hat=delta_hat if regulariser in ("dr", "badr") else None,
+        p_hat=p_hat if regulariser is not None else None, gamma=gamma,
+        lambdas={"lambda_c": lambda_c, "lambda_g": lambda_g})
+    a, b = tensors["ctr_logit"], tensors["cvr_logit"]
+    out = _entire_space_terms(a, b, o_t, r_t)
     if regulariser is None:
-        out["cvr"] = torch.zeros((), dtype=ctr.dtype, device=ctr.device)
+        out["cvr"] = torch.zeros((), dtype=a.dtype, device=a.device)
     else:
-        w = o_t / torch.sigmoid(ctr_logit.detach()).clamp(gamma, 1.0)
-        delta = F.softplus(cvr_logit) - r_t * cvr_logit  # BCE(r_hat, r); r_t is 0 where o = 0
+        p = _propensity(a, p_ext, gamma)
+        delta = _l(b, r_t)  # r_t is 0 where o = 0, and o multiplies every use of delta
         if regulariser == "ips":
-            out["cvr"] = (w * delta).mean()
+            out.update(_ips_regulariser(delta, o_t, p))
+        elif regulariser == "dr":
+            out.update(_dr_regulariser(delta, tensors["delta_hat"], o_t, p))
         else:
-            fixed = delta_hat.detach()
-            err = (fixed + w * (delta - fixed)).mean()
-            imp = (w * (delta.detach() - delta_hat) ** 2).mean()
-            out["cvr"] = err + imp
-    out["loss"] = ctr + lambda_c * out["cvr"] + lambda_g * ctcvr
+            out.update(_badr_regulariser(delta, tensors["delta_hat"], o_t, p))
+    out["loss"] = out["ctr"] + lam["lambda_c"] * out["cvr"] + lam["lambda_g"] * out["ctcvr"]
     return out
 
+
+def multi_ips_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, p_hat: Optional[Tensor] = None,
+                   gamma: float = 0.05, lambda_c: float = 1.0) -> dict[str, Tensor]:
+    """Multi-IPS (Zhang et al., WWW 2020, "Large-scale causal approaches to debiasing post-click
+    conversion rate estimation with multi-task learning"): ``L = L_CTR + lambda_c * R_IPS``.
+
+    The CTR task is trained on the clicks over the exposures, ``L_CTR = mean_D l(a, o)``; the CVR
+    task by the IPS estimator over the exposures with the CTR task's propensity,
+    ``R_IPS = mean_D o * l(b, r) / clip(o_hat, gamma, 1)`` (BADR eq. 3 / ESCM2 eq. 21),
+    ``o_hat`` DETACHED.  Both tasks are updated in one step of the one objective (the BADR
+    paper's "directly updates the propensity model and prediction model in the IPS estimator");
+    the propensity reaches the CVR term only as a constant weight.  No CTCVR term: this is
+    :func:`escm2_loss` with ``regulariser="ips"`` and ``lambda_g = 0``.  Returns
+    ``{"loss", "ctr", "ctcvr", "cvr"}`` (``ctcvr`` reported, not trained).
+    """
+    return escm2_loss(ctr_logit, cvr_logit, o, r, regulariser="ips", p_hat=p_hat, gamma=gamma,
+                      lambda_c=lambda_c, lambda_g=0.0)
+
+
+def multi_dr_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, delta_hat: Tensor, p_hat: Optional[Tensor] = None,
+                  gamma: float = 0.05, lambda_c: float = 1.0) -> dict[str, Tensor]:
+    """Multi-DR (Zhang et al., WWW 2020): ``L = L_CTR + lambda_c * (R_DR_err + R_DR_imp)``.
+
+    The CTR task as in :func:`multi_ips_loss`; the CVR task by the DR estimator over the
+    exposures, ``R_DR_err = mean_D [delta_hat + o (l(b, r) - delta_hat) / p]`` (BADR eq. 7 /
+    ESCM2 eq. 23, ``delta_hat`` detached), and the imputation task (the imputed CVR error
+    ``delta_hat``) by ``R_DR_imp = mean_D o (l(b, r) - delta_hat)^2 / p`` (ESCM2 eq. 25, ``l(b, r)``
+    detached), with ``p = clip(o_hat, gamma, 1)`` DETACHED.  The propensity, imputation and
+    prediction tasks are updated in one step of the one objective; no CTCVR term.  This is
+    :func:`escm2_loss` with ``regulariser="dr"`` and ``lambda_g = 0``.
+    """
+    return escm2_loss(ctr_logit, cvr_logit, o, r, regulariser="dr", delta_hat=delta_hat, p_hat=p_hat, gamma=gamma,
+                      lambda_c=lambda_c, lambda_g=0.0)
+
+
+def ddpo_loss(
+    ctr_logit: Tensor,
+    cvr_logit: Tensor,
+    o,
+    r,
+    *,
+    conv_logit: Tensor,
+    p_hat: Optional[Tensor] = None,
+    gamma: float = 0.05,
+    lambda_c: float = 1.0,
+    lambda_p: float = 1.0,
+    lambda_g: float = 0.0,
+) -> dict[str, Tensor]:
+    """DDPO (Su et al., SIGIR 2024, "DDPO: Direct Dual Propensity Optimization for Post-Click
+    Conversion Rate Estimation"), its debiasing components, as READ from the paper's abstract.
+
+    Source: the abstract (ACM DL, doi 10.1145/3626772.3657817, and the authors' repository page)
+    and the BADR paper's summaries (Sections 4.1.2, 5.2); the full text with its equations was
+    not available here, so the formulas below are our reading, not a transcription.  The
+    abstract: a CLICK propensity network "ensures that optimization in the click space is
+    unbiased"; a CONVERSION propensity network "generates pseudo-conversion labels for unclicked
+    samples"; with the two, "causality-based optimization in both click space and non-click
+    space", on "both clicked and unclicked samples" of the impression space.  The attention-based
+    causal transfer modules are architecture, left out (BADR footnote 6: debiasing components only).
+
+    With ``p = clip(o_hat, gamma, 1)`` and ``q = clip(1 - o_hat, gamma, 1)`` (DETACHED; the
+    click propensity network is the CTR tower ``a``), ``c = conv_logit`` the conversion
+    propensity network and ``t = sigmoid(c)`` DETACHED its pseudo-labels::
+
+        L_CTR  = mean_D l(a, o)                                   click propensity network
+        L_CONV = mean_D o * l(c, r) / p                           conversion propensity network:
+                                                                  IPS over the click space
+        R_DDPO = mean_D [ o * l(b, r) / p + (1 - o) * l(b, t) / q ]   CVR model, both spaces
+        L      = L_CTR + lambda_c * R_DDPO + lambda_p * L_CONV + lambda_g * L_CTCVR
+
+    With ``o_hat`` the true CTR (and no clipping), ``E_O[R_DDPO] = mean_D l(b, r) + mean_D l(b, t)``:
+    the ideal CVR loss plus the pseudo-label loss over all exposures, each weighted back from
+    the space it is observed in (the dual propensities ``o_hat`` and ``1 - o_hat``).  The CTCVR
+    term is off by default (``lambda_g = 0``).  Returns ``{"loss", "ctr", "ctcvr", "cvr", "conv",
+    "cvr_click", "cvr_unclick"}``.  Input contract as :func:`escm2_loss` (``conv_logit`` finite,
+    of ``o``'s shape).
+    """
+    if conv_logit is None:
+        raise ValueError("DDPO needs `conv_logit`, the conversion propensity network's logits")
+    tensors, o_t, r_t, p_ext, gamma, lam = check_entire_space(
+        ctr_logit, cvr_logit, o, r, conv_logit=conv_logit, p_hat=p_hat, gamma=gamma,
+        lambdas={"lambda_c": lambda_c, "lambda_p": lambda_p, "lambda_g": lambda_g})
+    a, b, c = tensors["ctr_logit"], tensors["cvr_logit"], tensors["conv_logit"]
+    out = _entire_space_terms(a, b, o_t, r_t)
+    p = _propensity(a, p_ext, gamma)
+    q = _non_click_propensity(a, p_ext, gamma)
+    pseudo = torch.sigmoid(c.detach())
+    out["conv"] = (o_t * _l(c, r_t) / p).mean()
+    out["cvr_click"] = (o_t * _l(b, r_t) / p).mean()
+    out["cvr_unclick"] = ((1 - o_t) * _l(b, pseudo) / q).mean()
+    out["cvr"] = out["cvr_click"] + out["cvr_unclick"]
+    out["loss"] = (out["ctr"] + lam["lambda_c"] * out["cvr"] + lam["lambda_p"] * out["conv"]
+                   + lam["lambda_g"] * out["ctcvr"])
+    return out

@@ -15,13 +15,25 @@ Everything that iterates over estimators reads this table and nothing else:
   when the entries say so;
 - ``reproduce``'s methods derive their config keys from it.
 
+A third table, :data:`ENTIRE_SPACE`, lists the entire-space multi-task objectives
+(:mod:`estimators.multitask`: ESMM, ESCM2-IPS / -DR / -BADR, Multi-IPS / Multi-DR, DDPO).  They
+are not estimators of the ideal loss from ``(e, e_hat, o, p_hat)`` but whole training objectives
+from the logits of a model's towers, so their entries (:class:`EntireSpaceSpec`) say which towers
+a model needs (:data:`TOWERS`), which scalar parameters the objective takes with their defaults,
+and whether it weighs by propensities; the training modules
+(:class:`estimators.training.losses.EntireSpaceLoss`) and the models
+(:class:`estimators.training.models.MMoE`, :class:`~estimators.training.models.EntireSpaceMF`)
+read them.
+
 A new estimator is one :func:`register_estimator` call with its two functions (see
 ``tests/test_registry.py``, which registers and trains a toy one).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+import functools
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional
 
 from torch import Tensor
 
@@ -29,6 +41,7 @@ from . import joint_loss as J
 from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imputation_loss, dr_mse_imputation_loss,
                          mrdr_imputation_loss)
 from .loss import badr, dr, eib, ips, naive, snips
+from .multitask import ddpo_loss, escm2_loss, esmm_loss, multi_dr_loss, multi_ips_loss
 
 #: The arguments an entry's function may read, in the order it takes them.
 INPUTS = ("e", "e_hat", "o", "p_hat")
@@ -121,10 +134,69 @@ def _check_entry(entry) -> None:
         raise ValueError(f"{entry.name!r}: `reads` must list inputs of {INPUTS} in that order; got {entry.reads}")
 
 
+#: The towers of an entire-space model, in the order a model lists them: the CTR tower (its
+#: probabilities are the propensities), the CVR tower, the imputation tower (imputed CVR error,
+#: DR / BADR) and DDPO's conversion propensity network.
+TOWERS = ("ctr", "cvr", "imputation", "conversion")
+#: The keyword argument of an entire-space function that each tower beyond CTR / CVR feeds.
+TOWER_ARGUMENTS = {"imputation": "delta_hat", "conversion": "conv_logit"}
+
+
+@dataclass(frozen=True)
+class EntireSpaceSpec:
+    """An entire-space multi-task objective (:mod:`estimators.multitask`).
+
+    ``function(ctr_logit, cvr_logit, o, r, **tower_inputs, p_hat=None, **params)`` returns a dict
+    with ``loss`` and its parts; ``tower_inputs`` are the outputs of the towers beyond CTR and CVR
+    under their argument names (:data:`TOWER_ARGUMENTS`: ``delta_hat`` for the imputation tower,
+    ``conv_logit`` for the conversion tower).  ``towers``: the towers a model needs (of
+    :data:`TOWERS`, in that order, always ``ctr`` and ``cvr``).  ``params``: the scalar
+    parameters the objective takes with their defaults (``gamma``, ``lambda_c``, ...).
+    ``uses_propensity``: the CVR term weighs clicked pairs by the clipped, detached CTR
+    propensity (all but ESMM).
+    """
+
+    name: str
+    equation: str
+    description: str
+    function: Callable[..., dict]
+    towers: tuple[str, ...]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    uses_propensity: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"registry names are identifiers (they name config keys and CSV rows); got {self.name!r}")
+        if list(self.towers) != [t for t in TOWERS if t in self.towers] or self.towers[:2] != ("ctr", "cvr"):
+            raise ValueError(f"{self.name!r}: `towers` must list towers of {TOWERS} in that order, starting with "
+                             f"'ctr' and 'cvr'; got {self.towers}")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    def __call__(self, outputs: Mapping[str, Any], o, r, *, p_hat=None, **params) -> dict:
+        """The objective from a model's ``outputs`` (a dict by tower name, as :class:`~estimators.
+        training.models.MMoE` returns); ``params`` override the defaults."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"entire-space objective {self.name!r} takes the parameters {tuple(self.params)}; "
+                             f"got {sorted(unknown)}")
+        missing = [t for t in self.towers if t not in outputs]
+        if missing:
+            raise ValueError(f"entire-space objective {self.name!r} needs the towers {self.towers}; `outputs` "
+                             f"lacks {missing}")
+        extra = {TOWER_ARGUMENTS[t]: outputs[t] for t in self.towers[2:]}
+        if self.uses_propensity:
+            extra["p_hat"] = p_hat
+        elif p_hat is not None:
+            raise ValueError(f"entire-space objective {self.name!r} weighs by no propensity; `p_hat` must be None")
+        return self.function(outputs["ctr"], outputs["cvr"], o, r, **extra, **{**self.params, **params})
+
+
 #: Estimators of the ideal loss, by name.
 ESTIMATORS: dict[str, EstimatorSpec] = {}
 #: Imputation-model losses, by name.
 IMPUTATION_LOSSES: dict[str, ImputationLossSpec] = {}
+#: Entire-space multi-task objectives, by name.
+ENTIRE_SPACE: dict[str, EntireSpaceSpec] = {}
 
 
 def register_estimator(entry: EstimatorSpec) -> EstimatorSpec:
@@ -141,6 +213,21 @@ def register_imputation_loss(entry: ImputationLossSpec) -> ImputationLossSpec:
         raise ValueError(f"imputation loss {entry.name!r} is registered already")
     IMPUTATION_LOSSES[entry.name] = entry
     return entry
+
+
+def register_entire_space(entry: EntireSpaceSpec) -> EntireSpaceSpec:
+    """Add ``entry`` to :data:`ENTIRE_SPACE` (a name can be registered once)."""
+    if entry.name in ENTIRE_SPACE:
+        raise ValueError(f"entire-space objective {entry.name!r} is registered already")
+    ENTIRE_SPACE[entry.name] = entry
+    return entry
+
+
+def get_entire_space(name: str) -> EntireSpaceSpec:
+    """The entry of entire-space objective ``name``; ``ValueError`` listing the registered names."""
+    if name not in ENTIRE_SPACE:
+        raise ValueError(f"unknown entire-space objective {name!r}; expected one of {', '.join(ENTIRE_SPACE)}")
+    return ENTIRE_SPACE[name]
 
 
 def get_estimator(name: str) -> EstimatorSpec:
@@ -187,4 +274,27 @@ for _entry in (
                        badr_imputation_loss, J.badr_paper_imputation_step, needs_u=True),
 ):
     register_imputation_loss(_entry)
+
+_ESCM2 = {"gamma": 0.05, "lambda_c": 0.1, "lambda_g": 1.0}
+_MULTI = {"gamma": 0.05, "lambda_c": 1.0}
+for _entry in (
+    EntireSpaceSpec("esmm", "ESCM2 eq. (5)", "ESMM: CTR and CTCVR cross-entropies over the exposures", esmm_loss,
+                    ("ctr", "cvr"), {"lambda_g": 1.0}, uses_propensity=False),
+    EntireSpaceSpec("escm2_ips", "ESCM2 eqs. (21), (34)", "ESCM2-IPS: ESMM + lambda_c * IPS CVR risk",
+                    functools.partial(escm2_loss, regulariser="ips"), ("ctr", "cvr"), _ESCM2),
+    EntireSpaceSpec("escm2_dr", "ESCM2 eqs. (23)-(26), (34)", "ESCM2-DR: ESMM + lambda_c * DR CVR risk and "
+                    "imputation risk", functools.partial(escm2_loss, regulariser="dr"), ("ctr", "cvr", "imputation"),
+                    _ESCM2),
+    EntireSpaceSpec("escm2_badr", "BADR eqs. (13), (32); ESCM2 eq. (34)", "ESCM2-BADR: ESMM + lambda_c * BADR CVR "
+                    "risk (batch normaliser sum 1/p over clicks) and BADR imputation risk",
+                    functools.partial(escm2_loss, regulariser="badr"), ("ctr", "cvr", "imputation"), _ESCM2),
+    EntireSpaceSpec("multi_ips", "Zhang et al. 2020; BADR eq. (3)", "Multi-IPS: CTR task + IPS CVR task",
+                    multi_ips_loss, ("ctr", "cvr"), _MULTI),
+    EntireSpaceSpec("multi_dr", "Zhang et al. 2020; BADR eq. (7), ESCM2 eq. (25)", "Multi-DR: CTR task + DR CVR "
+                    "task + imputation task", multi_dr_loss, ("ctr", "cvr", "imputation"), _MULTI),
+    EntireSpaceSpec("ddpo", "Su et al. 2024 (our reading of the abstract)", "DDPO: click and conversion propensity "
+                    "networks, CVR loss over click and non-click spaces", ddpo_loss, ("ctr", "cvr", "conversion"),
+                    {"gamma": 0.05, "lambda_c": 1.0, "lambda_p": 1.0, "lambda_g": 0.0}),
+):
+    register_entire_space(_entry)
 del _entry

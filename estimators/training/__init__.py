@@ -5,11 +5,11 @@ from .early_stopping import EarlyStopping
 from .fit import Diverged, EpochStats, fit
 from .gather import gather_dot
 from .joint import SAMPLINGS, JointConfig, JointLearner
-from .losses import (BADRImputationLoss, BADRLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
-                     DRMSEImputationLoss, EIBLoss, ImputationLoss, IPSLoss, MRDRImputationLoss, NaiveLoss,
-                     PredictionLoss, SNIPSLoss, imputation_loss, imputation_loss_and_grads, prediction_loss,
-                     prediction_loss_and_grads)
-from .models import ESCM2, MF, PropensityModel, TwoTower
+from .losses import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
+                     DRMSEImputationLoss, EIBLoss, EntireSpaceLoss, ESCM2Loss, ESMMLoss, ImputationLoss, IPSLoss,
+                     MRDRImputationLoss, MultiDRLoss, MultiIPSLoss, NaiveLoss, PredictionLoss, SNIPSLoss,
+                     imputation_loss, imputation_loss_and_grads, prediction_loss, prediction_loss_and_grads)
+from .models import ESCM2, MF, MMoE, EntireSpaceMF, PropensityModel, TwoTower
 from .propensity import PROPENSITY_LOSSES, fit_propensity, propensity_table
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
     "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "BADRImputationLoss",
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
-    "ESCM2", "MF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
+    "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
+    "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
 ]

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from .. import _ext
 from ..joint_loss import CROSS_ENTROPIES, IMPUTATIONS, IMPUTED_ERRORS, Form
-from ..registry import EstimatorSpec, ImputationLossSpec, get_estimator, get_imputation_loss
+from ..registry import (TOWER_ARGUMENTS, EstimatorSpec, ImputationLossSpec, get_entire_space, get_estimator,
+                        get_imputation_loss)
 
 __all__ = [
     "CROSS_ENTROPIES", "IMPUTATIONS", "IMPUTED_ERRORS",
@@ -43,6 +44,7 @@ __all__ = [
     "prediction_loss_reference", "imputation_loss_reference", "make_form",
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
     "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "BADRImputationLoss",
+    "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
 ]
 
 
@@ -477,3 +479,104 @@ class BADRImputationLoss(ImputationLoss):
             raise ValueError(f"`variant` must be 'published' or 'paper'; got {variant!r}")
         super().__init__("badr" if variant == "published" else "badr_paper", cross_entropy=cross_entropy,
                          imputation=imputation)
+
+
+# ---- entire-space objectives (estimators.multitask, registry ENTIRE_SPACE) ----------------------
+class EntireSpaceLoss(nn.Module):
+    """The entire-space objective ``name`` of :data:`estimators.registry.ENTIRE_SPACE` as a module.
+
+    ``loss(ctr_logit, cvr_logit, click, conversion, delta_hat=None, conv_logit=None, p_hat=None)``
+    scores a batch of exposures from the towers' logits as ``torch.nn.BCEWithLogitsLoss`` takes
+    logits and labels: ``click`` the click indicators, ``conversion`` the conversion labels (NaN
+    allowed where ``click = 0``, never read there); ``delta_hat`` (imputation tower) and
+    ``conv_logit`` (DDPO's conversion tower) where the objective reads them; ``p_hat`` an optional
+    external propensity replacing the CTR tower's.  Returns the scalar ``loss``; its parts (CTR,
+    CTCVR, CVR terms) of the last call are in ``self.last_parts`` (detached).  The propensity
+    weights are the CTR tower's probabilities clipped to ``[gamma, 1]`` and DETACHED (see
+    :mod:`estimators.multitask`).  ``loss.from_outputs(outputs, click, conversion)`` takes the dict
+    a :class:`~estimators.training.models.MMoE` / :class:`~estimators.training.models.EntireSpaceMF`
+    returns.  ``params`` override the entry's defaults (``gamma``, ``lambda_c``, ...).
+    """
+
+    def __init__(self, name: str, **params) -> None:
+        super().__init__()
+        self.spec = get_entire_space(name)
+        unknown = set(params) - set(self.spec.params)
+        if unknown:
+            raise ValueError(f"entire-space objective {name!r} takes the parameters {tuple(self.spec.params)}; "
+                             f"got {sorted(unknown)}")
+        self.name, self.params = name, {**self.spec.params, **params}
+        self.last_parts: dict[str, Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        """The towers the objective reads (build the model with ``tasks=loss.towers``)."""
+        return self.spec.towers
+
+    def from_outputs(self, outputs: dict, click, conversion, p_hat: Optional[Tensor] = None) -> Tensor:
+        out = self.spec(outputs, click, conversion, p_hat=p_hat, **self.params)
+        self.last_parts = {k: v.detach() for k, v in out.items()}
+        return out["loss"]
+
+    def forward(self, ctr_logit: Tensor, cvr_logit: Tensor, click, conversion, delta_hat: Optional[Tensor] = None,
+                conv_logit: Optional[Tensor] = None, p_hat: Optional[Tensor] = None) -> Tensor:
+        given = {"delta_hat": delta_hat, "conv_logit": conv_logit}
+        outputs = {"ctr": ctr_logit, "cvr": cvr_logit}
+        for tower, argument in TOWER_ARGUMENTS.items():
+            if tower in self.spec.towers:
+                if given[argument] is None:
+                    raise ValueError(f"entire-space objective {self.name!r} needs `{argument}` (the {tower} tower)")
+                outputs[tower] = given[argument]
+            elif given[argument] is not None:
+                raise ValueError(f"entire-space objective {self.name!r} reads no {tower} tower; `{argument}` must "
+                                 "be None")
+        return self.from_outputs(outputs, click, conversion, p_hat)
+
+
+class ESMMLoss(EntireSpaceLoss):
+    """ESMM, ESCM2 eq. (5): ``L_CTR + lambda_g * L_CTCVR`` (:func:`estimators.multitask.esmm_loss`)."""
+
+    def __init__(self, *, lambda_g: float = 1.0) -> None:
+        super().__init__("esmm", lambda_g=lambda_g)
+
+
+class ESCM2Loss(EntireSpaceLoss):
+    """ESCM2, eq. (34): ``L_CTR + lambda_c * R + lambda_g * L_CTCVR`` with the counterfactual CVR
+    risk ``R`` of ``regularizer``: ``"ips"`` (eq. 21), ``"dr"`` (eqs. 23-26, needs ``delta_hat``)
+    or ``"badr"`` (BADR eqs. 13 and 32, needs ``delta_hat``); propensities ``clip(o_hat, gamma, 1)``,
+    detached (:func:`estimators.multitask.escm2_loss`)."""
+
+    def __init__(self, regularizer: str = "ips", *, lambda_c: float = 0.1, lambda_g: float = 1.0,
+                 gamma: float = 0.05) -> None:
+        if regularizer not in ("ips", "dr", "badr"):
+            raise ValueError(f"`regularizer` must be one of ('ips', 'dr', 'badr'); got {regularizer!r} "
+                             "(ESMM, without regulariser, is ESMMLoss)")
+        super().__init__(f"escm2_{regularizer}", lambda_c=lambda_c, lambda_g=lambda_g, gamma=gamma)
+        self.regularizer = regularizer
+
+
+class MultiIPSLoss(EntireSpaceLoss):
+    """Multi-IPS (Zhang et al. 2020): ``L_CTR + lambda_c * R_IPS`` (:func:`estimators.multitask.multi_ips_loss`)."""
+
+    def __init__(self, *, lambda_c: float = 1.0, gamma: float = 0.05) -> None:
+        super().__init__("multi_ips", lambda_c=lambda_c, gamma=gamma)
+
+
+class MultiDRLoss(EntireSpaceLoss):
+    """Multi-DR (Zhang et al. 2020): ``L_CTR + lambda_c * (R_DR_err + R_DR_imp)``
+    (:func:`estimators.multitask.multi_dr_loss`; needs ``delta_hat``)."""
+
+    def __init__(self, *, lambda_c: float = 1.0, gamma: float = 0.05) -> None:
+        super().__init__("multi_dr", lambda_c=lambda_c, gamma=gamma)
+
+
+class DDPOLoss(EntireSpaceLoss):
+    """DDPO (Su et al. 2024), our reading of its debiasing components (:func:`estimators.multitask.ddpo_loss`;
+    needs ``conv_logit``)."""
+
+    def __init__(self, *, lambda_c: float = 1.0, lambda_p: float = 1.0, lambda_g: float = 0.0,
+                 gamma: float = 0.05) -> None:
+        super().__init__("ddpo", lambda_c=lambda_c, lambda_p=lambda_p, lambda_g=lambda_g, gamma=gamma)
