@@ -23,6 +23,18 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def restore_runtime():
+    """Undo what ``reproduce``'s commands set process-wide (thread count, flush-to-zero), so the
+    tests after a command run as before it (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
 # ---- Hypothesis profiles (theorem, mutation and estimator tests) -------------------------------
 # "ci": deterministic (derandomize, no example database), fixed budget of 15 examples; loaded when CI=true.
 # "dev": 50 examples, random seeds; the default for local runs.

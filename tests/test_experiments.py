@@ -17,12 +17,7 @@ from reproduce.methods import METHODS
 from reproduce.table import read_results, write_history
 
 
-@pytest.fixture(autouse=True)
-def _restore_runtime():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_runtime")
 
 
 @pytest.fixture(scope="module")

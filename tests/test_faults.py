@@ -2,7 +2,6 @@
 cache, the umask, killed parents, diverging runs and bad paths.  Each case failed before its fix."""
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -19,18 +18,13 @@ from reproduce import config as C
 from reproduce.__main__ import main
 from reproduce.files import remove_stale_temporaries, replace
 from reproduce.methods import METHODS
-from reproduce.table import COLUMNS, append_result, read_results
+from reproduce.table import append_result, read_results
 from reproduce.train import PropensityCache, run_one
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _restore_runtime():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_runtime")
 
 
 def _row(method="mf", seed=2024, **kw):

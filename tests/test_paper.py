@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-import simulate
 from reproduce import experiments as E
 from reproduce import report as R
 from reproduce.__main__ import main
@@ -20,12 +18,7 @@ from reproduce.table import read_history, read_results, run_key
 COMMANDS = ("table3", "table4", "table5", "table6", "fig1", "fig2", "fig3", "fig4")
 
 
-@pytest.fixture(autouse=True)
-def _restore_runtime():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_runtime")
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,9 @@ from reproduce.methods import METHODS, PROPENSITY_KEYS, SEARCH_SPACE, TABLE3_ROW
 from reproduce.metrics import auc, ndcg_recall_at_k
 from reproduce.table import COLUMNS, PUBLISHED, read_results
 
-
-@pytest.fixture(autouse=True)
-def _restore_runtime():
-    """``main`` calls ``setup_runtime`` (threads, flush-to-zero): undo it for the tests that follow,
-    which rely on IEEE subnormals (Hypothesis checks for them)."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
+# ``main`` calls ``setup_runtime`` (threads, flush-to-zero): undone for the tests that follow, which
+# rely on IEEE subnormals (Hypothesis checks for them).
+pytestmark = pytest.mark.usefixtures("restore_runtime")
 
 
 # ------------------------------------------------------------------------------------------ metrics
