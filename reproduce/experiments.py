@@ -28,6 +28,7 @@ from .methods import METHODS, Method
 from .published import FIG3_BATCH_SIZES, SAMPLING_RATES, TABLE45_ROWS
 from .runs import Run, train_all
 from .table import append_result, read_history, read_results, run_key, write_history
+from .train import CHANCE_MARGIN
 
 #: The methods of Tables 4 and 5 that are registered (the others are printed "not implemented").
 SPARSITY_DATASETS = {"table4": "yahoo", "table5": "kuairec"}
@@ -168,7 +169,14 @@ class Finished:
     @classmethod
     def read(cls, out: Path) -> "Finished":
         rows = {run_key(r): r for r in read_results(out / "results.csv")}
-        return cls(rows, read_history(out / "history.csv"))
+        history = read_history(out / "history.csv")
+        for key, row in rows.items():  # rows written before the chance-level check: from their history
+            fit = [h for h in history.get(key, []) if h.get("stage") == "fit" and h.get("val_auc") is not None]
+            if row.get("val_auc") is None and fit and row.get("status") == "ok":
+                row["val_auc"] = fit[-1]["val_auc"]
+                if abs(row["val_auc"] - 0.5) < CHANCE_MARGIN:
+                    row["status"] = "chance"
+        return cls(rows, history)
 
     def select(self, keys: set[tuple]) -> list[dict[str, Any]]:
         return [self.rows[k] for k in sorted(keys, key=str) if k in self.rows]

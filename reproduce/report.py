@@ -4,7 +4,9 @@ Each renderer writes ``OUT/<name>.md`` (our numbers beside the paper's where it 
 each of the paper's claims evaluated as "holds" or "does not hold" with the numbers), the CSV of
 the numbers behind it (``OUT/<name>.csv``) and, for a figure, ``OUT/<name>.png`` (matplotlib);
 it returns the files and the Markdown section for ``REPORT.md``.  Means and stds are over the
-seeds that finished without diverging (numpy's std, ddof = 0, as the published code reports).
+seeds that finished without diverging (numpy's std, ddof = 0, as the published code reports);
+runs "at chance level" (final validation AUC within 0.05 of 0.5, :data:`reproduce.train.CHANCE_MARGIN`)
+are kept in the means and counted beside them.
 
 Improvements are the paper's: ``Impv-MF = (BADR - MF) / MF`` and ``Impv = (BADR - best
 baseline) / best baseline``, in %, per column; the best baseline is the best implemented one.
@@ -38,6 +40,12 @@ def _ok(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _values(rows: Sequence[dict[str, Any]], col: str) -> list[float]:
     return [float(r[col]) for r in rows if r.get(col) not in (None, "") and float(r[col]) == float(r[col])]
+
+
+def _seeds(runs: Sequence[dict[str, Any]]) -> str:
+    """The seeds column: how many runs, and how many of them ended at chance level."""
+    chance = sum(1 for r in runs if r.get("status") == "chance")
+    return f"{len(runs)}" + (f" ({chance} at chance level)" if chance else "")
 
 
 def _cell(values: Sequence[float], star: bool = False) -> str:
@@ -126,7 +134,9 @@ def render_sparsity(finished, keys: dict[float, set], opts, table: str) -> tuple
     heads = [_METRIC_LABEL[m].format(k=k) for m in metrics]
     out = [f"# {table.capitalize()[:-1]} {table[-1]} of the BADR paper: sparsity study on {_label(ds)}", "",
            "The clicked training pairs subsampled at each rate (seeded by the run's seed; validation and test "
-           "unchanged). Ours: mean ± std over the seeds; paper: its mean (its std where printed).", ""]
+           "unchanged), every method with its full-data values from the config. Ours: mean ± std over the seeds "
+           "(runs at chance level, final validation AUC within 0.05 of 0.5, kept and counted); paper: its mean "
+           "(its std where printed).", ""]
     csv_rows, summary = [], {}
     for rate in (1.0, *SAMPLING_RATES):
         groups = _by_method(finished.select(keys.get(rate, set())))
@@ -152,7 +162,7 @@ def render_sparsity(finished, keys: dict[float, set], opts, table: str) -> tuple
                                      "mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": len(vals),
                                      "paper_mean": "" if pub is None else pub[0][col + i],
                                      "paper_std": "" if pub is None or not pub[1] else pub[1][col + i]})
-            out.append(f"| {row_name} | " + " | ".join(cells) + f" | {len(runs) if method else ''} |")
+            out.append(f"| {row_name} | " + " | ".join(cells) + f" | {_seeds(runs) if method else ''} |")
         # Impv-MF and Impv, ours and the paper's
         impv = {"Impv-MF (%)": [], "Impv (%)": []}
         stars = []
@@ -256,7 +266,7 @@ def render_table6(finished, keys: dict[str, set], opts) -> tuple[list[Path], str
                     means.setdefault(ds, {}).setdefault(name, {})[m] = float(np.mean(vals))
                     csv_rows.append({"dataset": ds, "method": name, "metric": m, "mean": float(np.mean(vals)),
                                      "std": float(np.std(vals)), "seeds": len(vals)})
-            out.append(f"| {METHODS[name].label} | " + " | ".join(cells) + f" | {len(runs)} |")
+            out.append(f"| {METHODS[name].label} | " + " | ".join(cells) + f" | {_seeds(runs)} |")
         out.append("")
     out += ["## Which setting reproduces the paper's numbers", "",
             "Mean absolute difference over the seven metrics between our MF / BADR and each of the paper's columns "

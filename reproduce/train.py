@@ -359,29 +359,45 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     fit_seconds = time.perf_counter() - start - prop_seconds
     x_eval, y_eval = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
     metrics = evaluate(learner, x_eval, y_eval, cfg.k)
+    # The final model's validation AUC, for the chance-level check (run_or_diverged).
+    val_auc = metrics["auc"] if split == "val" else (
+        rows[-1]["val_auc"] if history and rows and rows[-1].get("stage") == "fit"
+        else auc(_scores(learner, data.x_val).numpy(), data.y_val))
     seconds = time.perf_counter() - start
     if progress is not None:
         progress.close(f"done: AUC {metrics['auc']:.4f} NDCG@{cfg.k} {metrics['ndcg']:.4f} "
                        f"Recall@{cfg.k} {metrics['recall']:.4f}  {epoch} epochs, {seconds:.1f}s "
                        f"(propensity {prop_seconds:.1f}s)")
-    result = {**metrics, "k": cfg.k, "seconds": seconds, "epochs": epoch, "propensity_epochs": prop_epochs,
+    result = {**metrics, "val_auc": val_auc, "k": cfg.k, "seconds": seconds, "epochs": epoch,
+              "propensity_epochs": prop_epochs,
               "propensity_seconds": prop_seconds, "propensity_cached": cached, "fit_seconds": fit_seconds}
     if history:
         result["history"] = rows
     return result
 
 
+#: A run whose final validation AUC lies within this of 0.5 ranks no better than chance: it is
+#: recorded with status "chance" (kept in the means, counted in the tables), never as "ok".
+CHANCE_MARGIN = 0.05
+
+
 def run_or_diverged(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], seed: int,
                     **kwargs: Any) -> dict[str, Any]:
-    """:func:`run_one`'s result with ``status`` "ok"; a run whose training diverges is not raised but
-    said on stderr and returned with NaN metrics and ``status`` "diverged", so that a resumed
-    ``table3`` or search records it instead of retrying it."""
+    """:func:`run_one`'s result with ``status`` "ok", or "chance" when the final model's
+    validation AUC is within :data:`CHANCE_MARGIN` of 0.5 (said on stderr); a run whose training
+    diverges is not raised but said on stderr and returned with NaN metrics and ``status``
+    "diverged", so that a resumed ``table3`` or search records it instead of retrying it."""
     start = time.perf_counter()
     try:
-        return {**run_one(data, cfg, method, params, seed, **kwargs), "status": "ok"}
+        result = run_one(data, cfg, method, params, seed, **kwargs)
     except FloatingPointError as exc:  # Diverged, from run_one
         print(exc, file=sys.stderr)
         nan = float("nan")
         return {"auc": nan, "ndcg": nan, "recall": nan, "ndcg_strict": nan, "recall_strict": nan,
                 **{c: nan for c in RANKING_COLUMNS}, "k": cfg.k,
                 "seconds": time.perf_counter() - start, "status": "diverged"}
+    if result.get("val_auc") is not None and abs(result["val_auc"] - 0.5) < CHANCE_MARGIN:
+        print(f"{data.name} {method.name} seed {seed}: validation AUC {result['val_auc']:.4f}, within "
+              f"{CHANCE_MARGIN} of chance: recorded with status 'chance'", file=sys.stderr)
+        return {**result, "status": "chance"}
+    return {**result, "status": "ok"}

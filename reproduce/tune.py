@@ -146,8 +146,8 @@ def tune(data: CVRData, cfg: Config, method: Method, candidates: Sequence[dict[s
                 row = _validation_run(data, cfg, method, max_epochs, propensity_cache, device, params, seed, trial,
                                       sig)
                 record(row)
-            if row["status"] != "ok":
-                aucs.append(-math.inf)  # diverged: a learning rate too large for this method
+            if row["status"] == "diverged":
+                aucs.append(-math.inf)  # a learning rate too large for this method
                 break
             aucs.append(row["auc"])
         score = float(np.mean(aucs))

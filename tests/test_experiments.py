@@ -44,8 +44,8 @@ def test_table3_trains_on_a_simulated_folder(sim_dir, tmp_path):
     argv = ["table3", "--datasets", str(sim_dir), "--seeds", "1", "--max-epochs", "2", "--out", str(out), "--jobs", "1"]
     assert main(argv + ["--methods", "mf,badr", "--config-dir", str(_quick_config(tmp_path, "lowrank-sim"))]) == 0
     rows = read_results(out / "results.csv")
-    assert [(r["dataset"], r["method"], r["status"]) for r in rows] == [("lowrank-sim", "mf", "ok"),
-                                                                       ("lowrank-sim", "badr", "ok")]
+    assert [(r["dataset"], r["method"]) for r in rows] == [("lowrank-sim", "mf"), ("lowrank-sim", "badr")]
+    assert all(r["status"] in ("ok", "chance") for r in rows)  # two epochs: chance level is possible
     assert all(0 < r["auc"] < 1 for r in rows)  # two epochs from N(0, 1) embeddings: near chance yet
     table = (out / "table3.md").read_text()
     assert "## lowrank-sim" in table and "| BADR | " in table

@@ -175,3 +175,17 @@ def test_bad_experiment_name_and_datasets_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fig3", "--datasets", str(tmp_path / "absent"), "--out", str(tmp_path)])
     assert "--datasets" in capsys.readouterr().err
+
+
+def test_a_run_at_chance_level_is_not_ok(monkeypatch, capsys):
+    """A model whose final validation AUC is within CHANCE_MARGIN of 0.5 is recorded as "chance"."""
+    import reproduce.train as T
+
+    for val_auc, status in ((0.52, "chance"), (0.47, "chance"), (0.56, "ok"), (0.40, "ok")):
+        monkeypatch.setattr(T, "run_one", lambda *a, **k: {"auc": 0.5, "val_auc": val_auc})
+        data = type("D", (), {"name": "toy"})()
+        method = type("M", (), {"name": "mf"})()
+        assert T.run_or_diverged(data, None, method, {}, 1)["status"] == status
+    assert "within 0.05 of chance" in capsys.readouterr().err
+    rows = [{**_row("mf", s, 0.5), "status": "chance"} for s in (1, 2)] + [_row("badr", 1, 0.8)]
+    assert R._seeds(rows[:2]) == "2 (2 at chance level)" and R._seeds(rows[2:]) == "1"

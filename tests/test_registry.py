@@ -117,6 +117,6 @@ def test_a_toy_estimator_trains_through_table3_with_one_entry(toy, data_dir, tmp
     assert main(["table3", "--datasets", "coat", "--methods", "clipped_ips", "--seeds", "1", "--max-epochs", "2",
                  "--config-dir", str(cfg_dir), "--data-dir", str(data_dir), "--out", str(out)]) == 0
     rows = read_results(out / "results.csv")
-    assert [(r["method"], r["status"]) for r in rows] == [("clipped_ips", "ok")]
+    assert [r["method"] for r in rows] == ["clipped_ips"] and rows[0]["status"] in ("ok", "chance")
     assert 0.5 < rows[0]["auc"] < 1 and CALLS  # trained, on the reference step form
     assert "| Clipped IPS |" in (out / "table3.md").read_text()

@@ -326,7 +326,7 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
     entry = _written(tmp_path, cfg_dir)["methods"]["mf"]
     assert entry["status"].startswith("tuned: 2 random-search trials") and "validation AUC" in entry["status"]
     rows = read_results(tmp_path / "tune.csv")
-    assert [(r["trial"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok")]
+    assert [r["trial"] for r in rows] == [0, 1] and {r["status"] for r in rows} <= {"ok", "chance"}
     assert all(r["dataset"] == "coat" and r["method"] == "mf" and json.loads(r["params"]) for r in rows)
     low, high, _ = SEARCH_SPACE["lr"]
     assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat").methods["mf"].params["lr"]
