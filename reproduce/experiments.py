@@ -329,11 +329,17 @@ def run_experiments(names: Sequence[str], opts: Options) -> list[tuple[str, list
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise ValueError(f"unknown experiment(s) {', '.join(unknown)}; expected {', '.join(registry)} or all")
+    # Plan every part first, so that a run shared by parts records what any of them needs (the
+    # test loss of Figure 2's runs, which Table 3 trains first in ``all``), and is trained once.
+    union = Context(opts)
+    for name in names:
+        registry[name].plan(union)
     done = []
     for name in names:
         start = time.perf_counter()
         ctx = Context(opts)
         keys = registry[name].plan(ctx)
+        ctx.plan.runs = {key: union.plan.runs[key] for key in ctx.plan.runs}
         execute(ctx)
         with locked(Path(opts.out) / f"{name}.md"):
             files, section = registry[name].render(Finished.read(Path(opts.out)), keys, opts)

@@ -12,6 +12,7 @@ import pytest
 from reproduce import experiments as E
 from reproduce import report as R
 from reproduce.__main__ import main
+from reproduce.config import DataSource
 from reproduce.published import SAMPLING_RATES, TABLE4
 from reproduce.table import read_history, read_results, run_key
 
@@ -189,3 +190,21 @@ def test_a_run_at_chance_level_is_not_ok(monkeypatch, capsys):
     assert "within 0.05 of chance" in capsys.readouterr().err
     rows = [{**_row("mf", s, 0.5), "status": "chance"} for s in (1, 2)] + [_row("badr", 1, 0.8)]
     assert R._seeds(rows[:2]) == "2 (2 at chance level)" and R._seeds(rows[2:]) == "1"
+
+
+def test_all_plans_the_shared_runs_once_with_the_test_loss_figure_2_needs(tmp_path, monkeypatch, data_dir):
+    """In ``all``, Table 3 trains first the full-data runs Figure 2 reads: it must record their
+    test loss then, or Figure 2 would train them again."""
+    first = {}  # run key -> the run as the first part holding it trains it
+
+    def fake_execute(ctx, on_row=None):
+        for key, run in ctx.plan.runs.items():
+            first.setdefault(key, run)
+        return 0
+
+    monkeypatch.setattr(E, "execute", fake_execute)
+    E.run_experiments(["table3", "fig2"], E.Options(out=tmp_path, data_dir=str(data_dir),
+                                                     datasets=(DataSource("coat"),), seeds=1))
+    full = [run for run in first.values() if run.train_fraction == 1.0]
+    assert {run.method.name for run in full if run.record_test_loss} == {"mf", "dr_jl", "mrdr", "dr_bias", "badr"}
+    assert not any(run.record_test_loss for run in full if run.method.name in ("ips", "snips", "badr_v"))
