@@ -92,9 +92,6 @@ class Plan:
             self.runs[key] = run
         return key
 
-    def keys(self) -> set[tuple]:
-        return set(self.runs)
-
 
 class Context:
     """A job's configs and data sets, each read once, and its plan."""
