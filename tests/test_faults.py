@@ -239,10 +239,13 @@ def _session(sid: int) -> list[int]:
 def test_a_killed_parent_leaves_no_worker_behind(data_dir, tmp_path, sig):
     proc = _cli("table3", "--datasets", "coat", "--methods", "mf,ips", "--seeds", "40", "--jobs", "2", "--threads",
                 "1", "--data-dir", data_dir, "--out", tmp_path, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(_session(proc.pid)) < 3 and time.monotonic() < deadline:  # the parent and two workers
+    # Killed once the workers are at work (a row written): a worker still importing torch when its
+    # parent dies (seconds on a loaded machine) exits only once that import is over.
+    deadline = time.monotonic() + 180
+    while not (len(_session(proc.pid)) >= 4 and read_results(Path(tmp_path) / "results.csv")) \
+            and time.monotonic() < deadline and proc.poll() is None:  # the parent, the tracker, two workers
         time.sleep(0.2)
-    assert len(_session(proc.pid)) >= 3, proc.stderr.read() if proc.poll() is not None else "no workers"
+    assert len(_session(proc.pid)) >= 4, proc.stderr.read() if proc.poll() is not None else "no workers"
     os.kill(proc.pid, sig)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 10
