@@ -478,7 +478,7 @@ def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list
                 epochs, curve, n = _curve(finished, by[name], "test_loss")
                 if not epochs:
                     continue
-                ax.plot(epochs, curve, style, label=f"{METHODS[name].label} ({n} seeds)")
+                ax.plot(epochs, curve, style, label=f"{METHODS[name].label} ({n} seed{'s' if n > 1 else ''})")
                 finals[name] = curve[-1]
                 csv_rows += [{"dataset": ds, "rate": rate, "method": name, "epoch": e, "test_loss": v, "seeds": n}
                              for e, v in zip(epochs, curve)]
@@ -487,7 +487,10 @@ def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list
             ax.xaxis.get_major_locator().set_params(integer=True)
             if j == 0:
                 ax.set_ylabel("test cross-entropy (nats)")
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
             if "badr" in finals and baseline in finals:
                 verdicts.append((ds, rate, finals["badr"] < finals[baseline], finals["badr"], finals[baseline]))
     fig.suptitle("Figure 2: loss on the unbiased data per epoch (mean over seeds)")
