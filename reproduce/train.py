@@ -54,6 +54,11 @@
    paper's ranges rarely drew.
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
 
+The entire-space methods (:attr:`reproduce.methods.Method.entire_space`: ESMM, Multi-IPS / -DR,
+ESCM2-IPS / -DR / -BADR, DDPO) skip steps 2-3: :func:`run_one` hands them to
+:func:`reproduce.entire_space.run_entire_space`, which trains the MF backbone's towers over the
+exposures with the same seeding, early-stopping rule, history rows and evaluation.
+
 A run may also record its history (:data:`HISTORY_COLUMNS`): one row per propensity epoch (its
 loss) and one per fit epoch (the mean prediction and imputation losses, the monitored sum, and
 the loss and AUC of the model on the validation pairs, which are read for the record only and
@@ -297,6 +302,12 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive integer; got {max_epochs}")
     device = resolve_device(device)
+    if method.entire_space is not None:  # the multi-task rows: their own loop over the exposures
+        from .entire_space import run_entire_space
+
+        return run_entire_space(data, cfg, method, params, seed, max_epochs=max_epochs, split=split, label=label,
+                                show_progress=show_progress, device=device, history=history,
+                                record_test_loss=record_test_loss)
     start = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)
