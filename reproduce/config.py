@@ -7,7 +7,9 @@ method's own keys (:attr:`reproduce.methods.Method.own_keys`), written by the tu
 sets propensity keys overrides the block for that method (BADR and its ablations: the authors'
 values).  The optional protocol keys "imputation" ("pseudo_label"), "cross_entropy" ("clamped"),
 "sampling" ("uniform") and "imputed_error" ("paper") have those defaults; a DR-family method's
-entry may override "imputed_error" (:meth:`Config.imputed_error`).
+entry may override "imputed_error" (:meth:`Config.imputed_error`).  The optional block
+"entire_space" holds the protocol of the entire-space methods (:class:`EntireSpaceProtocol`:
+the exposures per step and per epoch, see :mod:`reproduce.entire_space`).
 
 :func:`load_config` reads and checks a file once: every value has its type and range checked,
 every method entry its keys, and an error names the file and the key (``coat.json:
@@ -94,6 +96,8 @@ PARAM_RULES: dict[str, Any] = {
     "imp_lr": (0.0, math.inf, True), "imp_weight_decay": (0.0, math.inf, False),
     "gamma": (0.0, 1.0, True), "alpha": (0.0, 1.0, False), "G": "int",
     "prop_batch_size": "int", "prop_lr": (0.0, math.inf, True), "prop_weight_decay": (0.0, math.inf, False),
+    # the entire-space objectives' weights (estimators.registry.ENTIRE_SPACE): finite, >= 0
+    "lambda_c": (0.0, math.inf, False), "lambda_g": (0.0, math.inf, False), "lambda_p": (0.0, math.inf, False),
 }
 
 
@@ -126,6 +130,20 @@ class EarlyStop:
 
 
 @dataclass(frozen=True)
+class EntireSpaceProtocol:
+    """How the entire-space methods walk the exposure space D (every user-item pair): steps of
+    ``batch_size`` exposures, ``exposures_per_epoch`` of them per epoch (None: all of D, a fresh
+    permutation each epoch; a number: the first that many of a fresh permutation)."""
+
+    batch_size: int = 4096
+    exposures_per_epoch: Optional[int] = None
+
+    def option(self) -> dict[str, Any]:
+        return {"exposure_batch_size": self.batch_size,
+                "exposures_per_epoch": "all" if self.exposures_per_epoch is None else self.exposures_per_epoch}
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     """A method's entry: its hyperparameters as written, its status line, its "imputed_error" if set."""
 
@@ -155,6 +173,7 @@ class Config:
     cross_entropy: str = "clamped"
     sampling: str = "uniform"
     imputed_error: str = "paper"
+    entire_space: EntireSpaceProtocol = EntireSpaceProtocol()
     raw: Mapping[str, Any] = field(default=None, repr=False, compare=False)
 
     # -- per method ---------------------------------------------------------------------------
@@ -182,6 +201,8 @@ class Config:
         """The data-set-level training options ``method``'s runs read: ``cross_entropy``,
         ``imputation``, and for the methods with an imputation model the sampling of U and the
         imputed error's form."""
+        if method.entire_space is not None:  # its own protocol: no pseudo-labels, exact cross-entropies
+            return self.entire_space.option()
         options = {"cross_entropy": self.cross_entropy, "imputation": self.imputation}
         if method.imputation_loss is not None:
             options["sampling"] = self.sampling
@@ -206,8 +227,10 @@ def run_signature(cfg: Config, method: Method, params: Mapping[str, Any], max_ep
              "dim": cfg.dim, "batch_size": cfg.batch_size, "k": cfg.k,
              "propensity_max_epochs": cfg.propensity_max_epochs, "propensity_loss": cfg.propensity_loss,
              "early_stopping": {"tol": cfg.early_stopping.tol, "patience": cfg.early_stopping.patience}}
-    blob = {"fixed": fixed, "options": cfg.run_options(method), "method": [method.estimator, method.imputation_loss],
-            "params": dict(params), "max_epochs": max_epochs}
+    what = ([method.estimator, method.imputation_loss] if method.entire_space is None
+            else ["entire_space", method.entire_space])
+    blob = {"fixed": fixed, "options": cfg.run_options(method), "method": what, "params": dict(params),
+            "max_epochs": max_epochs}
     if extra:
         blob["extra"] = dict(extra)
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
@@ -218,7 +241,7 @@ _REQUIRED = ("dim", "batch_size", "k", "max_epochs", "propensity_max_epochs", "p
              "seeds", "propensity", "methods")
 _OPTIONAL = {"imputation": IMPUTATIONS, "cross_entropy": CROSS_ENTROPIES, "sampling": SAMPLINGS,
              "imputed_error": IMPUTED_ERRORS}
-_KNOWN = set(_REQUIRED) | set(_OPTIONAL) | {"dataset", "about", "split"}
+_KNOWN = set(_REQUIRED) | set(_OPTIONAL) | {"dataset", "about", "split", "entire_space"}
 
 
 def config_path(name: str, config_dir: str | os.PathLike | None = None) -> Path:
@@ -261,13 +284,27 @@ def parse_config(raw: Any, path: Path) -> Config:
             raise c.fail(f"propensity.{key}", f"is not a propensity setting; expected {', '.join(PROPENSITY_KEYS)}")
     options = {key: c.choice(raw.get(key, default), key, allowed)
                for (key, allowed), default in zip(_OPTIONAL.items(), ("pseudo_label", "clamped", "uniform", "paper"))}
+    es = EntireSpaceProtocol()
+    if "entire_space" in raw:
+        block = c.mapping(raw["entire_space"], "entire_space")
+        for key, value in block.items():
+            if key in _ENTRY_NOTES:
+                c.text(value, f"entire_space.{key}")
+            elif key == "batch_size":
+                es = replace(es, batch_size=c.integer(value, "entire_space.batch_size"))
+            elif key == "exposures_per_epoch":
+                es = replace(es, exposures_per_epoch=None if value == "all"
+                             else c.integer(value, "entire_space.exposures_per_epoch"))
+            else:
+                raise c.fail(f"entire_space.{key}", "is not an entire-space setting; expected batch_size, "
+                             "exposures_per_epoch")
     cfg = Config(
         path=path, dataset=c.text(raw.get("dataset", path.stem), "dataset"), split=split,
         dim=c.integer(raw["dim"], "dim"), batch_size=c.integer(raw["batch_size"], "batch_size"),
         k=c.integer(raw["k"], "k"), max_epochs=c.integer(raw["max_epochs"], "max_epochs"),
         propensity_max_epochs=c.integer(raw["propensity_max_epochs"], "propensity_max_epochs"),
         propensity_loss=c.choice(raw["propensity_loss"], "propensity_loss", PROPENSITY_LOSSES),
-        early_stopping=early, seeds=seeds, propensity=propensity, methods={}, raw=raw, **options)
+        early_stopping=early, seeds=seeds, propensity=propensity, methods={}, entire_space=es, raw=raw, **options)
     methods = {}
     for name, entry in c.mapping(raw["methods"], "methods").items():
         methods[name] = _parse_entry(c, cfg, name, entry)

@@ -5,6 +5,13 @@ model's estimator and the imputation model's loss) under a name; what it needs (
 model, an imputation model, DR-MSE's ``alpha``) and so its config keys come from those entries.
 Adding a row here (or calling :func:`register_method`) and its values to ``configs/*.json`` is all
 a new method of this family needs; the trainer, the tuner and the table iterate over the registry.
+
+The entire-space methods (ESMM, Multi-IPS / -DR, ESCM2-IPS / -DR / -BADR, DDPO) are the other
+family: one whole multi-task objective of :data:`estimators.registry.ENTIRE_SPACE`, named by
+:attr:`Method.entire_space` (their ``estimator`` and ``imputation_loss`` are None), trained over
+the exposures by :mod:`reproduce.entire_space` with the MF backbone.  Their config keys are the
+prediction keys and the objective's own parameters (``gamma``, ``lambda_c``, ``lambda_g``,
+``lambda_p``); the CTR tower is their propensity, so they fit no propensity model.
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """
@@ -13,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from estimators.registry import EstimatorSpec, ImputationLossSpec, get_estimator, get_imputation_loss
+from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, get_entire_space, get_estimator,
+                                 get_imputation_loss)
 
 # Config keys by role.  `lr` / `weight_decay` are the prediction model's Adam settings.
 _PRED = ("lr", "weight_decay")
@@ -28,16 +36,26 @@ PROPENSITY_KEYS = ("prop_batch_size", "prop_lr", "prop_weight_decay")
 
 @dataclass(frozen=True)
 class Method:
-    """One trainable method: prediction estimator + imputation loss + the config keys it reads."""
+    """One trainable method: prediction estimator + imputation loss + the config keys it reads, or
+    (``entire_space`` set, ``estimator`` and ``imputation_loss`` None) an entire-space objective."""
 
     name: str                       # CLI / CSV / config name
     label: str                      # row label in the table
-    estimator: str                  # an estimators.registry.ESTIMATORS name
+    estimator: Optional[str]        # an estimators.registry.ESTIMATORS name; None for an entire-space method
     imputation_loss: Optional[str]  # an estimators.registry.IMPUTATION_LOSSES name, None without imputation model
     table3_row: Optional[str]       # row of the paper's Table 3, None for the other rows (ablations, extras)
     description: str
+    entire_space: Optional[str] = None  # an estimators.registry.ENTIRE_SPACE name: the whole training objective
 
     def __post_init__(self) -> None:
+        if self.entire_space is not None:
+            get_entire_space(self.entire_space)
+            if self.estimator is not None or self.imputation_loss is not None:
+                raise ValueError(f"method {self.name!r}: an entire-space method (objective {self.entire_space!r}) "
+                                 "takes no estimator and no imputation loss; its objective has its own towers")
+            return
+        if self.estimator is None:
+            raise ValueError(f"method {self.name!r}: give an estimator (or an entire-space objective)")
         spec = get_estimator(self.estimator)
         if spec.needs_imputation and self.imputation_loss is None:
             raise ValueError(f"method {self.name!r}: estimator {self.estimator!r} needs an imputation loss")
@@ -47,23 +65,31 @@ class Method:
             get_imputation_loss(self.imputation_loss)
 
     @property
-    def estimator_spec(self) -> EstimatorSpec:
-        return get_estimator(self.estimator)
+    def estimator_spec(self) -> Optional[EstimatorSpec]:
+        return None if self.estimator is None else get_estimator(self.estimator)
 
     @property
     def imputation_spec(self) -> Optional[ImputationLossSpec]:
         return None if self.imputation_loss is None else get_imputation_loss(self.imputation_loss)
 
     @property
+    def entire_space_spec(self) -> Optional[EntireSpaceSpec]:
+        return None if self.entire_space is None else get_entire_space(self.entire_space)
+
+    @property
     def uses_propensity(self) -> bool:
-        """Whether the estimator reads propensities (so a run fits a propensity model)."""
-        return self.estimator_spec.uses_propensity
+        """Whether the estimator reads propensities (so a run fits a propensity model).  False for
+        the entire-space methods: their CTR tower is the propensity, no model is fitted before."""
+        return self.entire_space is None and self.estimator_spec.uses_propensity
 
     @property
     def keys(self) -> tuple[str, ...]:
         """Config keys this method reads: the prediction model's, the clipping and propensity
         model's where the estimator reads propensities, the imputation model's where it has one and
-        the imputation loss's own parameters (DR-MSE's ``alpha``)."""
+        the imputation loss's own parameters (DR-MSE's ``alpha``).  An entire-space method reads
+        the prediction keys (Adam's, for all its towers) and its objective's parameters."""
+        if self.entire_space is not None:
+            return _PRED + tuple(self.entire_space_spec.params)
         keys = _PRED
         if self.uses_propensity:
             keys += ("gamma",) + PROPENSITY_KEYS
@@ -82,6 +108,11 @@ def _m(name, label, estimator, imputation_loss, table3_row, description) -> Meth
     return Method(name, label, estimator, imputation_loss, table3_row, description)
 
 
+def _es(name, label, table3_row, description) -> Method:
+    """An entire-space method: the ENTIRE_SPACE objective of the same name."""
+    return Method(name, label, None, None, table3_row, description, entire_space=name)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     _m("mf", "MF", "naive", None, "MF", "naive estimator (eq. 2), no debiasing"),
     _m("ips", "IPS", "ips", None, "IPS", "inverse propensity scoring (eq. 3)"),
@@ -95,6 +126,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _m("badr_v", "BADR-V", "badr", "mrdr", None, "Fig. 1(b): BADR estimator + MRDR imputation loss"),
     _m("badr_b", "BADR-B", "badr", "dr_bias", None, "Fig. 1(b): BADR estimator + DR-BIAS imputation loss"),
     _m("badr_m", "BADR-M", "badr", "dr_mse", None, "Fig. 1(b): BADR estimator + DR-MSE imputation loss"),
+    # The multi-task rows, debiasing components only (BADR footnote 6) on the MF backbone.
+    _es("multi_ips", "Multi-IPS", "Multi-IPS", "CTR task + IPS CVR task over the exposures (Zhang et al. 2020)"),
+    _es("multi_dr", "Multi-DR", "Multi-DR", "CTR task + DR CVR task + imputation task (Zhang et al. 2020)"),
+    _es("escm2_ips", "ESCM2-IPS", "ESCM2-IPS", "ESMM + lambda_c * IPS CVR risk (ESCM2 eq. 34)"),
+    _es("escm2_dr", "ESCM2-DR", "ESCM2-DR", "ESMM + lambda_c * DR CVR and imputation risks (ESCM2 eq. 34)"),
+    _es("ddpo", "DDPO", "DDPO", "click and conversion propensity towers, CVR loss over both spaces (our reading)"),
+    _es("esmm", "ESMM", None, "extra row: CTR + CTCVR cross-entropies over the exposures (ESCM2 eq. 5)"),
+    _es("escm2_badr", "ESCM2-BADR", None, "extra row: ESMM + lambda_c * BADR CVR and imputation risks"),
 )}
 
 #: Every row of the paper's Table 3, in its order.
@@ -117,6 +156,10 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "alpha": (0.0, 1.0, "linear"),
     "prop_lr": (5e-4, 1e-1, "log"),
     "prop_weight_decay": (1e-7, 1.0, "log"),
+    # the entire-space objectives' weights: around the ESCM2 paper's lambda_c = 0.1, lambda_g = 1
+    "lambda_c": (0.01, 10.0, "log"),
+    "lambda_g": (0.1, 10.0, "log"),
+    "lambda_p": (0.1, 10.0, "log"),
 }
 #: Propensity keys searched by ``tune --propensity``; the batch size stays the config's.
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")

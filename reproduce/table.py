@@ -229,7 +229,10 @@ def render_table(rows: Iterable[dict[str, Any]], datasets: list[str], methods: O
         "Ours: mean ± std over the seeds run (numpy std, ddof = 0, as the published code reports), each run "
         "trained with the matrix-factorisation backbone under the published protocol (see reproduce/train.py); "
         "Δ = our mean − the paper's mean. Paper: the BADR paper's Table 3 (mean ± std over 5 seeds). "
-        "Rows below BADR are the ablations of the paper's Figure 1 (no published numbers in Table 3). "
+        "Rows below BADR are the ablations of the paper's Figure 1 and the extra entire-space rows ESMM and "
+        "ESCM2-BADR (no published numbers in Table 3). The entire-space rows (Multi-IPS, Multi-DR, ESCM2-IPS, "
+        "ESCM2-DR, DDPO, ESMM, ESCM2-BADR) train one MF per tower over the exposures, their CTR tower as the "
+        "propensity (clipped, detached; see reproduce/entire_space.py). "
         "A run whose training loss became NaN is listed as diverged and left out of the mean; a run whose "
         "final validation AUC lies within 0.05 of 0.5 is kept in the mean and counted \"at chance level\".",
         "",

@@ -54,6 +54,11 @@
    paper's ranges rarely drew.
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
 
+The entire-space methods (:attr:`reproduce.methods.Method.entire_space`: ESMM, Multi-IPS / -DR,
+ESCM2-IPS / -DR / -BADR, DDPO) skip steps 2-3: :func:`run_one` hands them to
+:func:`reproduce.entire_space.run_entire_space`, which trains the MF backbone's towers over the
+exposures with the same seeding, early-stopping rule, history rows and evaluation.
+
 A run may also record its history (:data:`HISTORY_COLUMNS`): one row per propensity epoch (its
 loss) and one per fit epoch (the mean prediction and imputation losses, the monitored sum, and
 the loss and AUC of the model on the validation pairs, which are read for the record only and
@@ -279,6 +284,18 @@ def evaluate(learner: JointLearner, x: np.ndarray, y: np.ndarray, k: int) -> dic
             **{f"{m}@{c}": published[c][m] for c in RANKING_KS for m in ("ndcg", "recall", "precision")}}
 
 
+def final_val_auc(learner: Any, data: CVRData, split: str, metrics: dict[str, float],
+                  history: list[dict[str, Any]]) -> float:
+    """The final model's validation AUC, for the chance-level check (:func:`run_or_diverged`):
+    ``metrics``' AUC when they are on the validation split, else the last history row's, else
+    computed."""
+    if split == "val":
+        return metrics["auc"]
+    if history and history[-1].get("stage") == "fit" and history[-1].get("val_auc") is not None:
+        return history[-1]["val_auc"]
+    return auc(_scores(learner, data.x_val).numpy(), data.y_val)
+
+
 def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], seed: int, *,
             max_epochs: Optional[int] = None, split: str = "test", label: str = "", show_progress: bool = True,
             propensity_cache: Optional[PropensityCache] = None, device: str | torch.device = "cpu",
@@ -297,6 +314,12 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive integer; got {max_epochs}")
     device = resolve_device(device)
+    if method.entire_space is not None:  # the multi-task rows: their own loop over the exposures
+        from .entire_space import run_entire_space
+
+        return run_entire_space(data, cfg, method, params, seed, max_epochs=max_epochs, split=split, label=label,
+                                show_progress=show_progress, device=device, history=history,
+                                record_test_loss=record_test_loss)
     start = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)
@@ -359,10 +382,7 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     fit_seconds = time.perf_counter() - start - prop_seconds
     x_eval, y_eval = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
     metrics = evaluate(learner, x_eval, y_eval, cfg.k)
-    # The final model's validation AUC, for the chance-level check (run_or_diverged).
-    val_auc = metrics["auc"] if split == "val" else (
-        rows[-1]["val_auc"] if history and rows and rows[-1].get("stage") == "fit"
-        else auc(_scores(learner, data.x_val).numpy(), data.y_val))
+    val_auc = final_val_auc(learner, data, split, metrics, rows)
     seconds = time.perf_counter() - start
     if progress is not None:
         progress.close(f"done: AUC {metrics['auc']:.4f} NDCG@{cfg.k} {metrics['ndcg']:.4f} "
