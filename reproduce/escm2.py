@@ -43,8 +43,8 @@ after every epoch the model is scored on the VALIDATION split and the epoch with
 validation score is kept (``--select``: ``cvr``, the CVR AUC over the clicked validation exposures
 (default), or ``ctcvr``, the CTCVR AUC over all of them); training stops after ``--patience``
 epochs without a better score (default 1) or at ``--max-epochs`` (default 2: at 10^7 exposures
-two epochs are 3,900 steps and the whole default job fits in 2 hours on 2 cores; raise it for
-smaller logs).  (The paper checks every 1000 iterations;
+two epochs are 3,900 steps and the whole default job about 1.6 hours, see Cost below; raise it
+for smaller logs).  (The paper checks every 1000 iterations;
 at 10^7 exposures and batch 4096 one epoch is 1953.)  No test label and no ``true_*`` array is
 read before the model is chosen: the test split and the truth serve the final numbers only.
 
@@ -56,6 +56,14 @@ curve) and ``recall`` the recall at that threshold (:func:`threshold_metrics`). 
 estimate ``sigmoid(b)`` against the observed conversion over the clicked test exposures; CTCVR:
 ``sigmoid(a) sigmoid(b)`` against ``click * conversion`` over all test exposures.  F1 is a
 fraction here (the paper prints it in percent).
+
+Cost (measured at 10^6 exposures, one thread, ESCM2-DR, the heaviest objective with three towers):
+one epoch over 8 * 10^5 training exposures took 7.5 s (107 k exposures per second) on a quiet
+machine and 12.3-15.5 s (52-65 k/s) with other jobs or a second run on the two cores; two runs at
+once gave 52 k/s each, so ``--jobs 2`` buys little here.  Extrapolated (not run) to the default
+job at 10^7: 35 runs (7 methods x 3 seeds, Figure 6's 6 and Figure 7's 8 further points) of 2
+epochs each, about 167 s per run (2 x 75 s of training, 2 x 4 s of validation, 8 s of test and
+Table VI predictions), about 1.6 h in all at 107 k/s; as long again when the cores are shared.
 """
 from __future__ import annotations
 
@@ -138,7 +146,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("escm2_badr", "ESCM2-BADR", "escm2_badr", {"lambda_c": 0.1, "lambda_g": 1.0}),
 )}
 SWEEP_METHODS = ("escm2_ips", "escm2_dr")  # Figures 6 and 7
-LAMBDA_C_GRID = (0.0, 0.01, 0.1, 0.5, 1.0)  # Figure 6 (the paper: [0, 3], suggests [0, 0.1])
+LAMBDA_C_GRID = (0.0, 0.01, 0.1, 1.0)  # Figure 6 (the paper: [0, 3], suggests [0, 0.1])
 LAMBDA_G_GRID = (0.0, 0.5, 1.0, 2.0, 3.0)  # Figure 7 (the paper: [0, 3])
 PARTS = ("tables", "ieb", "fig6", "fig7")
 SELECT = ("cvr", "ctcvr")
@@ -597,7 +605,10 @@ def render_ieb(table: list[dict[str, Any]]) -> str:
             pct = f" ({100 * abs(shrink) / abs(gap):.0f} % of ESMM's gap)" if gap else ""
             out.append(f"  - {m}: mean gap {other:+.5f} against ESMM's {gap:+.5f}: "
                        f"{'shrinks' if shrink > 0 else 'does not shrink: widens'} it by {abs(shrink):.5f}{pct}.")
-    out.append("")
+    out += ["", "Gap: the average CVR estimate over the exposures minus the true exposure-space CVR, of the epoch "
+            "each run chose on validation. It mixes the selection bias Proposition 1 is about with how far each "
+            "CVR tower is from calibrated (ESMM trains it only through the CTCVR product); more epochs "
+            "(`--max-epochs`) separate the two.", ""]
     return "\n".join(out)
 
 
@@ -629,6 +640,9 @@ def plot_sweep(table: list[dict[str, Any]], key: str, symbol: str, title: str, p
             if pts:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
+        positive = sorted({r[key] for r in table if r[key] > 0})
+        if positive and positive[-1] / positive[0] >= 20:  # a grid over decades (0, 0.01, ..., 1): log beyond the first
+            ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
         ax.set_xlabel(symbol)
         ax.set_ylabel(name)
         ax.set_title(name)
@@ -748,8 +762,8 @@ def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> argpar
                    help=f"Figure 7's lambda_g values (default {','.join(map(str, LAMBDA_G_GRID))})")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=Protocol.batch_size,
                    help=f"exposures per mini-batch (default {Protocol.batch_size})")
-    p.add_argument("--lr", type=_positive_float("--lr"), default=Protocol.lr, help="Adam's learning rate (default "
-                                                                                    "1e-4, the paper's)")
+    p.add_argument("--lr", type=_positive_float("--lr"), default=Protocol.lr, help="Adam's learning rate (default 1e-3, "
+                                                                                    "chosen on validation; the paper's: 1e-4)")
     p.add_argument("--weight-decay", type=_positive_float("--weight-decay", zero=True), default=Protocol.weight_decay,
                    help="Adam's weight decay (default 1e-3, the paper's)")
     p.add_argument("--patience", type=_positive("--patience"), default=Protocol.patience,
@@ -763,6 +777,13 @@ def add_parser(sub, common: Callable[[argparse.ArgumentParser], None]) -> argpar
     p.add_argument("--out", default="results", help="output folder; files go to OUT/escm2 (default results)")
     p.add_argument("--table-only", action="store_true", help="train nothing: render from the finished runs")
     common(p)
+    for action in p._actions:  # the shared flags, as this command reads them
+        if "--max-epochs" in action.option_strings:
+            action.help = f"epochs at most (default {Protocol.max_epochs})"
+        elif "--device" in action.option_strings:
+            action.help = "cpu (the only device this command trains on)"
+        elif {"--data-dir", "--config-dir"} & set(action.option_strings):
+            action.help = argparse.SUPPRESS  # the BADR paper's data sets and configs: not read here
     return p
 
 
