@@ -63,7 +63,8 @@ machine and 12.3-15.5 s (52-65 k/s) with other jobs or a second run on the two c
 once gave 52 k/s each, so ``--jobs 2`` buys little here.  Extrapolated (not run) to the default
 job at 10^7: 35 runs (7 methods x 3 seeds, Figure 6's 6 and Figure 7's 8 further points) of 2
 epochs each, about 167 s per run (2 x 75 s of training, 2 x 4 s of validation, 8 s of test and
-Table VI predictions), about 1.6 h in all at 107 k/s; as long again when the cores are shared.
+Table VI predictions), about 1.6 h in all at 107 k/s (1.8 h at the 90-110 k/s ESCM2-DR ran at in
+a whole 10^6 job, 7.4-8.8 s per epoch); as long again when the cores are shared.
 """
 from __future__ import annotations
 
@@ -345,7 +346,9 @@ def make_run(method: Method, seed: int, protocol: Protocol, folder: Path, **over
 
 
 LOSS_PARTS = ("loss", "ctr", "ctcvr", "cvr", "cvr_err", "cvr_imp")
-#: Columns of results.csv: the run key, its settings, Tables II / III, Table VI, timings.
+#: Columns of results.csv: the run key, its settings, Tables II / III, Table VI, timings
+#: (``seconds``: the whole run; ``seconds_per_epoch`` and ``exposures_per_second``: training only,
+#: without the validation passes).
 RESULT_COLUMNS = (
     "dataset", "method", "seed", "signature", "status", "lambda_c", "lambda_g", "params",
     "cvr_auc", "cvr_ks", "cvr_f1", "cvr_recall", "ctcvr_auc", "ctcvr_ks", "ctcvr_f1", "ctcvr_recall", "ctr_auc",
