@@ -64,7 +64,9 @@ once gave 52 k/s each, so ``--jobs 2`` buys little here.  Extrapolated (not run)
 job at 10^7: 35 runs (7 methods x 3 seeds, Figure 6's 6 and Figure 7's 8 further points) of 2
 epochs each, about 167 s per run (2 x 75 s of training, 2 x 4 s of validation, 8 s of test and
 Table VI predictions), about 1.6 h in all at 107 k/s (1.8 h at the 90-110 k/s ESCM2-DR ran at in
-a whole 10^6 job, 7.4-8.8 s per epoch); as long again when the cores are shared.
+a whole 10^6 job, 7.4-8.8 s per epoch); as long again when the cores are shared.  The whole default
+plan at 10^6 with one seed (21 runs: 7 methods and both sweeps, ``--jobs 1 --threads 1``) took 259 s,
+12.3 s per run; ten times that per run for 35 runs is 72 min at 10^7 (an extrapolation too).
 """
 from __future__ import annotations
 
@@ -375,7 +377,8 @@ def train_run(folder: Path, run: Run, show_progress: bool = True) -> dict[str, A
                  item_fields=np.array(train.item_fields))  # copies: small tables, writable
     optimiser = torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     steps = -(-len(train) // p.batch_size)
-    label = f"{run.method.label} seed {run.seed}"
+    swept = {k: v for k, v in params.items() if run.method.defaults().get(k) != v}
+    label = f"{run.method.label} seed {run.seed}" + "".join(f" {k}={v:g}" for k, v in swept.items())
     progress = Progress(label, p.max_epochs * steps) if show_progress else None
     history: list[dict[str, Any]] = []
     best_score, best_epoch, best_state = -math.inf, 0, None
@@ -582,7 +585,7 @@ def render_ieb(table: list[dict[str, Any]]) -> str:
     out += ["", "Label: observed conversions / clicks (the paper's field); true CVR: the mean of the simulated "
             "conversion probability `true_p_conversion` over the clicks and over ALL exposures (E_D[R], what a CVR "
             f"model's average estimate should be); estimate: the mean CVR estimate over all exposures (E_D[R_hat]). "
-            f"Train: the first {IEB_TRAIN_ROWS:,} rows of the train split (exposures are i.i.d.). The labels (mean "
+            f"Train: the first {IEB_TRAIN_ROWS:,} rows of the train split, or all of a smaller one (exposures are i.i.d.). The labels (mean "
             "± std over the seeds) are the same data for every method.", ""]
     out += ["## Proposition 1 (ESMM over-estimates CVR over the exposure space) and how much ESCM2 shrinks the gap",
             ""]

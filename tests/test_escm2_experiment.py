@@ -143,6 +143,16 @@ def test_threshold_metrics_against_brute_force(seed):
     assert escm2._scored(scores, labels)["auc"] == pytest.approx(want["auc"], abs=1e-12)
 
 
+def test_auc_against_scikit_learn_where_installed():
+    metrics = pytest.importorskip("sklearn.metrics")  # not installed here: the brute force above stands in
+    rng = np.random.default_rng(4)
+    labels = (rng.random(2000) < 0.1).astype(np.uint8)
+    scores = np.round(rng.random(2000) + 0.3 * labels, 2)
+    assert escm2._scored(scores, labels)["auc"] == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
+    fpr, tpr, _ = metrics.roc_curve(labels, scores)
+    assert escm2.threshold_metrics(scores, labels)["ks"] == pytest.approx(float(np.max(tpr - fpr)), abs=1e-12)
+
+
 def test_observed_metrics_score_the_right_rows(data):
     val = ctcvr.load_ctcvr(data, split="val")
     rng = np.random.default_rng(3)
