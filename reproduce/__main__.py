@@ -1,6 +1,6 @@
 """Command line: ``python -m reproduce table3 | table4 | table5 | table6 | fig1 | fig2 | fig3 | fig4 |
-all ...`` (the BADR paper's experiments, :mod:`reproduce.experiments`) and ``python -m reproduce
-tune ...``."""
+all ...`` (the BADR paper's experiments, :mod:`reproduce.experiments`), ``python -m reproduce
+tune ...`` and ``python -m reproduce escm2 ...`` (the ESCM2 paper's, :mod:`reproduce.escm2`)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 from cvrdata import DATASETS, resolve_data_dir
 
 from . import config as C
+from . import escm2
 from .methods import METHODS, PROPENSITY_KEYS, get_method, parse_methods
 from .experiments import Context, Options, execute, experiments, run_experiments
 from .files import check_folder, locked
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default="results", help="output folder (default results)")
         p.add_argument("--table-only", action="store_true", help="train nothing: render from the finished runs")
         common(p)
+    escm2.add_parser(sub, common)
     return parser
 
 
@@ -338,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "table3":
             return cmd_table3(args)
+        if args.command == "escm2":
+            return escm2.run_command(args)
         return cmd_tune(args) if args.command == "tune" else cmd_paper(args)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

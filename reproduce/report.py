@@ -74,7 +74,8 @@ def _by_method(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return out
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
+    """Write ``rows`` under the header ``columns`` to ``path`` atomically (floats to 6 digits)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -84,7 +85,8 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]
     return path
 
 
-def _save_png(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
+    """Save the matplotlib figure ``fig`` to ``path`` atomically and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -93,13 +95,17 @@ def _save_png(fig: Any, path: Path) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_write_csv, _save_png, _pyplot = write_csv, save_png, pyplot  # the names used below
 
 
 def _verdict(ok: bool) -> str:

@@ -29,7 +29,7 @@ TUNE_COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seco
 DATASET_LABELS = {"yahoo": "Yahoo! R3", "coat": "Coat", "kuairec": "KuaiRec"}
 
 # ----------------------------------------------------------------------------------------- results.csv
-_TEXT_COLUMNS = ("dataset", "method", "signature", "status", "params", "device", "stage")
+_TEXT_COLUMNS = ("dataset", "method", "signature", "status", "params", "device", "stage", "select")
 _INT_COLUMNS = ("seed", "k", "epochs", "propensity_epochs", "max_epochs", "threads", "trial", "batch_size", "epoch")
 
 
@@ -68,15 +68,20 @@ def _read_lines(path: Path) -> tuple[Optional[list[str]], list[tuple[int, dict[s
     return header, rows
 
 
-def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+#: The columns :func:`read_results` requires by default (results.csv of table3, tuning logs).
+REQUIRED_COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds")
+
+
+def read_results(path: str | os.PathLike, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, Any]]:
     """Rows of ``results.csv`` or of a tuning log (numbers parsed), each run once (the first row of a
     run key); an absent file is an empty list.  A value that is not a number where one belongs
-    is a ``ValueError`` naming the file, the line and the column."""
+    is a ``ValueError`` naming the file, the line and the column; a file without a column of
+    ``required`` is not a results file of this tool (``ValueError``)."""
     path = Path(path)
     header, lines = _read_lines(path)
     if header is None:
         return []
-    missing = [c for c in ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds") if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         raise ValueError(f"{path} is not a results file of this tool (no column {', '.join(missing)}); "
                          "pass another --out folder (table3) or --log file (tune)")
@@ -132,10 +137,12 @@ def append_result(path: str | os.PathLike, row: dict[str, Any], columns: tuple[s
 HISTORY_FILE_COLUMNS = ("dataset", "method", "seed", "signature") + HISTORY_COLUMNS
 
 
-def write_history(path: str | os.PathLike, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
+def write_history(path: str | os.PathLike, row: dict[str, Any], history: list[dict[str, Any]],
+                  columns: tuple[str, ...] = HISTORY_FILE_COLUMNS) -> None:
     """Put the per-epoch rows ``history`` of the run ``row`` (a results row: its run key) into
     ``history.csv``, replacing rows an earlier, interrupted attempt of the same run left; under
-    :func:`reproduce.files.locked`, the whole file rewritten and renamed over the old one."""
+    :func:`reproduce.files.locked`, the whole file rewritten and renamed over the old one.
+    ``columns``: the file's header, the run key's four columns first (default table3's)."""
     path = Path(path)
     key = run_key(row)
     with locked(path):
@@ -143,11 +150,11 @@ def write_history(path: str | os.PathLike, row: dict[str, Any], history: list[di
         kept = [r for _, r in lines if (r["dataset"], r["method"], r["seed"], r["signature"]) != (
             key[0], key[1], str(key[2]), key[3])]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=HISTORY_FILE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
-        writer.writerows(kept)
+        writer.writerows({c: r.get(c) or "" for c in columns} for r in kept)
         ident = {"dataset": row["dataset"], "method": row["method"], "seed": row["seed"], "signature": row["signature"]}
-        writer.writerows({**ident, **{c: _fmt(h.get(c, "")) for c in HISTORY_COLUMNS}} for h in history)
+        writer.writerows({**ident, **{c: _fmt(h.get(c, "")) for c in columns if c not in ident}} for h in history)
         replace(path, buf.getvalue())
 
 
@@ -176,8 +183,12 @@ def _fmt(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- table3.md
-def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"  # numpy's std: ddof = 0, as published
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` to 4 decimals, numpy's std (ddof = 0, as the published code reports)."""
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+_mean_std = mean_std
 
 
 def render_table(rows: Iterable[dict[str, Any]], datasets: list[str], methods: Optional[list[str]] = None,
