@@ -105,9 +105,6 @@ def pyplot():
     return plt
 
 
-_write_csv, _save_png, _pyplot = write_csv, save_png, pyplot  # the names used below
-
-
 def _verdict(ok: bool) -> str:
     return "**holds**" if ok else "**does not hold**"
 
@@ -204,7 +201,7 @@ def render_sparsity(finished, keys: dict[float, set], opts, table: str) -> tuple
     path = Path(opts.out) / f"{table}.md"
     text = "\n".join(out)
     replace(path, text)
-    files = [path, _write_csv(Path(opts.out) / f"{table}.csv", ("dataset", "rate", "method", "metric", "mean", "std",
+    files = [path, write_csv(Path(opts.out) / f"{table}.csv", ("dataset", "rate", "method", "metric", "mean", "std",
                                                                 "seeds", "paper_mean", "paper_std"), csv_rows)]
     return files, text
 
@@ -300,7 +297,7 @@ def render_table6(finished, keys: dict[str, set], opts) -> tuple[list[Path], str
     path = Path(opts.out) / "table6.md"
     text = "\n".join(out)
     replace(path, text)
-    files = [path, _write_csv(Path(opts.out) / "table6.csv", ("dataset", "method", "metric", "mean", "std", "seeds"),
+    files = [path, write_csv(Path(opts.out) / "table6.csv", ("dataset", "method", "metric", "mean", "std", "seeds"),
                               csv_rows)]
     return files, text
 
@@ -369,7 +366,7 @@ def _real_gains(finished) -> dict[str, float]:
 def render_fig1(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
     from .experiments import FIG1_METHODS
 
-    plt = _pyplot()
+    plt = pyplot()
     datasets = list(keys)
     stats: dict[str, dict[str, list[float]]] = {}
     csv_rows = []
@@ -401,8 +398,8 @@ def render_fig1(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.set_title("Figure 1: ablations of BADR's estimator and imputation loss")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    files = [_save_png(fig, Path(opts.out) / "fig1.png"),
-             _write_csv(Path(opts.out) / "fig1.csv", ("dataset", "method", "auc_mean", "auc_std", "seeds"), csv_rows)]
+    files = [save_png(fig, Path(opts.out) / "fig1.png"),
+             write_csv(Path(opts.out) / "fig1.csv", ("dataset", "method", "auc_mean", "auc_std", "seeds"), csv_rows)]
     lines = ["# Figure 1 of the BADR paper: ablations", "", "![Figure 1](fig1.png)", "",
              "| data set | " + " | ".join(METHODS[m].label for m in FIG1_METHODS) + " |",
              "|---|" + "---|" * len(FIG1_METHODS)]
@@ -458,7 +455,7 @@ def _split_by_method(finished, keys: set) -> dict[str, set]:
 
 
 def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list[Path], str]:
-    plt = _pyplot()
+    plt = pyplot()
     datasets = list(keys)
     rates = sorted({r for d in datasets for r in keys[d]}, reverse=True)
     fig, axes = plt.subplots(len(datasets), len(rates), figsize=(3.1 * len(rates), 3.2 * len(datasets) + 0.4),
@@ -500,8 +497,8 @@ def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list
             if "badr" in finals and baseline in finals:
                 verdicts.append((ds, rate, finals["badr"] < finals[baseline], finals["badr"], finals[baseline]))
     fig.suptitle("Figure 2: loss on the unbiased data per epoch (mean over seeds)")
-    files = [_save_png(fig, Path(opts.out) / "fig2.png"),
-             _write_csv(Path(opts.out) / "fig2.csv", ("dataset", "rate", "method", "epoch", "test_loss", "seeds"),
+    files = [save_png(fig, Path(opts.out) / "fig2.png"),
+             write_csv(Path(opts.out) / "fig2.csv", ("dataset", "rate", "method", "epoch", "test_loss", "seeds"),
                         csv_rows)]
     text = "\n".join(["# Figure 2 of the BADR paper: loss on the unbiased data", "", "![Figure 2](fig2.png)", "",
                       "The cross-entropy of the prediction model on the test pairs (the unbiased data), recorded per "
@@ -517,7 +514,7 @@ def render_fig2(finished, keys: dict[str, dict[float, set]], opts) -> tuple[list
 
 # ---------------------------------------------------------------------------------------- Figure 3
 def render_fig3(finished, keys: dict[str, dict[int, set]], opts) -> tuple[list[Path], str]:
-    plt = _pyplot()
+    plt = pyplot()
     datasets = list(keys)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
     csv_rows, verdicts, table = [], [], []
@@ -554,8 +551,8 @@ def render_fig3(finished, keys: dict[str, dict[int, set]], opts) -> tuple[list[P
             verdicts.append((ds, worst[0] == full, medium[0] <= best[0] <= medium[1] and best[0] != full, best, worst,
                              medium))
     fig.suptitle("Figure 3: BADR's AUC against the batch size")
-    files = [_save_png(fig, Path(opts.out) / "fig3.png"),
-             _write_csv(Path(opts.out) / "fig3.csv", ("dataset", "batch_size", "full", "auc_mean", "auc_std", "seeds"),
+    files = [save_png(fig, Path(opts.out) / "fig3.png"),
+             write_csv(Path(opts.out) / "fig3.csv", ("dataset", "batch_size", "full", "auc_mean", "auc_std", "seeds"),
                         csv_rows)]
     lines = ["# Figure 3 of the BADR paper: batch size", "", "![Figure 3](fig3.png)", "",
              "| data set | AUC by batch size |", "|---|---|"] + table + ["", "## The paper's claims", ""]
@@ -583,7 +580,7 @@ def _default_batch_size(ds: str) -> Optional[int]:
 
 # ---------------------------------------------------------------------------------------- Figure 4
 def render_fig4(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
-    plt = _pyplot()
+    plt = pyplot()
     datasets = list(keys)
     panels = (("propensity", "propensity_loss", "propensity model"),
               ("fit", "prediction_loss", "prediction model"),
@@ -614,8 +611,8 @@ def render_fig4(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
             if ax.lines:
                 ax.legend(fontsize=6)
     fig.suptitle("Figure 4: BADR's training-loss curves")
-    files = [_save_png(fig, Path(opts.out) / "fig4.png"),
-             _write_csv(Path(opts.out) / "fig4.csv", ("dataset", "seed", "model", "epoch", "loss"), csv_rows)]
+    files = [save_png(fig, Path(opts.out) / "fig4.png"),
+             write_csv(Path(opts.out) / "fig4.csv", ("dataset", "seed", "model", "epoch", "loss"), csv_rows)]
     text = "\n".join(["# Figure 4 of the BADR paper: training-loss curves", "", "![Figure 4](fig4.png)", "",
                       "The propensity model's epoch loss, and the prediction and imputation models' mean loss per "
                       "step of each epoch, per seed (history.csv).", ""] + lines + [""])
