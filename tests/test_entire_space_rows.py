@@ -15,6 +15,10 @@ from reproduce.__main__ import main
 from reproduce.methods import METHODS, TABLE3_ROWS, Method
 from reproduce.train import run_one, setup_runtime
 
+# The commands set process-wide state (threads, flush-to-zero): undone after each test, for the
+# Hypothesis tests that follow (they need IEEE subnormals).
+pytestmark = pytest.mark.usefixtures("restore_runtime")
+
 #: The seven entire-space methods: name -> Table 3 row (None: an extra row).
 ROWS = {"multi_ips": "Multi-IPS", "multi_dr": "Multi-DR", "escm2_ips": "ESCM2-IPS", "escm2_dr": "ESCM2-DR",
         "ddpo": "DDPO", "esmm": None, "escm2_badr": None}

@@ -14,6 +14,10 @@ import reproduce.__main__ as cli
 from reproduce import escm2
 from simulate import ctcvr
 
+# The commands set process-wide state (threads, flush-to-zero): undone after each test, for the
+# Hypothesis tests that follow (they need IEEE subnormals).
+pytestmark = pytest.mark.usefixtures("restore_runtime")
+
 # A small world with high rates: 20k exposures hold ~800 conversions, so every AUC is defined.
 SETTINGS = dict(n_exposures=20_000, n_users=500, n_items=300, ctr=0.2, cvr=0.2, chunk_size=ctcvr.BLOCK)
 METHODS = "naive,esmm,escm2_ips,escm2_dr"

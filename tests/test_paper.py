@@ -208,3 +208,24 @@ def test_all_plans_the_shared_runs_once_with_the_test_loss_figure_2_needs(tmp_pa
     full = [run for run in first.values() if run.train_fraction == 1.0]
     assert {run.method.name for run in full if run.record_test_loss} == {"mf", "dr_jl", "mrdr", "dr_bias", "badr"}
     assert not any(run.record_test_loss for run in full if run.method.name in ("ips", "snips", "badr_v"))
+
+
+def test_ranking_metrics_agree_with_scikit_learn():
+    """NDCG@K against scikit-learn's ndcg_score (users with a positive item), AUC against
+    roc_auc_score, Precision@K against a count."""
+    from sklearn.metrics import ndcg_score, roc_auc_score
+
+    from reproduce.metrics import auc, ranking_at_k
+
+    rng = np.random.default_rng(3)
+    n_users, n_items = 40, 30
+    scores = rng.random((n_users, n_items))
+    labels = (rng.random((n_users, n_items)) < 0.2).astype(int)
+    labels[labels.sum(1) == 0, 0] = 1  # every user has a positive item
+    users = np.repeat(np.arange(n_users), n_items)
+    got = ranking_at_k(users, scores.ravel(), labels.ravel(), [5, 20])
+    for k in (5, 20):
+        assert got[k]["ndcg"] == pytest.approx(ndcg_score(labels, scores, k=k))
+        top = np.argsort(-scores, axis=1)[:, :k]
+        assert got[k]["precision"] == pytest.approx(np.take_along_axis(labels, top, 1).sum(1).mean() / k)
+    assert auc(scores.ravel(), labels.ravel()) == pytest.approx(roc_auc_score(labels.ravel(), scores.ravel()))

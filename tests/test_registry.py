@@ -26,6 +26,10 @@ from reproduce import config as C
 from reproduce.__main__ import main
 from reproduce.table import read_results
 
+# The commands set process-wide state (threads, flush-to-zero): undone after each test, for the
+# Hypothesis tests that follow (they need IEEE subnormals).
+pytestmark = pytest.mark.usefixtures("restore_runtime")
+
 CAP = 4.0
 
 
