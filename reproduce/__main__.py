@@ -237,7 +237,8 @@ def cmd_paper(args: argparse.Namespace) -> int:
     for name, files, _, seconds in parts:
         print(f"{name}: {seconds:.0f}s, wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
     if args.command == "all":
-        path = write_report(opts.out, [(n, text) for n, _, text, _ in parts], {n: s for n, _, _, s in parts})
+        path = write_report(opts.out, [(n, text) for n, _, text, _ in parts],
+                            None if args.table_only else {n: s for n, _, _, s in parts})
         print(f"wrote {path}", file=sys.stderr)
     else:
         print(parts[0][2])

@@ -620,12 +620,15 @@ def render_fig4(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
     return files + [Path(opts.out) / "fig4.md"], text
 
 
-def write_report(out: Path, sections: Sequence[tuple[str, str]], seconds: dict[str, float]) -> Path:
-    """``OUT/REPORT.md``: every table and figure of the job on one page, with the time of each part."""
-    lines = ["# The BADR paper, reproduced", "",
-             "| part | seconds (training shared between parts is counted where it first ran) |", "|---|---|"]
-    lines += [f"| {name} | {seconds.get(name, 0.0):.0f} |" for name, _ in sections]
-    lines.append("")
+def write_report(out: Path, sections: Sequence[tuple[str, str]], seconds: Optional[dict[str, float]]) -> Path:
+    """``OUT/REPORT.md``: every table and figure of the job on one page, with the time each part
+    took to train (``seconds`` None: rendered from finished runs, nothing trained)."""
+    lines = ["# The BADR paper, reproduced", ""]
+    if seconds is None:
+        lines += ["Rendered from the finished runs in results.csv (`--table-only`: nothing trained).", ""]
+    else:
+        lines += ["| part | seconds (a run shared by parts is trained, and counted, in the first) |", "|---|---|"]
+        lines += [f"| {name} | {seconds.get(name, 0.0):.0f} |" for name, _ in sections] + [""]
     for _, text in sections:  # each part's headings one level down, under the page's title
         lines += [re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M), ""]
     path = out / "REPORT.md"
