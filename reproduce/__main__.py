@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--propensity-cache", metavar="DIR",
                     help="where trials share their propensity fits (default OUT/propensity-cache)")
     tu.add_argument("--no-propensity-cache", action="store_true", help="fit the propensity model in every trial")
+    tu.add_argument("--train-fraction", type=_fraction, default=1.0, metavar="F",
+                    help="train each validation run on this share of the clicked training pairs, drawn by its seed "
+                         "as table3 --train-fraction does (e.g. to tune for a sampling rate of Tables 4 and 5; "
+                         "default 1)")
     tu.add_argument("--jobs", type=_positive, default=1,
                     help="validation runs trained at once, in worker processes (default 1); each worker uses "
                          "--threads threads (default: the cores divided by the jobs); the choice does not depend on it")
@@ -263,6 +267,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         extra["data"] = data.fingerprint()
     if device != "cpu":
         extra["device"] = device
+    if args.train_fraction < 1:
+        extra["train_fraction"] = args.train_fraction
     start = time.perf_counter()
 
     def on_trial(trial, params, score):
@@ -293,7 +299,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
               "those with the same settings are reused", file=sys.stderr)
     best, best_auc = tune(data, cfg, method, candidates, max_epochs=args.max_epochs, n_seeds=args.tune_seeds,
                           on_trial=on_trial, log=log, jobs=args.jobs, threads=args.threads, device=device,
-                          extra=extra,
+                          extra=extra, train_fraction=args.train_fraction,
                           propensity_cache=None if args.no_propensity_cache else PropensityCache(
                               args.propensity_cache or out / "propensity-cache"))
     print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s; runs in {log})")

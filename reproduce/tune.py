@@ -97,11 +97,12 @@ def tune(data: CVRData, cfg: Config, method: Method, candidates: Sequence[dict[s
          propensity_cache: Optional[PropensityCache] = None,
          log: Optional[str | os.PathLike] = None, jobs: int = 1,
          threads: Optional[int] = None, device: str = "cpu",
-         extra: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], float]:
+         extra: Optional[dict[str, Any]] = None, train_fraction: float = 1.0) -> tuple[dict[str, Any], float]:
     """Best ``(params, validation AUC)`` over ``candidates`` (trial ``t`` is ``candidates[t]``).
 
     ``device`` is where the runs train; ``extra`` goes into their signatures
-    (:func:`reproduce.config.run_signature`).
+    (:func:`reproduce.config.run_signature`); ``train_fraction`` below 1 trains each run on that
+    share of the clicked training pairs, drawn by its seed as ``table3 --train-fraction`` does.
 
     Trials that share propensity settings share their fits through ``propensity_cache``; runs
     found in ``log`` (a CSV of :data:`reproduce.table.TUNE_COLUMNS`) are reused, new ones appended.
@@ -130,7 +131,7 @@ def tune(data: CVRData, cfg: Config, method: Method, candidates: Sequence[dict[s
                 key = (data.name, method.name, seed, sig)
                 if key not in done and key not in seen:
                     seen.add(key)
-                    todo.append((params, seed, trial, sig, False))
+                    todo.append((params, seed, trial, sig, False, train_fraction))
         shared = (data, cfg, method, max_epochs, propensity_cache, device)
         for n, row in enumerate(in_workers(_validation_run, todo, jobs, threads, shared), 1):
             record(row)
@@ -144,7 +145,7 @@ def tune(data: CVRData, cfg: Config, method: Method, candidates: Sequence[dict[s
             row = done.get((data.name, method.name, seed, sig))
             if row is None:
                 row = _validation_run(data, cfg, method, max_epochs, propensity_cache, device, params, seed, trial,
-                                      sig)
+                                      sig, train_fraction=train_fraction)
                 record(row)
             if row["status"] == "diverged":
                 aucs.append(-math.inf)  # a learning rate too large for this method
@@ -162,9 +163,11 @@ def tune(data: CVRData, cfg: Config, method: Method, candidates: Sequence[dict[s
 
 def _validation_run(data: CVRData, cfg: Config, method: Method, max_epochs: int,
                     propensity_cache: Optional[PropensityCache], device: str, params: dict[str, Any], seed: int,
-                    trial: int, sig: str, show_progress: bool = True) -> dict[str, Any]:
+                    trial: int, sig: str, show_progress: bool = True, train_fraction: float = 1.0) -> dict[str, Any]:
     """One training run scored on the validation split, as a row of the tuning log (the arguments
     shared by a search's runs first, for :func:`reproduce.runs.in_workers`)."""
+    if train_fraction < 1:
+        data = data.subsample(train_fraction, seed)
     row = {"dataset": data.name, "method": method.name, "seed": seed, "max_epochs": max_epochs, "signature": sig,
            "threads": torch.get_num_threads(), "trial": trial, "params": json.dumps(params, sort_keys=True)}
     return {**row, **run_or_diverged(data, cfg, method, params, seed, max_epochs=max_epochs, split="val",

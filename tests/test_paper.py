@@ -229,3 +229,18 @@ def test_ranking_metrics_agree_with_scikit_learn():
         top = np.argsort(-scores, axis=1)[:, :k]
         assert got[k]["precision"] == pytest.approx(np.take_along_axis(labels, top, 1).sum(1).mean() / k)
     assert auc(scores.ravel(), labels.ravel()) == pytest.approx(roc_auc_score(labels.ravel(), scores.ravel()))
+
+
+def test_tune_at_a_sampling_rate(data_dir, tmp_path, monkeypatch):
+    """``tune --train-fraction F`` trains each validation run on F of the clicked pairs (drawn by
+    its seed), as a run of Tables 4 / 5 at that rate; its runs are other runs than at full data."""
+    import reproduce.tune as T
+
+    sizes = []
+    real = T.run_or_diverged
+    monkeypatch.setattr(T, "run_or_diverged", lambda data, *a, **k: sizes.append(len(data.x_train)) or real(data, *a, **k))
+    argv = ["tune", "mf", "coat", "--trials", "1", "--max-epochs", "1", "--dry-run", "--data-dir", str(data_dir),
+            "--out", str(tmp_path)]
+    assert main(argv + ["--train-fraction", "0.5"]) == 0 and main(argv) == 0
+    assert sizes[0] == round(0.5 * sizes[1])
+    assert len({r["signature"] for r in read_results(tmp_path / "tune" / "coat-mf.csv")}) == 2
