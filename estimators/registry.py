@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from torch import Tensor
 
@@ -191,57 +191,67 @@ class EntireSpaceSpec:
         return self.function(outputs["ctr"], outputs["cvr"], o, r, **extra, **{**self.params, **params})
 
 
+Entry = TypeVar("Entry")
+
+
+class Registry(dict[str, Entry]):
+    """The entries of one concept by name: a dict that takes each name once (:meth:`register`) and
+    names the registered ones when asked for another (:meth:`entry`)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def register(self, entry: Entry) -> Entry:
+        """Add ``entry`` under its ``name``; ``ValueError`` if the name is taken."""
+        if entry.name in self:
+            raise ValueError(f"{self.kind} {entry.name!r} is registered already")
+        self[entry.name] = entry
+        return entry
+
+    def entry(self, name: str) -> Entry:
+        """The entry called ``name``; ``ValueError`` listing the registered names."""
+        if name not in self:
+            raise ValueError(f"unknown {self.kind} {name!r}; expected one of {', '.join(self)}")
+        return self[name]
+
+
 #: Estimators of the ideal loss, by name.
-ESTIMATORS: dict[str, EstimatorSpec] = {}
+ESTIMATORS: Registry[EstimatorSpec] = Registry("estimator")
 #: Imputation-model losses, by name.
-IMPUTATION_LOSSES: dict[str, ImputationLossSpec] = {}
+IMPUTATION_LOSSES: Registry[ImputationLossSpec] = Registry("imputation loss")
 #: Entire-space multi-task objectives, by name.
-ENTIRE_SPACE: dict[str, EntireSpaceSpec] = {}
+ENTIRE_SPACE: Registry[EntireSpaceSpec] = Registry("entire-space objective")
 
 
 def register_estimator(entry: EstimatorSpec) -> EstimatorSpec:
     """Add ``entry`` to :data:`ESTIMATORS` (a name can be registered once)."""
-    if entry.name in ESTIMATORS:
-        raise ValueError(f"estimator {entry.name!r} is registered already")
-    ESTIMATORS[entry.name] = entry
-    return entry
+    return ESTIMATORS.register(entry)
 
 
 def register_imputation_loss(entry: ImputationLossSpec) -> ImputationLossSpec:
     """Add ``entry`` to :data:`IMPUTATION_LOSSES` (a name can be registered once)."""
-    if entry.name in IMPUTATION_LOSSES:
-        raise ValueError(f"imputation loss {entry.name!r} is registered already")
-    IMPUTATION_LOSSES[entry.name] = entry
-    return entry
+    return IMPUTATION_LOSSES.register(entry)
 
 
 def register_entire_space(entry: EntireSpaceSpec) -> EntireSpaceSpec:
     """Add ``entry`` to :data:`ENTIRE_SPACE` (a name can be registered once)."""
-    if entry.name in ENTIRE_SPACE:
-        raise ValueError(f"entire-space objective {entry.name!r} is registered already")
-    ENTIRE_SPACE[entry.name] = entry
-    return entry
-
-
-def get_entire_space(name: str) -> EntireSpaceSpec:
-    """The entry of entire-space objective ``name``; ``ValueError`` listing the registered names."""
-    if name not in ENTIRE_SPACE:
-        raise ValueError(f"unknown entire-space objective {name!r}; expected one of {', '.join(ENTIRE_SPACE)}")
-    return ENTIRE_SPACE[name]
+    return ENTIRE_SPACE.register(entry)
 
 
 def get_estimator(name: str) -> EstimatorSpec:
     """The entry of estimator ``name``; ``ValueError`` listing the registered names."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
-    return ESTIMATORS[name]
+    return ESTIMATORS.entry(name)
 
 
 def get_imputation_loss(name: str) -> ImputationLossSpec:
     """The entry of imputation loss ``name``; ``ValueError`` listing the registered names."""
-    if name not in IMPUTATION_LOSSES:
-        raise ValueError(f"unknown imputation loss {name!r}; expected one of {', '.join(IMPUTATION_LOSSES)}")
-    return IMPUTATION_LOSSES[name]
+    return IMPUTATION_LOSSES.entry(name)
+
+
+def get_entire_space(name: str) -> EntireSpaceSpec:
+    """The entry of entire-space objective ``name``; ``ValueError`` listing the registered names."""
+    return ENTIRE_SPACE.entry(name)
 
 
 for _entry in (

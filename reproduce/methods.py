@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, get_entire_space, get_estimator,
-                                 get_imputation_loss)
+from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, Registry, get_entire_space,
+                                 get_estimator, get_imputation_loss)
 
 # Config keys by role.  `lr` / `weight_decay` are the prediction model's Adam settings.
 _PRED = ("lr", "weight_decay")
@@ -113,7 +113,9 @@ def _es(name, label, table3_row, description) -> Method:
     return Method(name, label, None, None, table3_row, description, entire_space=name)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
+#: The methods, by name.
+METHODS: Registry[Method] = Registry("method")
+for _method in (
     _m("mf", "MF", "naive", None, "MF", "naive estimator (eq. 2), no debiasing"),
     _m("ips", "IPS", "ips", None, "IPS", "inverse propensity scoring (eq. 3)"),
     _m("snips", "SNIPS", "snips", None, "SNIPS", "self-normalised IPS per batch (eq. 37)"),
@@ -134,7 +136,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _es("ddpo", "DDPO", "DDPO", "click and conversion propensity towers, CVR loss over both spaces (our reading)"),
     _es("esmm", "ESMM", None, "extra row: CTR + CTCVR cross-entropies over the exposures (ESCM2 eq. 5)"),
     _es("escm2_badr", "ESCM2-BADR", None, "extra row: ESMM + lambda_c * BADR CVR and imputation risks"),
-)}
+):
+    METHODS.register(_method)
+
 
 #: Every row of the paper's Table 3, in its order.
 TABLE3_ROWS: tuple[str, ...] = (
@@ -167,16 +171,12 @@ TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")
 
 def register_method(method: Method) -> Method:
     """Add ``method`` to :data:`METHODS` (a name can be registered once)."""
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} is registered already")
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method)
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
-    return METHODS[name]
+    """The method called ``name``; ``ValueError`` listing the registered names."""
+    return METHODS.entry(name)
 
 
 def parse_methods(text: str) -> list[Method]:
