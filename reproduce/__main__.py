@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--no-propensity-cache", action="store_true", help="fit the propensity model in every trial")
     tu.add_argument("--train-fraction", type=_fraction, default=1.0, metavar="F",
                     help="train each validation run on this share of the clicked training pairs, drawn by its seed "
-                         "as table3 --train-fraction does (e.g. to tune for a sampling rate of Tables 4 and 5; "
-                         "default 1)")
+                         "as table3 --train-fraction does, and write the values to OUT/configs/DATASET@F.json, which "
+                         "the runs at that rate read (Tables 4 and 5, with --config-dir OUT/configs); default 1")
     tu.add_argument("--jobs", type=_positive, default=1,
                     help="validation runs trained at once, in worker processes (default 1); each worker uses "
                          "--threads threads (default: the cores divided by the jobs); the choice does not depend on it")
@@ -255,7 +255,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     source, method = args.dataset, args.method
     device = str(resolve_device(args.device))
     data_dir = None if source.path is not None else resolve_data_dir(args.data_dir)
-    cfg = source.config(args.config_dir)
+    cfg = source.config(args.config_dir, args.train_fraction)
     base = cfg.method_params(method)
     overrides = [k for k in PROPENSITY_KEYS if k in cfg.entry(method).params]
     if args.propensity and overrides:
@@ -285,10 +285,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         candidates = random_candidates(method, base, args.trials, args.search_seed, args.propensity)
         search = f"{args.trials} random-search trials (seed {args.search_seed},"
     out = check_folder(args.out, "--out")
-    target = out / "configs" / f"{source.name}.json"
-    saved = C.load_config(source.name, target.parent) if target.is_file() else cfg
-    # The default config standing in for a folder's data set holds placeholders, nothing to keep.
-    protect = not args.force and saved.path.stem == source.name
+    # At a sampling rate, the values go to NAME@F.json (read by the runs at that rate), a copy of
+    # the config read until a search writes there.
+    target = out / "configs" / f"{C.rate_config_name(source.name, args.train_fraction)}.json"
+    saved = C.load_config(target.stem, target.parent) if target.is_file() else cfg
+    # The default config standing in for a folder's data set holds placeholders, nothing to keep;
+    # neither does the full-data config standing in for a rate's.
+    protect = not args.force and saved.path.stem == target.stem
     if protect and not args.dry_run:  # refuse before the search, not after it
         _check_replaceable(saved, method, args.propensity, None)
     log = Path(args.log or out / "tune" / f"{source.name}-{method.name}.csv")

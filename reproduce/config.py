@@ -341,6 +341,12 @@ def _parse_entry(c: _Checker, cfg: Config, name: str, entry: Any) -> MethodEntry
     return MethodEntry(params, status, imputed)
 
 
+def rate_config_name(name: str, train_fraction: float = 1.0) -> str:
+    """The name of data set ``name``'s config for runs on a share ``train_fraction`` of the clicked
+    training pairs: ``name`` itself at 1, else ``name@F`` (``yahoo@0.4``)."""
+    return name if train_fraction >= 1 else f"{name}@{train_fraction:g}"
+
+
 def load_config(name: str, config_dir: str | os.PathLike | None = None, *, fallback: bool = False) -> Config:
     """The config of data set ``name`` from ``config_dir`` (default: the package's), checked.
 
@@ -394,8 +400,13 @@ class DataSource:
                              "or set another \"name\" in its meta.json")
         return DataSource(str(name), path.resolve())
 
-    def config(self, config_dir: str | os.PathLike | None = None) -> Config:
-        """Its config: the built-in one, or for a folder ``<name>.json`` of ``config_dir``, else the default."""
+    def config(self, config_dir: str | os.PathLike | None = None, train_fraction: float = 1.0) -> Config:
+        """Its config: the built-in one, or for a folder ``<name>.json`` of ``config_dir``, else the
+        default; for runs on a share ``train_fraction`` < 1 of the clicked pairs, ``<name>@<F>.json``
+        of ``config_dir`` where there is one (values tuned at that rate, ``tune --train-fraction``)."""
+        at_rate = rate_config_name(self.name, train_fraction)
+        if at_rate != self.name and config_path(at_rate, config_dir).is_file():
+            return load_config(at_rate, config_dir)
         return load_config(self.name, config_dir, fallback=self.path is not None)
 
     def load(self, cfg: Config, data_dir: str | os.PathLike | None) -> CVRData:

@@ -99,14 +99,15 @@ class Context:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.plan = Plan()
-        self._configs: dict[C.DataSource, C.Config] = {}
+        self._configs: dict[tuple[C.DataSource, float], C.Config] = {}
         self._fingerprints: dict[C.DataSource, str] = {}
         self._n_train: dict[C.DataSource, int] = {}
 
-    def config(self, source: C.DataSource) -> C.Config:
-        if source not in self._configs:
-            self._configs[source] = source.config(self.opts.config_dir)
-        return self._configs[source]
+    def config(self, source: C.DataSource, train_fraction: float = 1.0) -> C.Config:
+        """``source``'s config, at a sampling rate its own where ``--config-dir`` has one."""
+        if (source, train_fraction) not in self._configs:
+            self._configs[source, train_fraction] = source.config(self.opts.config_dir, train_fraction)
+        return self._configs[source, train_fraction]
 
     def n_train(self, source: C.DataSource) -> int:
         """The number of clicked training pairs (Figure 3's "full" batch)."""
@@ -123,7 +124,7 @@ class Context:
              batch_size: Optional[int] = None, record_test_loss: bool = False) -> set[tuple]:
         """Add to the plan the runs of ``methods`` on ``source`` (every seed) with these options;
         return their keys.  The signature is table3's for the same options, so runs are shared."""
-        cfg = self.config(source).with_batch_size(batch_size)
+        cfg = self.config(source, train_fraction).with_batch_size(batch_size)
         max_epochs = self.opts.max_epochs or cfg.max_epochs
         extra: dict[str, Any] = {}
         if train_fraction < 1:

@@ -137,7 +137,8 @@ def render_sparsity(finished, keys: dict[float, set], opts, table: str) -> tuple
     heads = [_METRIC_LABEL[m].format(k=k) for m in metrics]
     out = [f"# {table.capitalize()[:-1]} {table[-1]} of the BADR paper: sparsity study on {_label(ds)}", "",
            "The clicked training pairs subsampled at each rate (seeded by the run's seed; validation and test "
-           "unchanged), every method with its full-data values from the config. Ours: mean ± std over the seeds "
+           "unchanged), every method with the values of `CONFIG_DIR/DATASET@RATE.json` where there is one "
+           "(`tune --train-fraction RATE`), else its full-data values. Ours: mean ± std over the seeds "
            "(runs at chance level, final validation AUC within 0.05 of 0.5, kept and counted); paper: its mean "
            "(its std where printed).", ""]
     csv_rows, summary = [], {}

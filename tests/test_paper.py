@@ -4,6 +4,7 @@ and the claims' verdicts and the figure's baseline choice on made-up runs."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from reproduce import experiments as E
 from reproduce import report as R
 from reproduce.__main__ import main
 from reproduce.config import DataSource
+from reproduce.methods import METHODS
 from reproduce.published import SAMPLING_RATES, TABLE4
 from reproduce.table import read_history, read_results, run_key
 
@@ -244,3 +246,26 @@ def test_tune_at_a_sampling_rate(data_dir, tmp_path, monkeypatch):
     assert main(argv + ["--train-fraction", "0.5"]) == 0 and main(argv) == 0
     assert sizes[0] == round(0.5 * sizes[1])
     assert len({r["signature"] for r in read_results(tmp_path / "tune" / "coat-mf.csv")}) == 2
+
+
+def test_runs_at_a_rate_read_the_values_tuned_at_that_rate(data_dir, tmp_path):
+    """``tune --train-fraction F`` writes DATASET@F.json; the runs at rate F read it, the others not."""
+    import shutil
+
+    from reproduce import config as C
+
+    configs = tmp_path / "configs"
+    shutil.copytree(C.CONFIG_DIR, configs)
+    assert main(["tune", "mf", "coat", "--train-fraction", "0.5", "--grid", "lr=0.0123", "--max-epochs", "1",
+                 "--data-dir", str(data_dir), "--config-dir", str(configs), "--out", str(tmp_path), "--force"]) == 0
+    raw = json.loads((configs / "coat@0.5.json").read_text())
+    assert "tuned: grid" in raw["methods"]["mf"]["status"]
+    raw["methods"]["mf"]["lr"] = 0.0777  # a value no other config holds
+    (configs / "coat@0.5.json").write_text(json.dumps(raw))
+    written = raw["methods"]["mf"]
+    ctx = E.Context(E.Options(out=tmp_path, config_dir=str(configs), seeds=1))
+    at_rate = ctx.plan.runs[next(iter(ctx.runs(DataSource("coat"), [METHODS["mf"]], train_fraction=0.5)))]
+    full = ctx.plan.runs[next(iter(ctx.runs(DataSource("coat"), [METHODS["mf"]])))]
+    other = ctx.plan.runs[next(iter(ctx.runs(DataSource("coat"), [METHODS["mf"]], train_fraction=0.8)))]
+    assert at_rate.params["lr"] == written["lr"] and full.params == other.params == C.load_config("coat").method_params(
+        METHODS["mf"])
