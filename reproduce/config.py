@@ -15,7 +15,9 @@ the exposures per step and per epoch, see :mod:`reproduce.entire_space`).
 every method entry its keys, and an error names the file and the key (``coat.json:
 methods.ips.lr must be a positive number; got -0.1``).  The rest of ``reproduce`` reads the typed
 :class:`Config`.  A data set without a config of its own (a split-format folder given to
-``--datasets``) takes ``configs/default.json``.
+``--datasets``) takes ``configs/default.json``.  Runs on a share F < 1 of the clicked training
+pairs (Tables 4 and 5) read ``NAME@F.json`` where there is one: the values ``tune --train-fraction
+F`` chose at that rate on the validation split (``configs/kuairec@0.8.json`` ... ``@0.2.json``).
 """
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ class Finished:
         history = read_history(out / "history.csv")
         for key, row in rows.items():  # rows written before the chance-level check: from their history
             fit = [h for h in history.get(key, []) if h.get("stage") == "fit" and h.get("val_auc") is not None]
-            if row.get("val_auc") is None and fit and row.get("status") == "ok":
+            if row.get("val_auc") in (None, "") and fit and row.get("status") == "ok":
                 row["val_auc"] = fit[-1]["val_auc"]
                 if abs(row["val_auc"] - 0.5) < CHANCE_MARGIN:
                     row["status"] = "chance"

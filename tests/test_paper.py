@@ -269,3 +269,13 @@ def test_runs_at_a_rate_read_the_values_tuned_at_that_rate(data_dir, tmp_path):
     other = ctx.plan.runs[next(iter(ctx.runs(DataSource("coat"), [METHODS["mf"]], train_fraction=0.8)))]
     assert at_rate.params["lr"] == written["lr"] and full.params == other.params == C.load_config("coat").method_params(
         METHODS["mf"])
+
+
+def test_rows_written_before_the_chance_check_get_it_from_their_history(tmp_path):
+    from reproduce.table import COLUMNS, append_result, write_history
+
+    row = {**_row("mf", 2024, 0.51), "val_auc": ""}  # a row of an older version: no val_auc
+    append_result(tmp_path / "results.csv", row)
+    write_history(tmp_path / "history.csv", row, [{"stage": "fit", "epoch": 1, "val_auc": 0.52}])
+    assert "val_auc" in COLUMNS
+    assert next(iter(E.Finished.read(tmp_path).rows.values()))["status"] == "chance"
