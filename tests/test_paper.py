@@ -279,3 +279,16 @@ def test_rows_written_before_the_chance_check_get_it_from_their_history(tmp_path
     write_history(tmp_path / "history.csv", row, [{"stage": "fit", "epoch": 1, "val_auc": 0.52}])
     assert "val_auc" in COLUMNS
     assert next(iter(E.Finished.read(tmp_path).rows.values()))["status"] == "chance"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["tune", "mf", "coat", "--trials", "1", "--train-fraction", "0"], "(0, 1]"),
+    (["tune", "mf", "coat", "--trials", "1", "--train-fraction", "1.5"], "(0, 1]"),
+    (["table4", "--seeds", "0"], "positive integer"),
+    (["fig3", "--jobs", "-1"], "positive integer"),
+    (["table6", "--datasets", "no/such/folder"], "neither a built-in data set"),
+])
+def test_bad_options_of_the_new_commands(argv, match, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2 and match in capsys.readouterr().err
