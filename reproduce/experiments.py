@@ -103,6 +103,13 @@ class Context:
         self._fingerprints: dict[C.DataSource, str] = {}
         self._n_train: dict[C.DataSource, int] = {}
 
+    def fresh(self) -> "Context":
+        """A context with an empty plan that shares this one's configs and data-set facts (each
+        read once per job, not once per part)."""
+        other = Context(self.opts)
+        other._configs, other._fingerprints, other._n_train = self._configs, self._fingerprints, self._n_train
+        return other
+
     def config(self, source: C.DataSource, train_fraction: float = 1.0) -> C.Config:
         """``source``'s config, at a sampling rate its own where ``--config-dir`` has one."""
         if (source, train_fraction) not in self._configs:
@@ -335,7 +342,7 @@ def run_experiments(names: Sequence[str], opts: Options) -> list[tuple[str, list
     done = []
     for name in names:
         start = time.perf_counter()
-        ctx = Context(opts)
+        ctx = union.fresh()
         keys = registry[name].plan(ctx)
         ctx.plan.runs = {key: union.plan.runs[key] for key in ctx.plan.runs}
         execute(ctx)
