@@ -42,6 +42,7 @@ from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imput
                          mrdr_imputation_loss)
 from .loss import badr, dr, eib, ips, naive, snips
 from .multitask import ddpo_loss, escm2_loss, esmm_loss, multi_dr_loss, multi_ips_loss
+from .propensity_free import cvib_loss, damf_loss, dib_loss
 
 #: The arguments an entry's function may read, in the order it takes them.
 INPUTS = ("e", "e_hat", "o", "p_hat")
@@ -191,6 +192,38 @@ class EntireSpaceSpec:
         return self.function(outputs["ctr"], outputs["cvr"], o, r, **extra, **{**self.params, **params})
 
 
+@dataclass(frozen=True)
+class PropensityFreeSpec:
+    """A propensity-free method (:mod:`estimators.propensity_free`: CVIB, DIB, DAMF): no propensity
+    and no imputation model, its own objective on the clicked pairs B (and pairs U drawn from all
+    pairs).
+
+    ``function`` is the objective's loss (its arguments are the method's own; see each
+    function).  ``model`` names the model class that computes it in the training layer
+    (:data:`estimators.training.propensity_free.MODELS`).  ``params``: the scalar parameters with
+    their defaults (the published reference setting), of which ``model_params`` configure the
+    model's construction rather than the loss.  ``needs_u``: each step draws ``G * |B|`` pairs U
+    uniformly from all pairs.
+    """
+
+    name: str
+    equation: str
+    description: str
+    function: Callable[..., Any]
+    model: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    needs_u: bool = False
+    model_params: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"registry names are identifiers (they name config keys and CSV rows); got {self.name!r}")
+        missing = [k for k in self.model_params if k not in self.params]
+        if missing:
+            raise ValueError(f"{self.name!r}: `model_params` {missing} need defaults in `params`")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+
 Entry = TypeVar("Entry")
 
 
@@ -222,6 +255,8 @@ ESTIMATORS: Registry[EstimatorSpec] = Registry("estimator")
 IMPUTATION_LOSSES: Registry[ImputationLossSpec] = Registry("imputation loss")
 #: Entire-space multi-task objectives, by name.
 ENTIRE_SPACE: Registry[EntireSpaceSpec] = Registry("entire-space objective")
+#: Propensity-free methods' objectives, by name.
+PROPENSITY_FREE: Registry[PropensityFreeSpec] = Registry("propensity-free objective")
 
 
 def register_estimator(entry: EstimatorSpec) -> EstimatorSpec:
@@ -239,6 +274,11 @@ def register_entire_space(entry: EntireSpaceSpec) -> EntireSpaceSpec:
     return ENTIRE_SPACE.register(entry)
 
 
+def register_propensity_free(entry: PropensityFreeSpec) -> PropensityFreeSpec:
+    """Add ``entry`` to :data:`PROPENSITY_FREE` (a name can be registered once)."""
+    return PROPENSITY_FREE.register(entry)
+
+
 def get_estimator(name: str) -> EstimatorSpec:
     """The entry of estimator ``name``; ``ValueError`` listing the registered names."""
     return ESTIMATORS.entry(name)
@@ -252,6 +292,11 @@ def get_imputation_loss(name: str) -> ImputationLossSpec:
 def get_entire_space(name: str) -> EntireSpaceSpec:
     """The entry of entire-space objective ``name``; ``ValueError`` listing the registered names."""
     return ENTIRE_SPACE.entry(name)
+
+
+def get_propensity_free(name: str) -> PropensityFreeSpec:
+    """The entry of propensity-free objective ``name``; ``ValueError`` listing the registered names."""
+    return PROPENSITY_FREE.entry(name)
 
 
 for _entry in (
@@ -307,4 +352,17 @@ for _entry in (
                     {"gamma": 0.05, "lambda_c": 1.0, "lambda_p": 1.0, "lambda_g": 0.0}),
 ):
     register_entire_space(_entry)
+
+for _entry in (
+    PropensityFreeSpec("cvib", "Wang et al. 2020: factual risk + alpha * contrastive information loss + gamma * "
+                       "output confidence penalty", "CVIB: counterfactual variational information bottleneck",
+                       cvib_loss, "CVIBMF", {"alpha": 1.0, "gamma": 1e-5}, needs_u=True),
+    PropensityFreeSpec("dib", "Liu et al. 2021, eq. (3) in its Section 5 form", "DIB: debiased information "
+                       "bottleneck, unbiased and biased embeddings, prediction from the unbiased", dib_loss, "DIBMF",
+                       {"alpha": 0.09, "gamma": 0.11}),
+    PropensityFreeSpec("damf", "Saito and Nomura 2022: naive risk + beta * propensity matrix divergence",
+                       "DAMF: domain-adversarial MF, a second MF maximises the divergence", damf_loss, "DAMFMF",
+                       {"beta": 0.05, "lambda_pmd": 0.1}, needs_u=True, model_params=("lambda_pmd",)),
+):
+    register_propensity_free(_entry)
 del _entry

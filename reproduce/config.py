@@ -100,6 +100,10 @@ PARAM_RULES: dict[str, Any] = {
     "prop_batch_size": "int", "prop_lr": (0.0, math.inf, True), "prop_weight_decay": (0.0, math.inf, False),
     # the entire-space objectives' weights (estimators.registry.ENTIRE_SPACE): finite, >= 0
     "lambda_c": (0.0, math.inf, False), "lambda_g": (0.0, math.inf, False), "lambda_p": (0.0, math.inf, False),
+    # the propensity-free objectives' parameters (estimators.registry.PROPENSITY_FREE), prefixed by the objective
+    "cvib_alpha": (0.0, math.inf, False), "cvib_gamma": (0.0, math.inf, False),
+    "dib_alpha": (0.0, math.inf, False), "dib_gamma": (0.0, 1.0, False),
+    "damf_beta": (0.0, math.inf, False), "damf_lambda_pmd": (0.0, math.inf, False),
 }
 
 
@@ -205,6 +209,8 @@ class Config:
         imputed error's form."""
         if method.entire_space is not None:  # its own protocol: no pseudo-labels, exact cross-entropies
             return self.entire_space.option()
+        if method.propensity_free is not None:  # no imputation: the factual cross-entropy's form only
+            return {"cross_entropy": self.cross_entropy}
         options = {"cross_entropy": self.cross_entropy, "imputation": self.imputation}
         if method.imputation_loss is not None:
             options["sampling"] = self.sampling
@@ -229,8 +235,9 @@ def run_signature(cfg: Config, method: Method, params: Mapping[str, Any], max_ep
              "dim": cfg.dim, "batch_size": cfg.batch_size, "k": cfg.k,
              "propensity_max_epochs": cfg.propensity_max_epochs, "propensity_loss": cfg.propensity_loss,
              "early_stopping": {"tol": cfg.early_stopping.tol, "patience": cfg.early_stopping.patience}}
-    what = ([method.estimator, method.imputation_loss] if method.entire_space is None
-            else ["entire_space", method.entire_space])
+    what = (["entire_space", method.entire_space] if method.entire_space is not None
+            else ["propensity_free", method.propensity_free] if method.propensity_free is not None
+            else [method.estimator, method.imputation_loss])
     blob = {"fixed": fixed, "options": cfg.run_options(method), "method": what, "params": dict(params),
             "max_epochs": max_epochs}
     if extra:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, Registry, get_entire_space,
-                                 get_estimator, get_imputation_loss)
+from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, PropensityFreeSpec, Registry,
+                                 get_entire_space, get_estimator, get_imputation_loss, get_propensity_free)
 
 # Config keys by role.  `lr` / `weight_decay` are the prediction model's Adam settings.
 _PRED = ("lr", "weight_decay")
@@ -37,7 +37,8 @@ PROPENSITY_KEYS = ("prop_batch_size", "prop_lr", "prop_weight_decay")
 @dataclass(frozen=True)
 class Method:
     """One trainable method: prediction estimator + imputation loss + the config keys it reads, or
-    (``entire_space`` set, ``estimator`` and ``imputation_loss`` None) an entire-space objective."""
+    (``entire_space`` or ``propensity_free`` set, ``estimator`` and ``imputation_loss`` None) an
+    entire-space objective or a propensity-free method's objective."""
 
     name: str                       # CLI / CSV / config name
     label: str                      # row label in the table
@@ -46,8 +47,16 @@ class Method:
     table3_row: Optional[str]       # row of the paper's Table 3, None for the other rows (ablations, extras)
     description: str
     entire_space: Optional[str] = None  # an estimators.registry.ENTIRE_SPACE name: the whole training objective
+    propensity_free: Optional[str] = None  # an estimators.registry.PROPENSITY_FREE name: model and objective
 
     def __post_init__(self) -> None:
+        if self.propensity_free is not None:
+            get_propensity_free(self.propensity_free)
+            if self.estimator is not None or self.imputation_loss is not None or self.entire_space is not None:
+                raise ValueError(f"method {self.name!r}: a propensity-free method (objective "
+                                 f"{self.propensity_free!r}) takes no estimator, imputation loss or entire-space "
+                                 "objective")
+            return
         if self.entire_space is not None:
             get_entire_space(self.entire_space)
             if self.estimator is not None or self.imputation_loss is not None:
@@ -77,19 +86,37 @@ class Method:
         return None if self.entire_space is None else get_entire_space(self.entire_space)
 
     @property
+    def propensity_free_spec(self) -> Optional[PropensityFreeSpec]:
+        return None if self.propensity_free is None else get_propensity_free(self.propensity_free)
+
+    @property
+    def objective_keys(self) -> dict[str, str]:
+        """A propensity-free method's config keys for its objective's parameters, each the
+        parameter's name prefixed with the objective's (``cvib_alpha`` for CVIB's ``alpha``: the
+        papers reuse ``alpha`` and ``gamma``, which other methods' configs already name), mapped to
+        the parameter.  Empty for the other methods."""
+        spec = self.propensity_free_spec
+        return {} if spec is None else {f"{spec.name}_{p}": p for p in spec.params}
+
+    @property
     def uses_propensity(self) -> bool:
         """Whether the estimator reads propensities (so a run fits a propensity model).  False for
-        the entire-space methods: their CTR tower is the propensity, no model is fitted before."""
-        return self.entire_space is None and self.estimator_spec.uses_propensity
+        the entire-space methods (their CTR tower is the propensity, no model is fitted before)
+        and the propensity-free ones."""
+        return self.estimator is not None and self.estimator_spec.uses_propensity
 
     @property
     def keys(self) -> tuple[str, ...]:
         """Config keys this method reads: the prediction model's, the clipping and propensity
         model's where the estimator reads propensities, the imputation model's where it has one and
         the imputation loss's own parameters (DR-MSE's ``alpha``).  An entire-space method reads
-        the prediction keys (Adam's, for all its towers) and its objective's parameters."""
+        the prediction keys (Adam's, for all its towers) and its objective's parameters; a
+        propensity-free one the prediction keys (Adam's, for its whole model), ``G`` where it
+        samples pairs U, and its objective's parameters."""
         if self.entire_space is not None:
             return _PRED + tuple(self.entire_space_spec.params)
+        if self.propensity_free is not None:
+            return _PRED + (("G",) if self.propensity_free_spec.needs_u else ()) + tuple(self.objective_keys)
         keys = _PRED
         if self.uses_propensity:
             keys += ("gamma",) + PROPENSITY_KEYS
@@ -106,6 +133,11 @@ class Method:
 
 def _m(name, label, estimator, imputation_loss, table3_row, description) -> Method:
     return Method(name, label, estimator, imputation_loss, table3_row, description)
+
+
+def _pf(name, label, table3_row, description) -> Method:
+    """A propensity-free method: the PROPENSITY_FREE objective of the same name."""
+    return Method(name, label, None, None, table3_row, description, propensity_free=name)
 
 
 def _es(name, label, table3_row, description) -> Method:
@@ -129,6 +161,10 @@ for _method in (
     _m("badr_b", "BADR-B", "badr", "dr_bias", None, "Fig. 1(b): BADR estimator + DR-BIAS imputation loss"),
     _m("badr_m", "BADR-M", "badr", "dr_mse", None, "Fig. 1(b): BADR estimator + DR-MSE imputation loss"),
     # The multi-task rows, debiasing components only (BADR footnote 6) on the MF backbone.
+    # The propensity-free rows on the MF backbone.
+    _pf("cvib", "CVIB", "CVIB", "MF + contrastive information loss and confidence penalty (Wang et al. 2020)"),
+    _pf("dib", "DIB", "DIB", "MF with unbiased and biased embeddings, information bottleneck (Liu et al. 2021)"),
+    _pf("damf", "DAMF", "DAMF", "MF + beta * divergence maximised by a second MF (Saito and Nomura 2022)"),
     _es("multi_ips", "Multi-IPS", "Multi-IPS", "CTR task + IPS CVR task over the exposures (Zhang et al. 2020)"),
     _es("multi_dr", "Multi-DR", "Multi-DR", "CTR task + DR CVR task + imputation task (Zhang et al. 2020)"),
     _es("escm2_ips", "ESCM2-IPS", "ESCM2-IPS", "ESMM + lambda_c * IPS CVR risk (ESCM2 eq. 34)"),
@@ -164,6 +200,13 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "lambda_c": (0.01, 10.0, "log"),
     "lambda_g": (0.1, 10.0, "log"),
     "lambda_p": (0.1, 10.0, "log"),
+    # the propensity-free objectives: around each paper's reference setting (see estimators.propensity_free)
+    "cvib_alpha": (0.1, 2.0, "log"),       # the authors' sensitivity grid {0.1, 0.5, 1, 2}
+    "cvib_gamma": (1e-5, 1.0, "log"),      # flat over [1e-3, 1] in the authors' grid
+    "dib_gamma": (0.1, 0.2, "linear"),     # the authors' search range
+    "dib_alpha": (0.0, 0.19, "linear"),    # gamma - alpha in [0.01, 0.1] in the authors' search
+    "damf_beta": (0.01, 1.0, "log"),       # the authors' search range
+    "damf_lambda_pmd": (0.01, 1.0, "log"),  # fixed at 0.1 by the authors
 }
 #: Propensity keys searched by ``tune --propensity``; the batch size stays the config's.
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")

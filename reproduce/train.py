@@ -54,6 +54,12 @@
    paper's ranges rarely drew.
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
 
+The propensity-free methods (:attr:`reproduce.methods.Method.propensity_free`: CVIB, DIB, DAMF)
+skip step 2: step 3 trains their own model and objective
+(:class:`estimators.training.PropensityFreeLearner`, pairs U drawn uniformly from all pairs
+where the objective reads them) with the same loop, early stopping on the factual cross-entropy
+of the clicked pairs (weights 1, the MF row's monitor), history and evaluation.
+
 The entire-space methods (:attr:`reproduce.methods.Method.entire_space`: ESMM, Multi-IPS / -DR,
 ESCM2-IPS / -DR / -BADR, DDPO) skip steps 2-3: :func:`run_one` hands them to
 :func:`reproduce.entire_space.run_entire_space`, which trains the MF backbone's towers over the
@@ -82,8 +88,8 @@ import torch
 
 from cvrdata import CVRData
 from estimators import backend
-from estimators.training import (Diverged, EpochStats, JointConfig, JointLearner, PropensityModel, fit,
-                                 fit_propensity, propensity_table)
+from estimators.training import (Diverged, EpochStats, JointConfig, JointLearner, PropensityFreeConfig,
+                                 PropensityFreeLearner, PropensityModel, fit, fit_propensity, propensity_table)
 
 from .config import Config
 from .files import replace_with
@@ -344,16 +350,24 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         rows += [{"stage": "propensity", "epoch": e, "propensity_loss": loss}
                  for e, loss in enumerate(prop_losses, start=1)]
         p_hat = p_hat.clamp(params["gamma"], 1.0)
-    else:  # MF: no propensity model; w = 1 everywhere
+    elif method.propensity_free is None:  # MF: no propensity model; w = 1 everywhere
         p_hat = torch.ones(data.n_users, data.n_items, device=device)
     prop_seconds = time.perf_counter() - start
 
-    needs_imp = method.imputation_loss is not None
-    jcfg = JointConfig(estimator=method.estimator, imputation_loss=method.imputation_loss, dim=cfg.dim,
-                       G=int(params["G"]) if needs_imp else 1, lr=params["lr"], weight_decay=params["weight_decay"],
-                       imp_lr=params.get("imp_lr", 0.02), imp_weight_decay=params.get("imp_weight_decay", 0.0),
-                       alpha=params.get("alpha", 0.5), **cfg.run_options(method))
-    learner = JointLearner(p_hat, jcfg, generator=generator)
+    if method.propensity_free is not None:  # its own model and objective on the clicked pairs (and U)
+        pcfg = PropensityFreeConfig(method.propensity_free, cfg.dim, int(params.get("G", 1)), params["lr"],
+                                    params["weight_decay"],
+                                    params={p: params[key] for key, p in method.objective_keys.items()},
+                                    **cfg.run_options(method))
+        learner = PropensityFreeLearner(data.n_users, data.n_items, pcfg, generator=generator, device=device)
+    else:
+        needs_imp = method.imputation_loss is not None
+        jcfg = JointConfig(estimator=method.estimator, imputation_loss=method.imputation_loss, dim=cfg.dim,
+                           G=int(params["G"]) if needs_imp else 1, lr=params["lr"],
+                           weight_decay=params["weight_decay"], imp_lr=params.get("imp_lr", 0.02),
+                           imp_weight_decay=params.get("imp_weight_decay", 0.0), alpha=params.get("alpha", 0.5),
+                           **cfg.run_options(method))
+        learner = JointLearner(p_hat, jcfg, generator=generator)
     x = torch.from_numpy(data.x_train).to(device)
     users, items, r = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train).to(device)
 

@@ -43,3 +43,14 @@ def test_readme_gives_three_command_lines_used_by_ci():
     assert main_job.startswith("python -m reproduce table3")
     ci = (REPO / ".ci" / "run").read_text()
     assert "README.md" in ci and "sed -n 1p" in ci and "sed -n 2p" in ci
+
+
+def test_readme_section_examples_run():
+    """The examples of the "Entire-space losses" and "Propensity-free losses" sections run as written."""
+    for title, expect in (("### Entire-space losses", r"^escm2_badr loss \d"),
+                          ("### Propensity-free losses", r"^damf: \d+ epochs, factual loss \d\.\d{4}$")):
+        section = README.split(title, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+        block = re.findall(r"^```python\n(.*?)^```$", section, flags=re.S | re.M)[0]
+        out = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert re.search(expect, out.stdout, flags=re.M), out.stdout

@@ -11,6 +11,7 @@ from .losses import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLos
                      imputation_loss, imputation_loss_and_grads, prediction_loss, prediction_loss_and_grads)
 from .models import ESCM2, MF, MMoE, EntireSpaceMF, PropensityModel, TwoTower
 from .propensity import PROPENSITY_LOSSES, fit_propensity, propensity_table
+from .propensity_free import PropensityFreeConfig, PropensityFreeLearner, PropensityFreeModel
 
 __all__ = [
     "EarlyStopping", "Diverged", "EpochStats", "fit", "gather_dot", "SAMPLINGS", "JointConfig", "JointLearner",
@@ -19,4 +20,5 @@ __all__ = [
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
     "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
+    "PropensityFreeConfig", "PropensityFreeLearner", "PropensityFreeModel",
 ]

@@ -61,6 +61,46 @@ def _real(value, name: str, low: float, high: float = math.inf, *, open_low: boo
         raise ValueError(f"`{name}` must be a finite number in {interval}; got {value!r}")
 
 
+def uniform_pairs(n_users: int, n_items: int, n: int, generator: Optional[torch.Generator],
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """``n`` user-item pairs drawn independently and uniformly from all pairs (with replacement),
+    returned in ascending user order.
+
+    The users are sorted by a counting sort and each paired with the next item draw: still n
+    independent uniform pairs, since the items are independent of the users (the losses are sums
+    over the pairs).  Ordered users make every pass over the pairs read the user tables front to
+    back (Yahoo! R3: 15.4k rows of 64 floats, which do not fit in L2) instead of at random: a
+    quarter off a step.
+    """
+    users = torch.randint(n_users, (n,), generator=generator, device=device)
+    items = torch.randint(n_items, (n,), generator=generator, device=device)
+    users = torch.repeat_interleave(torch.bincount(users, minlength=n_users))
+    return users, items
+
+
+def check_clicked_batch(users: Tensor, items: Tensor, r: Tensor, n_users: int, n_items: int,
+                        device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``(users, items, r)`` is a clicked batch: non-empty 1-D tensors of
+    one shape on ``device``, int64 ids in ``0..n_users - 1`` / ``0..n_items - 1``, 0/1 labels."""
+    if not all(isinstance(t, Tensor) for t in (users, items, r)):
+        raise ValueError("`users`, `items` and `r` must be tensors")
+    if not (users.shape == items.shape == r.shape) or users.dim() != 1 or users.numel() == 0:
+        raise ValueError(f"`users`, `items` and `r` must be non-empty 1-D tensors of one shape; got "
+                         f"{tuple(users.shape)}, {tuple(items.shape)}, {tuple(r.shape)}")
+    for name, ids, size in (("users", users, n_users), ("items", items, n_items)):
+        if ids.dtype != torch.int64:
+            raise ValueError(f"`{name}` must be int64 ids; got {ids.dtype} (convert with `.long()`)")
+        if ids.device != device:
+            raise ValueError(f"`{name}` is on {ids.device} but the learner trains on {device}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"`{name}` holds id {bad}, outside 0..{size - 1} (the "
+                             f"{'rows' if name == 'users' else 'columns'} of the user-item matrix)")
+    if not bool(((r == 0) | (r == 1)).all()):
+        raise ValueError("`r` (conversion labels of the clicked pairs) must hold only 0 and 1")
+
+
 @dataclass(frozen=True)
 class JointConfig:
     """Hyperparameters of one joint-learning run (names follow the BADR code's configs).
@@ -198,15 +238,7 @@ class JointLearner:
     def sample_pairs(self, n: int) -> tuple[Tensor, Tensor]:
         """``n`` user-item pairs drawn from all pairs, as ``config.sampling`` says."""
         if self.config.sampling == "uniform":
-            users = torch.randint(self.n_users, (n,), generator=self.generator, device=self.device)
-            items = torch.randint(self.n_items, (n,), generator=self.generator, device=self.device)
-            # The same users in ascending order (a counting sort), each paired with the next item
-            # draw: still n independent uniform pairs, since the items are independent of the
-            # users, and the losses are sums over U.  Ordered users make every pass over U read
-            # the user tables front to back (Yahoo! R3: 15.4k rows of 64 floats, which do not fit
-            # in L2) instead of at random: a quarter off a step.
-            users = torch.repeat_interleave(torch.bincount(users, minlength=self.n_users))
-            return users, items
+            return uniform_pairs(self.n_users, self.n_items, n, self.generator, self.device)
         total = self.n_users * self.n_items
         if n > total:
             raise ValueError(f"cannot draw {n} distinct pairs from {total}; lower G or the batch size")
@@ -220,23 +252,7 @@ class JointLearner:
     def check_batch(self, users: Tensor, items: Tensor, r: Tensor) -> None:
         """Raise ``ValueError`` unless ``(users, items, r)`` is a clicked batch :meth:`step` takes:
         non-empty 1-D tensors of one shape on the learner's device, integer ids in range, 0/1 labels."""
-        if not all(isinstance(t, Tensor) for t in (users, items, r)):
-            raise ValueError("`users`, `items` and `r` must be tensors")
-        if not (users.shape == items.shape == r.shape) or users.dim() != 1 or users.numel() == 0:
-            raise ValueError(f"`users`, `items` and `r` must be non-empty 1-D tensors of one shape; got "
-                             f"{tuple(users.shape)}, {tuple(items.shape)}, {tuple(r.shape)}")
-        for name, ids, size in (("users", users, self.n_users), ("items", items, self.n_items)):
-            if ids.dtype != torch.int64:
-                raise ValueError(f"`{name}` must be int64 ids; got {ids.dtype} (convert with `.long()`)")
-            if ids.device != self.device:
-                raise ValueError(f"`{name}` is on {ids.device} but the learner trains on {self.device}")
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"`{name}` holds id {bad}, outside 0..{size - 1} (the propensity table's "
-                                 f"{'rows' if name == 'users' else 'columns'})")
-        if not bool(((r == 0) | (r == 1)).all()):
-            raise ValueError("`r` (conversion labels of the clicked pairs) must hold only 0 and 1")
+        check_clicked_batch(users, items, r, self.n_users, self.n_items, self.device)
 
     def step(self, users: Tensor, items: Tensor, r: Tensor, *, validate: bool = True) -> dict[str, float]:
         """One joint-learning step on the clicked batch ``(users, items)`` with labels ``r``.
