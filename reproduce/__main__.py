@@ -146,11 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("dataset", type=_dataset, help=f"a built-in data set ({', '.join(DATASETS)}) or a split-format "
                                                    "folder")
     how = tu.add_mutually_exclusive_group(required=True)
-    how.add_argument("--trials", type=_positive, help="number of random-search trials (the first: the config's values)")
+    how.add_argument("--trials", type=_positive,
+                     help="finished trials of Optuna's TPE sampler (the first: the config's values); a study that "
+                          "holds fewer, killed or stopped earlier, is continued")
     how.add_argument("--grid", type=_grid_axis, action="append", metavar="KEY=V1,V2,...",
-                     help="search a grid instead: the product of the values given per key (repeat the option, "
-                          "one key each), the other keys kept from the config; the config's values are scored too")
-    tu.add_argument("--search-seed", type=int, default=0, help="seed of the random search (default 0)")
+                     help="search a grid instead (Optuna's GridSampler): the product of the values given per key "
+                          "(repeat the option, one key each), the other keys kept from the config; the config's "
+                          "values are scored too")
+    tu.add_argument("--search-seed", type=int, default=0,
+                    help="seed of the TPE sampler (a grid: the order of its points); default 0")
     tu.add_argument("--tune-seeds", type=_positive, default=1,
                     help="training seeds per trial, scored by their mean validation AUC (default 1)")
     tu.add_argument("--propensity", action="store_true",
@@ -165,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "records no AUC at all (e.g. the BADR authors' values)")
     tu.add_argument("--dry-run", action="store_true", help="report the best values without writing the config")
     tu.add_argument("--log", metavar="FILE",
-                    help="CSV of every validation run, written as each finishes; runs already there are reused, "
-                         "so an interrupted search resumes (default OUT/tune/DATASET-METHOD.csv)")
+                    help="CSV of every validation run, written as each finishes; runs already there are reused "
+                         "(default OUT/tune/DATASET-METHOD.csv); the Optuna study is stored beside it in SQLite "
+                         "(FILE with the suffix .db), so a search run again resumes its study")
     tu.add_argument("--propensity-cache", metavar="DIR",
                     help="where trials share their propensity fits (default OUT/propensity-cache)")
     tu.add_argument("--no-propensity-cache", action="store_true", help="fit the propensity model in every trial")
@@ -175,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "as table3 --train-fraction does, and write the values to OUT/configs/DATASET@F.json, which "
                          "the runs at that rate read (Tables 4 and 5, with --config-dir OUT/configs); default 1")
     tu.add_argument("--jobs", type=_positive, default=1,
-                    help="validation runs trained at once, in worker processes (default 1); each worker uses "
-                         "--threads threads (default: the cores divided by the jobs); the choice does not depend on it")
+                    help="validation runs trained at once, in worker processes (default 1): a trial's seeds, and "
+                         "with fewer seeds than jobs, several TPE trials proposed at once (a grid: all its points); "
+                         "each worker uses --threads threads (default: the cores divided by the jobs); the scores "
+                         "do not depend on it, TPE's proposals after its 10 random startup trials do")
     common(tu)
 
     paper = {"table4": "Table 4: sparsity study on Yahoo! R3 (80/60/40/20 %% of the clicked training pairs)",
@@ -250,7 +257,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import grid_candidates, random_candidates, tune
+    from .tune import Search, tune
 
     source, method = args.dataset, args.method
     device = str(resolve_device(args.device))
@@ -261,29 +268,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.propensity and overrides:
         raise ValueError(f"--propensity: method {method.name!r} overrides the shared propensity block on "
                          f"{source.name!r} ({', '.join(overrides)}); tune the block with a method that uses it")
-    data = source.load(cfg, data_dir)
-    extra = {}
-    if source.path is not None:
-        extra["data"] = data.fingerprint()
-    if device != "cpu":
-        extra["device"] = device
-    if args.train_fraction < 1:
-        extra["train_fraction"] = args.train_fraction
-    start = time.perf_counter()
-
-    def on_trial(trial, params, score):
-        print(f"trial {trial}: validation AUC {score:.4f}  {params}", file=sys.stderr)
-
     if args.grid:
         grid = dict(args.grid)
         if len(grid) < len(args.grid):
             raise ValueError("--grid: each key may be given once")
-        candidates = grid_candidates(method, base, grid, args.propensity)
-        axes = " x ".join(f"{k} in {{{', '.join(f'{v:g}' for v in vs)}}}" for k, vs in grid.items())
-        search = f"grid of {len(candidates) - 1} points ({axes}; the config's values scored too;"
+        search = Search.over_grid(method, base, grid, args.search_seed, args.propensity)
     else:
-        candidates = random_candidates(method, base, args.trials, args.search_seed, args.propensity)
-        search = f"{args.trials} random-search trials (seed {args.search_seed},"
+        search = Search.tpe(method, base, args.trials, args.search_seed, args.propensity)
     out = check_folder(args.out, "--out")
     # At a sampling rate, the values go to NAME@F.json (read by the runs at that rate), a copy of
     # the config read until a search writes there.
@@ -295,25 +286,43 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if protect and not args.dry_run:  # refuse before the search, not after it
         _check_replaceable(saved, method, args.propensity, None)
     log = Path(args.log or out / "tune" / f"{source.name}-{method.name}.csv")
+    study = log.with_suffix(".db")  # the Optuna study beside the runs' log
+    if study == log:
+        raise ValueError(f"--log {log}: the Optuna study is stored beside the log as {study}; give the log "
+                         "another suffix (.csv)")
     check_folder(log.parent, "--log's folder")
+    data = source.load(cfg, data_dir)
+    extra = {}
+    if source.path is not None:
+        extra["data"] = data.fingerprint()
+    if device != "cpu":
+        extra["device"] = device
+    if args.train_fraction < 1:
+        extra["train_fraction"] = args.train_fraction
     earlier = sum(r["dataset"] == source.name and r["method"] == method.name for r in read_results(log))
     if earlier:
         print(f"{log}: {earlier} earlier validation run(s) of {method.name} on {source.name}; "
               "those with the same settings are reused", file=sys.stderr)
-    best, best_auc = tune(data, cfg, method, candidates, max_epochs=args.max_epochs, n_seeds=args.tune_seeds,
-                          on_trial=on_trial, log=log, jobs=args.jobs, threads=args.threads, device=device,
-                          extra=extra, train_fraction=args.train_fraction,
-                          propensity_cache=None if args.no_propensity_cache else PropensityCache(
-                              args.propensity_cache or out / "propensity-cache"))
-    print(f"best validation AUC {best_auc:.4f} with {best} ({time.perf_counter() - start:.0f}s; runs in {log})")
+    start = time.perf_counter()
+
+    def on_trial(trial: int, params: dict[str, Any], score: float) -> None:
+        print(f"trial {trial}: validation AUC {score:.4f}  {params}", file=sys.stderr)
+
+    best = tune(data, cfg, search, study, max_epochs=args.max_epochs, n_seeds=args.tune_seeds, on_trial=on_trial,
+                log=log, jobs=args.jobs, threads=args.threads, device=device, extra=extra,
+                train_fraction=args.train_fraction,
+                propensity_cache=None if args.no_propensity_cache else PropensityCache(
+                    args.propensity_cache or out / "propensity-cache"))
+    print(f"best validation AUC {best.auc:.4f} with {best.params} ({time.perf_counter() - start:.0f}s; "
+          f"runs in {log}, trials in {study})")
     if not args.dry_run:
-        status = (f"tuned: {search} {args.tune_seeds} training seed(s) each) on the validation split, "
-                  f"validation AUC {best_auc:.4f}")
+        status = (f"tuned: {search.describe(best.trials, args.tune_seeds)} on the validation split, "
+                  f"validation AUC {best.auc:.4f}")
         prop_status = f"{status}, jointly with {method.name}'s own keys" if args.propensity else None
         if protect:
-            _check_replaceable(saved, method, args.propensity, best_auc)
+            _check_replaceable(saved, method, args.propensity, best.auc)
         check_folder(target.parent, "--out's configs folder")
-        path = C.save_method_params(saved, method, best, status, target, prop_status)
+        path = C.save_method_params(saved, method, best.params, status, target, prop_status)
         print(f"wrote {path}; train with it: --config-dir {target.parent}")
     return 0
 

@@ -33,13 +33,14 @@ def file_mode() -> int:
 
 
 @contextlib.contextmanager
-def locked(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock for ``path`` (an ``flock`` on ``.<name>.lock`` in its folder)."""
+def locked(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock for ``path`` (an ``flock`` on ``.<name>.lock`` in its folder); with
+    ``wait`` False, raise ``BlockingIOError`` at once when another process holds it."""
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
     finally:
         os.close(fd)  # releases the lock

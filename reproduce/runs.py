@@ -1,5 +1,5 @@
 """The runs of ``table3`` (each trained to its results.csv row) and the worker processes of
-``--jobs`` (:func:`in_workers`, shared with ``tune``).
+``--jobs`` (:class:`WorkerPool` and :func:`in_workers`, shared with ``tune``).
 
 Each run seeds itself (:func:`reproduce.train.run_one`), so its row does not depend on the
 process that trains it or on the order of the runs.
@@ -88,9 +88,9 @@ def train_all(runs: list[Run], data_dir: Optional[Path], cache_root: Optional[Pa
               f"AUC {row['auc']:.4f}, {row['seconds']:.1f}s", file=sys.stderr)
 
 
-def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: Optional[int] = None,
-               shared: tuple = ()) -> Iterator[Any]:
-    """``fn(*shared, *task)`` for every task in ``jobs`` worker processes, yielded as each finishes.
+class WorkerPool:
+    """``jobs`` worker processes that run ``fn(*shared, *task)``, kept for as many batches of tasks
+    as :meth:`completed` is given (``tune`` trains a batch of trials at a time in one pool).
 
     Workers start by spawning (no forked torch thread pools), with ``threads`` threads each
     (default: the cores shared out); ``shared`` (the data, say) is sent once per worker, not per
@@ -98,20 +98,42 @@ def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: O
     a second of its parent's death, however the parent died (SIGKILL included): the kernel sends it
     SIGTERM (``PR_SET_PDEATHSIG`` on Linux) and a watchdog thread notices the new parent
     elsewhere; with the workers gone, multiprocessing's resource tracker sees its pipe close and
-    exits too.
+    exits too.  Use it as a context manager: leaving it cancels the tasks not started.
     """
-    if jobs < 1:
-        raise ValueError(f"jobs must be a positive integer; got {jobs}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be a positive integer or None (the cores shared out); got {threads}")
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(threads, shared, os.getpid()))
-    try:
-        for future in as_completed([pool.submit(_call, fn, task) for task in tasks]):
-            yield future.result()
-    finally:
-        pool.shutdown(cancel_futures=True)
+
+    def __init__(self, jobs: int, threads: Optional[int] = None, shared: tuple = ()) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be a positive integer; got {jobs}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be a positive integer or None (the cores shared out); got {threads}")
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start_worker, initargs=(threads, shared, os.getpid()))
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+    def completed(self, fn: Callable[..., Any], tasks: list[tuple]) -> Iterator[Any]:
+        """``fn(*shared, *task)`` for every task, yielded as each finishes; the tasks of this batch
+        not started yet are cancelled when the caller stops early (an error, say)."""
+        futures = [self._pool.submit(_call, fn, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def in_workers(fn: Callable[..., Any], tasks: list[tuple], jobs: int, threads: Optional[int] = None,
+               shared: tuple = ()) -> Iterator[Any]:
+    """``fn(*shared, *task)`` for every task in one :class:`WorkerPool` of ``jobs`` processes
+    (``threads`` threads each), yielded as each finishes."""
+    with WorkerPool(jobs, threads, shared) as pool:
+        yield from pool.completed(fn, tasks)
 
 
 _SHARED: tuple = ()  # a worker's `shared` arguments

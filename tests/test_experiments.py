@@ -174,7 +174,7 @@ def test_tune_on_a_folder_writes_its_own_config(sim_dir, tmp_path):
     assert main(["tune", "mf", str(sim_dir), "--trials", "1", "--max-epochs", "1", "--threads", "1",
                  "--out", str(tmp_path / "out"), "--propensity-cache", str(tmp_path / "cache")]) == 0
     written = C.load_config("lowrank-sim", tmp_path / "out" / "configs")
-    assert written.methods["mf"].status.startswith("tuned: 1 random-search trials")
+    assert written.methods["mf"].status.startswith("tuned: 1 Optuna TPE trials")
     assert C.config_path("default").read_text() == default_before
 
 

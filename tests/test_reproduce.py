@@ -324,30 +324,12 @@ def test_tune_writes_config_from_validation(data_dir, tmp_path):
     assert main(["tune", "mf", "coat", "--trials", "2", "--max-epochs", "1", "--threads", "1",
                  "--data-dir", str(data_dir), "--config-dir", str(cfg_dir), *_scratch(tmp_path)]) == 0
     entry = _written(tmp_path, cfg_dir)["methods"]["mf"]
-    assert entry["status"].startswith("tuned: 2 random-search trials") and "validation AUC" in entry["status"]
+    assert entry["status"].startswith("tuned: 2 Optuna TPE trials") and "validation AUC" in entry["status"]
     rows = read_results(tmp_path / "tune.csv")
     assert [r["trial"] for r in rows] == [0, 1] and {r["status"] for r in rows} <= {"ok", "chance"}
     assert all(r["dataset"] == "coat" and r["method"] == "mf" and json.loads(r["params"]) for r in rows)
     low, high, _ = SEARCH_SPACE["lr"]
     assert low <= entry["lr"] <= high or entry["lr"] == C.load_config("coat").methods["mf"].params["lr"]
-
-
-def test_grid_candidates_are_the_product_after_the_config():
-    from reproduce.tune import grid_candidates, random_candidates
-
-    base = C.load_config("coat").method_params(METHODS["dr_jl"])
-    grid = grid_candidates(METHODS["dr_jl"], base, {"G": [1.0, 2.0], "lr": [0.01, 0.02, 0.03]})
-    assert grid[0] == base and len(grid) == 7
-    assert {(c["G"], c["lr"]) for c in grid[1:]} == {(g, lr) for g in (1, 2) for lr in (0.01, 0.02, 0.03)}
-    assert all(type(c["G"]) is int and c["imp_lr"] == base["imp_lr"] for c in grid[1:])
-    for grid_spec, propensity, match in (({"G": [1.5]}, False, "integers"), ({"nope": [1.0]}, False, "no searchable"),
-                                         ({"prop_lr": [0.01]}, False, "need --propensity"), ({"lr": []}, False, "no values")):
-        with pytest.raises(ValueError, match=match):
-            grid_candidates(METHODS["dr_jl"], base, grid_spec, propensity)
-    ips = C.load_config("coat").method_params(METHODS["ips"])
-    assert grid_candidates(METHODS["ips"], ips, {"prop_lr": [0.01]}, propensity=True)[1]["prop_lr"] == 0.01
-    with pytest.raises(ValueError, match="uses no propensity model"):
-        random_candidates(METHODS["mf"], C.load_config("coat").method_params(METHODS["mf"]), 2, propensity=True)
 
 
 def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
@@ -356,7 +338,7 @@ def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
 
     cfg, method = C.load_config("coat"), METHODS["ips"]
     base = cfg.method_params(method)
-    candidates = T.grid_candidates(method, base, {"lr": [0.01, 0.05]})
+    search = T.Search.over_grid(method, base, {"lr": [0.01, 0.05]})
     calls = []
 
     def fake_run(data, cfg, method, params, seed, **kw):
@@ -368,22 +350,23 @@ def test_tune_log_resumes_and_records_divergence(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reproduce.train, "run_one", fake_run)
     data, log = types.SimpleNamespace(name="coat"), tmp_path / "tune.csv"
-    best, score = T.tune(data, cfg, method, candidates, n_seeds=2, log=log)
-    assert best == candidates[1] and score == pytest.approx(0.5105)
-    # the diverged candidate stops at its first seed and is logged as such
-    assert calls == [(base["lr"], 2024), (base["lr"], 2025), (0.01, 2024), (0.01, 2025), (0.05, 2024)]
-    assert [r["status"] for r in read_results(log)] == ["ok"] * 4 + ["diverged"]
+    best = T.tune(data, cfg, search, tmp_path / "tune.db", n_seeds=2, log=log)
+    assert best == ({**base, "lr": 0.01}, pytest.approx(0.5105), 3)
+    # the diverged trial stops at its first seed and is logged as such
+    assert sorted(calls) == sorted([(base["lr"], 2024), (base["lr"], 2025), (0.01, 2024), (0.01, 2025), (0.05, 2024)])
+    assert sorted(r["status"] for r in read_results(log)) == ["diverged"] + ["ok"] * 4
 
-    calls.clear()  # a rerun trains nothing; a third seed trains only that seed
-    assert T.tune(data, cfg, method, candidates, n_seeds=2, log=log) == (best, pytest.approx(score))
+    calls.clear()  # another study over the same log trains nothing; a third seed trains only that seed
+    assert T.tune(data, cfg, search, tmp_path / "other.db", n_seeds=2, log=log) == best
     assert calls == []
-    T.tune(data, cfg, method, candidates, n_seeds=3, log=log)
-    assert calls == [(base["lr"], 2026), (0.01, 2026)]
+    T.tune(data, cfg, search, tmp_path / "tune.db", n_seeds=3, log=log)
+    assert sorted(calls) == sorted([(base["lr"], 2026), (0.01, 2026)])
     assert len(read_results(log)) == 7
 
 
 def test_tune_jobs_log_the_runs_of_one_process(data_dir, tmp_path, capsys):
-    """tune --jobs trains the trials' runs in spawned workers first; the log and the choice are those of one process."""
+    """tune --jobs trains each trial's seeds in spawned workers (one pool for the search); the log and the choice
+    are those of one process."""
     argv = ["tune", "ips", "coat", "--trials", "2", "--tune-seeds", "2", "--max-epochs", "2", "--threads", "1",
             "--dry-run", "--data-dir", str(data_dir), "--propensity-cache", str(tmp_path / "propensity-cache")]
     logged, best = {}, {}
@@ -393,7 +376,7 @@ def test_tune_jobs_log_the_runs_of_one_process(data_dir, tmp_path, capsys):
         out, err = capsys.readouterr()
         best[jobs] = out
         logged[jobs] = sorted((r["trial"], r["seed"], r["auc"], r["signature"]) for r in read_results(tmp_path / f"jobs{jobs}.csv"))
-    assert "[4/4] coat ips trial" in err  # a line per finished run from the pool
+    assert "[2/2] coat ips trial 1 seed" in err  # a line per finished run of a trial from the pool
     assert len(logged[1]) == 4 and logged[1] == logged[2]
     assert best[1].split("(")[0] == best[2].split("(")[0]  # same best values and AUC; the seconds differ
 
@@ -409,7 +392,8 @@ def test_jobs_and_threads_rejected_by_the_python_api(tmp_path):
         runs.train_all([], tmp_path, None, print, jobs=0)
     cfg, method = C.load_config("coat"), METHODS["mf"]
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
-        T.tune(types.SimpleNamespace(name="coat"), cfg, method, [cfg.method_params(method)], jobs=0)
+        T.tune(types.SimpleNamespace(name="coat"), cfg, T.Search.tpe(method, cfg.method_params(method), 1),
+               tmp_path / "tune.db", jobs=0)
 
 
 def test_tune_grid_writes_the_best_point(data_dir, tmp_path):
@@ -437,7 +421,7 @@ def test_tune_writes_own_keys_and_the_propensity_block(data_dir, tmp_path, metho
     assert set(new["methods"][method]) == {"status", *METHODS[method].own_keys, *overrides, *form}
     assert {k: new["methods"][method][k] for k in overrides} == {k: old["methods"][method][k] for k in overrides}
     if propensity:
-        assert new["propensity"]["status"].startswith("tuned: 3 random-search trials")
+        assert new["propensity"]["status"].startswith("tuned: 3 Optuna TPE trials")
         assert new["propensity"]["prop_batch_size"] == old["propensity"]["prop_batch_size"]
     else:
         assert new["propensity"] == old["propensity"]
@@ -458,7 +442,7 @@ def test_tune_keeps_a_better_documented_choice_without_force(data_dir, tmp_path,
     assert "records no validation AUC ('tuned by the BADR authors')" in capsys.readouterr().err
     assert main(["tune", "mf", "coat", "--trials", "1", "--force", *argv]) == 0
     written = json.loads((tmp_path / "out" / "configs" / "coat.json").read_text())
-    assert written["methods"]["mf"]["status"].startswith("tuned: 1 random-search trials")
+    assert written["methods"]["mf"]["status"].startswith("tuned: 1 Optuna TPE trials")
 
 
 def test_tune_propensity_refused_for_an_override(data_dir, capsys):
