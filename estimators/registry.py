@@ -25,6 +25,10 @@ and whether it weighs by propensities; the training modules
 (:class:`estimators.training.models.MMoE`, :class:`~estimators.training.models.EntireSpaceMF`)
 read them.
 
+A fourth, :data:`PROPENSITY_ADJUSTMENTS`, lists functions of the learned propensities that a
+method applies to the clipped propensity table before training (:mod:`estimators.adjustment`:
+D-DR's ``f(p_hat)^alpha``); each entry names its scalar parameters with their defaults.
+
 A new estimator is one :func:`register_estimator` call with its two functions (see
 ``tests/test_registry.py``, which registers and trains a toy one).
 """
@@ -38,6 +42,7 @@ from typing import Any, Callable, Mapping, Optional, TypeVar
 from torch import Tensor
 
 from . import joint_loss as J
+from .adjustment import ddr_propensity
 from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imputation_loss, dr_mse_imputation_loss,
                          mrdr_imputation_loss)
 from .loss import badr, dr, eib, ips, naive, snips
@@ -224,6 +229,28 @@ class PropensityFreeSpec:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
 
+@dataclass(frozen=True)
+class PropensityAdjustmentSpec:
+    """A function of the learned propensities (:mod:`estimators.adjustment`), applied to the
+    clipped table before joint learning: the estimator and the imputation loss then read
+    ``function(p_hat, **params)`` wherever they read ``p_hat``.
+
+    ``function(p_hat, **params)`` maps propensities in (0, 1] to propensities in (0, 1], pair by
+    pair.  ``params``: its scalar parameters with their defaults (the paper's setting).
+    """
+
+    name: str
+    equation: str
+    description: str
+    function: Callable[..., Tensor]
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"registry names are identifiers (they name config keys and CSV rows); got {self.name!r}")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+
 Entry = TypeVar("Entry")
 
 
@@ -257,6 +284,8 @@ IMPUTATION_LOSSES: Registry[ImputationLossSpec] = Registry("imputation loss")
 ENTIRE_SPACE: Registry[EntireSpaceSpec] = Registry("entire-space objective")
 #: Propensity-free methods' objectives, by name.
 PROPENSITY_FREE: Registry[PropensityFreeSpec] = Registry("propensity-free objective")
+#: Adjustments of the learned propensities, by name.
+PROPENSITY_ADJUSTMENTS: Registry[PropensityAdjustmentSpec] = Registry("propensity adjustment")
 
 
 def register_estimator(entry: EstimatorSpec) -> EstimatorSpec:
@@ -279,6 +308,11 @@ def register_propensity_free(entry: PropensityFreeSpec) -> PropensityFreeSpec:
     return PROPENSITY_FREE.register(entry)
 
 
+def register_propensity_adjustment(entry: PropensityAdjustmentSpec) -> PropensityAdjustmentSpec:
+    """Add ``entry`` to :data:`PROPENSITY_ADJUSTMENTS` (a name can be registered once)."""
+    return PROPENSITY_ADJUSTMENTS.register(entry)
+
+
 def get_estimator(name: str) -> EstimatorSpec:
     """The entry of estimator ``name``; ``ValueError`` listing the registered names."""
     return ESTIMATORS.entry(name)
@@ -297,6 +331,11 @@ def get_entire_space(name: str) -> EntireSpaceSpec:
 def get_propensity_free(name: str) -> PropensityFreeSpec:
     """The entry of propensity-free objective ``name``; ``ValueError`` listing the registered names."""
     return PROPENSITY_FREE.entry(name)
+
+
+def get_propensity_adjustment(name: str) -> PropensityAdjustmentSpec:
+    """The entry of propensity adjustment ``name``; ``ValueError`` listing the registered names."""
+    return PROPENSITY_ADJUSTMENTS.entry(name)
 
 
 for _entry in (
@@ -365,4 +404,8 @@ for _entry in (
                        {"beta": 0.05, "lambda_pmd": 0.1}, needs_u=True, model_params=("lambda_pmd",)),
 ):
     register_propensity_free(_entry)
+
+register_propensity_adjustment(PropensityAdjustmentSpec(
+    "ddr", "Ha et al. 2024 eqs. (2), (5)", "D-DR: p_hat -> f(p_hat)^alpha, f(p) = log(1 + p) / log 2, alpha per pair "
+    "in closed form with w = w2 / w1", ddr_propensity, {"w": 0.1}))
 del _entry

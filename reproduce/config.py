@@ -104,6 +104,8 @@ PARAM_RULES: dict[str, Any] = {
     "cvib_alpha": (0.0, math.inf, False), "cvib_gamma": (0.0, math.inf, False),
     "dib_alpha": (0.0, math.inf, False), "dib_gamma": (0.0, 1.0, False),
     "damf_beta": (0.0, math.inf, False), "damf_lambda_pmd": (0.0, math.inf, False),
+    # the propensity adjustments' parameters (estimators.registry.PROPENSITY_ADJUSTMENTS), prefixed: D-DR's w2 / w1
+    "ddr_w": (0.0, math.inf, True),
 }
 
 
@@ -238,6 +240,8 @@ def run_signature(cfg: Config, method: Method, params: Mapping[str, Any], max_ep
     what = (["entire_space", method.entire_space] if method.entire_space is not None
             else ["propensity_free", method.propensity_free] if method.propensity_free is not None
             else [method.estimator, method.imputation_loss])
+    if method.propensity_adjustment is not None:  # absent otherwise: the earlier methods' signatures stay
+        what = what + [method.propensity_adjustment]
     blob = {"fixed": fixed, "options": cfg.run_options(method), "method": what, "params": dict(params),
             "max_epochs": max_epochs}
     if extra:

@@ -12,6 +12,13 @@ family: one whole multi-task objective of :data:`estimators.registry.ENTIRE_SPAC
 the exposures by :mod:`reproduce.entire_space` with the MF backbone.  Their config keys are the
 prediction keys and the objective's own parameters (``gamma``, ``lambda_c``, ``lambda_g``,
 ``lambda_p``); the CTR tower is their propensity, so they fit no propensity model.
+A method of the first family may also name a propensity adjustment
+(:attr:`Method.propensity_adjustment`, an entry of
+:data:`estimators.registry.PROPENSITY_ADJUSTMENTS`): a function applied to the clipped propensity
+table before joint learning, with its parameters as prefixed config keys
+(:attr:`Method.adjustment_keys`).  D-DR is DR-JL's estimator and imputation loss on the table
+``f(p_hat)^alpha`` of the ``ddr`` adjustment (Ha et al. 2024, eqs. 2 and 5).
+
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """
@@ -20,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, PropensityFreeSpec, Registry,
-                                 get_entire_space, get_estimator, get_imputation_loss, get_propensity_free)
+from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, PropensityAdjustmentSpec,
+                                 PropensityFreeSpec, Registry, get_entire_space, get_estimator, get_imputation_loss,
+                                 get_propensity_adjustment, get_propensity_free)
 
 # Config keys by role.  `lr` / `weight_decay` are the prediction model's Adam settings.
 _PRED = ("lr", "weight_decay")
@@ -38,7 +46,15 @@ PROPENSITY_KEYS = ("prop_batch_size", "prop_lr", "prop_weight_decay")
 class Method:
     """One trainable method: prediction estimator + imputation loss + the config keys it reads, or
     (``entire_space`` or ``propensity_free`` set, ``estimator`` and ``imputation_loss`` None) an
-    entire-space objective or a propensity-free method's objective."""
+    entire-space objective or a propensity-free method's objective.
+
+    ``propensity_adjustment`` names a :data:`estimators.registry.PROPENSITY_ADJUSTMENTS` entry
+    that the run applies to the clipped propensity table before joint learning (an estimator that
+    reads propensities only).  A field naming a registry entry, rather than a new estimator and
+    imputation loss, because such a method changes nothing but the propensities its estimator and
+    imputation loss read: D-DR is DR-JL with every ``p_hat`` replaced by ``f(p_hat)^alpha``, so it
+    trains on the same kernels and step forms, and the adjustment is tested once as a function.
+    """
 
     name: str                       # CLI / CSV / config name
     label: str                      # row label in the table
@@ -48,8 +64,14 @@ class Method:
     description: str
     entire_space: Optional[str] = None  # an estimators.registry.ENTIRE_SPACE name: the whole training objective
     propensity_free: Optional[str] = None  # an estimators.registry.PROPENSITY_FREE name: model and objective
+    propensity_adjustment: Optional[str] = None  # an estimators.registry.PROPENSITY_ADJUSTMENTS name
 
     def __post_init__(self) -> None:
+        if self.propensity_adjustment is not None:
+            get_propensity_adjustment(self.propensity_adjustment)
+            if self.estimator is None or not get_estimator(self.estimator).uses_propensity:
+                raise ValueError(f"method {self.name!r}: a propensity adjustment ({self.propensity_adjustment!r}) "
+                                 "needs an estimator that reads propensities")
         if self.propensity_free is not None:
             get_propensity_free(self.propensity_free)
             if self.estimator is not None or self.imputation_loss is not None or self.entire_space is not None:
@@ -90,6 +112,19 @@ class Method:
         return None if self.propensity_free is None else get_propensity_free(self.propensity_free)
 
     @property
+    def propensity_adjustment_spec(self) -> Optional[PropensityAdjustmentSpec]:
+        return (None if self.propensity_adjustment is None
+                else get_propensity_adjustment(self.propensity_adjustment))
+
+    @property
+    def adjustment_keys(self) -> dict[str, str]:
+        """The config keys of the propensity adjustment's parameters, each prefixed with the
+        adjustment's name (``ddr_w`` for D-DR's ``w``, as :attr:`objective_keys` does), mapped to
+        the parameter.  Empty for a method without an adjustment."""
+        spec = self.propensity_adjustment_spec
+        return {} if spec is None else {f"{spec.name}_{p}": p for p in spec.params}
+
+    @property
     def objective_keys(self) -> dict[str, str]:
         """A propensity-free method's config keys for its objective's parameters, each the
         parameter's name prefixed with the objective's (``cvib_alpha`` for CVIB's ``alpha``: the
@@ -108,8 +143,9 @@ class Method:
     @property
     def keys(self) -> tuple[str, ...]:
         """Config keys this method reads: the prediction model's, the clipping and propensity
-        model's where the estimator reads propensities, the imputation model's where it has one and
-        the imputation loss's own parameters (DR-MSE's ``alpha``).  An entire-space method reads
+        model's where the estimator reads propensities, the imputation model's where it has one, the
+        imputation loss's own parameters (DR-MSE's ``alpha``) and the propensity adjustment's
+        (:attr:`adjustment_keys`).  An entire-space method reads
         the prediction keys (Adam's, for all its towers) and its objective's parameters; a
         propensity-free one the prediction keys (Adam's, for its whole model), ``G`` where it
         samples pairs U, and its objective's parameters."""
@@ -123,7 +159,7 @@ class Method:
         spec = self.imputation_spec
         if spec is not None:
             keys += _IMP + spec.params
-        return keys
+        return keys + tuple(self.adjustment_keys)
 
     @property
     def own_keys(self) -> tuple[str, ...]:
@@ -131,8 +167,10 @@ class Method:
         return tuple(k for k in self.keys if k not in PROPENSITY_KEYS)
 
 
-def _m(name, label, estimator, imputation_loss, table3_row, description) -> Method:
-    return Method(name, label, estimator, imputation_loss, table3_row, description)
+def _m(name, label, estimator, imputation_loss, table3_row, description,
+       propensity_adjustment: Optional[str] = None) -> Method:
+    return Method(name, label, estimator, imputation_loss, table3_row, description,
+                  propensity_adjustment=propensity_adjustment)
 
 
 def _pf(name, label, table3_row, description) -> Method:
@@ -152,6 +190,8 @@ for _method in (
     _m("ips", "IPS", "ips", None, "IPS", "inverse propensity scoring (eq. 3)"),
     _m("snips", "SNIPS", "snips", None, "SNIPS", "self-normalised IPS per batch (eq. 37)"),
     _m("dr_jl", "DR-JL", "dr", "dr", "DRJL", "doubly robust joint learning (eqs. 6-7)"),
+    _m("d_dr", "D-DR", "dr", "dr", "D-DR", "DR-JL on the adjusted propensities f(p_hat)^alpha (Ha et al. 2024, "
+       "eqs. 2, 5)", propensity_adjustment="ddr"),
     _m("mrdr", "MRDR", "dr", "mrdr", "MRDR", "DR estimator + MRDR imputation loss (eq. 8)"),
     _m("dr_bias", "DR-BIAS", "dr", "dr_bias", "DR-BIAS", "DR estimator + DR-BIAS imputation loss (eq. 9)"),
     _m("dr_mse", "DR-MSE", "dr", "dr_mse", "DR-MSE", "DR estimator + DR-MSE imputation loss (eq. 10)"),
@@ -207,6 +247,8 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "dib_alpha": (0.0, 0.19, "linear"),    # gamma - alpha in [0.01, 0.1] in the authors' search
     "damf_beta": (0.01, 1.0, "log"),       # the authors' search range
     "damf_lambda_pmd": (0.01, 1.0, "log"),  # fixed at 0.1 by the authors
+    # the propensity adjustments' parameters (estimators.registry.PROPENSITY_ADJUSTMENTS), prefixed
+    "ddr_w": (0.01, 1.0, "log"),           # w2 / w1 around D-DR's 0.1; its Fig. 2 ablation spans 0.02-0.1
 }
 #: Propensity keys searched by ``tune --propensity``; the batch size stays the config's.
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")

@@ -6,7 +6,10 @@
    embeddings (size ``dim``), fitted on the click indicators of ALL user-item pairs with the
    squared error (``propensity_loss``), Adam, batches of ``prop_batch_size`` from a fresh
    permutation per epoch, at most ``propensity_max_epochs`` epochs with the published early
-   stopping; then frozen and clipped to ``[gamma, 1]``.
+   stopping; then frozen and clipped to ``[gamma, 1]``.  A method with a propensity adjustment
+   (:attr:`reproduce.methods.Method.propensity_adjustment`; D-DR) then replaces the clipped
+   table by the adjustment of it, ``f(p_hat)^alpha`` (Ha et al. 2024, eqs. 2 and 5), with its
+   parameters from the method's prefixed keys (``ddr_w``); joint learning reads that table.
 3. Joint learning (:class:`estimators.JointLearner`, :func:`estimators.fit`): each epoch
    shuffles the clicked training pairs and walks them in batches of ``batch_size`` (the last
    partial batch dropped, as the published code does), one step per batch; at most
@@ -350,6 +353,9 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         rows += [{"stage": "propensity", "epoch": e, "propensity_loss": loss}
                  for e, loss in enumerate(prop_losses, start=1)]
         p_hat = p_hat.clamp(params["gamma"], 1.0)
+        adjustment = method.propensity_adjustment_spec
+        if adjustment is not None:  # D-DR: f(p_hat)^alpha of the clipped table, eqs. (2), (5)
+            p_hat = adjustment.function(p_hat, **{p: params[key] for key, p in method.adjustment_keys.items()})
     elif method.propensity_free is None:  # MF: no propensity model; w = 1 everywhere
         p_hat = torch.ones(data.n_users, data.n_items, device=device)
     prop_seconds = time.perf_counter() - start
