@@ -35,6 +35,27 @@ def restore_runtime():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def coat_one_thread(data_dir):
+    """Coat's shipped config and data, loaded once per module, trained on one thread (the thread
+    count restored after the module)."""
+    import warnings
+
+    import torch
+
+    from reproduce import config as C
+    from reproduce.train import setup_runtime
+
+    threads = torch.get_num_threads()
+    setup_runtime(1)
+    cfg = C.load_config("coat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Coat's pairs repeated across splits (cvrdata's DataWarning)
+        data = C.DataSource("coat").load(cfg, data_dir)
+    yield cfg, data
+    torch.set_num_threads(threads)
+
+
 # ---- Hypothesis profiles (theorem, mutation and estimator tests) -------------------------------
 # "ci": deterministic (derandomize, no example database), fixed budget of 15 examples; loaded when CI=true.
 # "dev": 50 examples, random seeds; the default for local runs.

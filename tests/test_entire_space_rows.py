@@ -3,7 +3,6 @@ end to end through ``table3`` on Coat, without reading an unclicked label, with 
 propensity weights; the existing methods' run signatures unchanged."""
 import copy
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import reproduce.entire_space as ES
 from reproduce import config as C
 from reproduce.__main__ import main
 from reproduce.methods import METHODS, TABLE3_ROWS, Method
-from reproduce.train import run_one, setup_runtime
+from reproduce.train import run_one
 
 # The commands set process-wide state (threads, flush-to-zero): undone after each test, for the
 # Hypothesis tests that follow (they need IEEE subnormals).
@@ -116,15 +115,8 @@ def _short_run(data, cfg, name, **params):
 
 
 @pytest.fixture(scope="module")
-def coat(data_dir):
-    threads = torch.get_num_threads()
-    setup_runtime(1)
-    cfg = C.load_config("coat")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Coat's pairs repeated across splits (cvrdata's DataWarning)
-        data = C.DataSource("coat").load(cfg, data_dir)
-    yield cfg, data
-    torch.set_num_threads(threads)
+def coat(coat_one_thread):
+    return coat_one_thread
 
 
 def test_unclicked_labels_never_read(coat, monkeypatch):

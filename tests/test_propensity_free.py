@@ -4,7 +4,6 @@ matrices, scalar loops), bad input refused by name, DAMF's adversarial gradients
 regularisation, and the rows trained end to end through ``table3``."""
 import copy
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from estimators.training.propensity_free import DAMFMF, DIBMF, reverse_gradient
 from reproduce import config as C
 from reproduce.__main__ import main
 from reproduce.methods import METHODS, TABLE3_ROWS, Method
-from reproduce.train import run_one, setup_runtime
+from reproduce.train import run_one
 
 pytestmark = pytest.mark.usefixtures("restore_runtime")
 
@@ -268,15 +267,8 @@ def test_bad_config_values_rejected(method, key, value, match):
 
 
 @pytest.fixture(scope="module")
-def coat(data_dir):
-    threads = torch.get_num_threads()
-    setup_runtime(1)
-    cfg = C.load_config("coat")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Coat's pairs repeated across splits (cvrdata's DataWarning)
-        data = C.DataSource("coat").load(cfg, data_dir)
-    yield cfg, data
-    torch.set_num_threads(threads)
+def coat(coat_one_thread):
+    return coat_one_thread
 
 
 def test_clamped_cross_entropy_is_the_configs(coat):

@@ -78,6 +78,18 @@ def uniform_pairs(n_users: int, n_items: int, n: int, generator: Optional[torch.
     return users, items
 
 
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, users: Tensor, items: Tensor) -> Tensor:
+    """``sigmoid(model(users, items))`` in evaluation mode, without a graph; the model's training
+    mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.sigmoid(model(users, items))
+    finally:
+        model.train(was_training)
+
+
 def check_clicked_batch(users: Tensor, items: Tensor, r: Tensor, n_users: int, n_items: int,
                         device: torch.device) -> None:
     """Raise ``ValueError`` unless ``(users, items, r)`` is a clicked batch: non-empty 1-D tensors of
@@ -428,13 +440,6 @@ class JointLearner:
         return out
 
     # ---- prediction ---------------------------------------------------------------------------
-    @torch.no_grad()
     def predict(self, users: Tensor, items: Tensor) -> Tensor:
         """Predicted CVR ``sigmoid(logit)`` of the prediction model (in evaluation mode)."""
-        model = self.prediction
-        was_training = model.training
-        model.eval()
-        try:
-            return torch.sigmoid(model(users, items))
-        finally:
-            model.train(was_training)
+        return predict_probabilities(self.prediction, users, items)

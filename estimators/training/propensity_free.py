@@ -34,7 +34,7 @@ from .. import propensity_free as P
 from ..joint_loss import CROSS_ENTROPIES
 from ..registry import PropensityFreeSpec, get_propensity_free
 from .gather import gather_dot
-from .joint import check_clicked_batch, uniform_pairs
+from .joint import check_clicked_batch, predict_probabilities, uniform_pairs
 from .losses import make_form
 
 
@@ -265,16 +265,9 @@ class PropensityFreeLearner:
         stats.update({k: float(v.detach()) for k, v in out.items() if k not in ("loss", "x_b")})
         return stats
 
-    @torch.no_grad()
     def predict(self, users: Tensor, items: Tensor) -> Tensor:
         """Predicted CVR ``sigmoid(logit)`` of the model (in evaluation mode)."""
-        model = self.prediction
-        was_training = model.training
-        model.eval()
-        try:
-            return torch.sigmoid(model(users, items))
-        finally:
-            model.train(was_training)
+        return predict_probabilities(self.prediction, users, items)
 
 
 #: The model class of each objective, by the name its entry gives (``PropensityFreeSpec.model``).
