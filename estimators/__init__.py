@@ -15,7 +15,7 @@ from . import theory
 from ._ext import backend
 from .adjustment import ddr_propensity
 from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imputation_loss, dr_mse_imputation_loss,
-                         mrdr_imputation_loss)
+                         mrdr_imputation_loss, tdr_cl_imputation_loss)
 from .loss import badr, dr, eib, ips, naive, snips
 from .multitask import ddpo_loss, escm2_loss, esmm_loss, multi_dr_loss, multi_ips_loss
 from .propensity_free import cvib_loss, damf_loss, dib_loss
@@ -35,6 +35,7 @@ __all__ = [
     # the maths
     "naive", "ips", "snips", "eib", "dr", "badr",
     "dr_imputation_loss", "mrdr_imputation_loss", "dr_bias_imputation_loss", "dr_mse_imputation_loss",
+    "tdr_cl_imputation_loss",
     "badr_imputation_loss", "esmm_loss", "escm2_loss", "multi_ips_loss", "multi_dr_loss", "ddpo_loss", "theory",
     "cvib_loss", "dib_loss", "damf_loss", "ddr_propensity",
     "ESTIMATORS", "IMPUTATION_LOSSES", "ENTIRE_SPACE", "PROPENSITY_FREE", "EstimatorSpec", "ImputationLossSpec",

@@ -1,4 +1,4 @@
-"""Imputation-model training losses (BADR paper eqs. 6, 8, 9, 10 and 32).
+"""Imputation-model training losses (BADR paper eqs. 6, 8, 9, 10 and 32; TDR-CL's (C1)).
 
 Same contract as :mod:`estimators.loss` (``e`` ignored where ``o = 0``, 1-D = one batch,
 2-D ``(K, B)`` = mean of the K per-batch values).  Each loss is a function of ``e_hat`` to be
@@ -11,9 +11,9 @@ over the batch, eq. (6) a mean, exactly as the paper writes them.
 ``p_hat`` is read only where ``o = 1`` (an unclicked pair's term is exactly 0, with zero gradient),
 and there it must be at least :func:`estimators._validation.p_hat_floor` ``(dtype, k)`` for the
 highest power ``k`` of ``1 / p_hat`` the loss forms (eq. 6: k = 1; eqs. 8 and 32: k = 2; eqs. 9 and
-10: k = 3); smaller propensities raise ``ValueError``.  The gradient of ``x / p_hat**k`` in
-``p_hat`` is formed as ``-k (x / p_hat**k) / p_hat``, so no intermediate, in the value or in a
-gradient, goes beyond ``(1 / p_hat)^(k + 1)``.
+10: k = 3; TDR-CL's (C1): k = 2, in its ``sum h^2``); smaller propensities raise ``ValueError``.
+The gradient of ``x / p_hat**k`` in ``p_hat`` is formed as ``-k (x / p_hat**k) / p_hat``, so no
+intermediate, in the value or in a gradient, goes beyond ``(1 / p_hat)^(k + 1)``.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._validation import check_alpha, check_batch
 from .loss import _divided_by_power, _dr_terms
+from .targeting import clever_covariate, targeting_epsilon
 
 
 def _batch_sum(per_pair: Tensor) -> Tensor:
@@ -67,6 +68,31 @@ def dr_mse_imputation_loss(e, e_hat, o, p_hat, alpha: float = 0.5) -> Tensor:
     alpha = check_alpha(alpha)
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=3)
     return alpha * _dr_bias(e, e_hat, o, p_hat) + (1 - alpha) * _mrdr(e, e_hat, o, p_hat)
+
+
+def tdr_cl_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+    """TDR-CL imputation loss (C1), eq. (6) with the targeted error:
+    ``(1/|D|) sum o * (e - e_hat - eps_hat h)^2 / p_hat``, ``h = 1 / p_hat - 1``.
+
+    Li, Lyu, Zheng, Wu, ICLR 2023, Sec. 5 (collaborative learning), our reconstruction.  The
+    paper's stated idea (abstract): the imputed error is decomposed into a parametric and a
+    nonparametric part, updated collaboratively.  Our reading: the imputed error is
+    ``e_tilde = e_hat + eps h`` (:mod:`estimators.targeting` (T2)), ``e_hat`` the imputation model
+    (nonparametric part), ``eps h`` TDR's one-parameter targeting term (parametric part), fitted in
+    turn.  Given ``eps_hat`` (T3) (OLS of ``e - e_hat`` on ``h`` over the clicked pairs of each batch,
+    computed here in closed form and detached; 0 where ``sum h^2 = 0``), the imputation model
+    minimises DR-JL's loss (eq. 6) with ``e_tilde`` in place of ``e_hat``: it learns the part of the
+    error the targeting term does not explain.  The weights (eq. 6's ``1 / p_hat``) and the mean
+    over D follow eq. (6); the exact form of the paper's CL update is not verified.
+
+    The gradient flows into ``e`` and ``e_hat`` with ``eps_hat`` held fixed.  ``p_hat >=
+    p_hat_floor(dtype, 2)`` where ``o = 1`` (5.8e-11 in float32, 5.9e-98 in float64: ``sum h^2``
+    forms ``1 / p_hat^2``).  A batch without clicks gives 0 (``eps_hat = 0``, every term masked).
+    """
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=2)
+    residual = o * (e - e_hat)
+    h = clever_covariate(p_hat)  # 0 where o = 0: check_batch set p_hat = 1 there
+    return (o * (residual - targeting_epsilon(residual, h) * h) ** 2 / p_hat).mean(dim=-1).mean()
 
 
 def badr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:

@@ -16,11 +16,11 @@ where ``x`` are prediction logits and ``x_t`` imputation logits; ``w = 1 / p_hat
 - ``cross_entropy="clamped"`` computes ``l`` as the published code does,
   ``F.binary_cross_entropy(sigmoid(x), t)`` (:func:`bce_clamped`), which saturates; only it
   reproduces the published tables; ``"logits"`` is the exact softplus form;
-- ``imputed_error`` is how the DR-family imputation losses (eqs. 6, 8, 9, 10) write ``e_hat`` in
-  the imputation step: ``"paper"`` as above, the gradient reaching ``x_t`` through the target, or
-  ``"published"`` as the published DR-JL lineage code does (the code behind the baselines'
-  numbers in the BADR paper's Table 3), input and target swapped, ``e_hat = l(x_t, sigmoid(x))``,
-  the gradient reaching ``x_t`` through the input.  The BADR losses define their own imputed
+- ``imputed_error`` is how the DR-family imputation losses (eqs. 6, 8, 9, 10; TDR-CL's (C1)) write
+  ``e_hat`` in the imputation step: ``"paper"`` as above, the gradient reaching ``x_t`` through the
+  target, or ``"published"`` as the published DR-JL lineage code does (the code behind the
+  baselines' numbers in the BADR paper's Table 3), input and target swapped,
+  ``e_hat = l(x_t, sigmoid(x))``, the gradient reaching ``x_t`` through the input.  The BADR losses define their own imputed
   error (``badr`` is the published, swapped form; ``badr_paper`` is eq. 32).
 
 Each function below is the step form of one entry of :mod:`estimators.registry`; the registry
@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .targeting import clever_covariate, targeting_epsilon
 
 #: How the imputation model's output is read: a pseudo-label logit, or the imputed error.
 IMPUTATIONS = ("pseudo_label", "error")
@@ -143,10 +145,15 @@ def badr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
 
 
 # ---- imputation-model losses -----------------------------------------------------------------
+def _residual(xt_b: Tensor, x_b: Tensor, r_b: Tensor, form: Form) -> Tensor:
+    """``e - e_hat`` on B with the DR family's imputed error (``form.imputed_error``)."""
+    e_hat = form.swapped(xt_b, x_b) if form.imputed_error == "published" else form.imputed(x_b, xt_b)
+    return form.l(x_b, r_b) - e_hat
+
+
 def _squared_error(xt_b: Tensor, x_b: Tensor, r_b: Tensor, form: Form) -> Tensor:
     """``(e - e_hat)^2`` on B with the DR family's imputed error (``form.imputed_error``)."""
-    e_hat = form.swapped(xt_b, x_b) if form.imputed_error == "published" else form.imputed(x_b, xt_b)
-    return (form.l(x_b, r_b) - e_hat) ** 2
+    return _residual(xt_b, x_b, r_b, form) ** 2
 
 
 def dr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
@@ -176,6 +183,23 @@ def dr_mse_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form, alpha
     """Eq. (10): ``alpha * eq. (9) + (1 - alpha) * eq. (8)``."""
     sq = _squared_error(xt_b, x_b, r_b, form)
     return alpha * (_dr_bias_weight(p_hat_b) * sq).sum() + (1 - alpha) * (_mrdr_weight(p_hat_b) * sq).sum()
+
+
+def tdr_cl_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
+    """TDR-CL's collaborative-learning imputation loss (C1), eq. (6)'s step with the targeted error:
+    ``sum_B w (e - e_hat - eps_hat h)^2``, ``h = 1 / p_hat - 1``.
+
+    It is :func:`dr_imputation_step` with the residual ``e - e_hat`` (the DR family's, so
+    ``form.imputed_error`` applies) replaced by ``e - e_tilde``, ``e_tilde = e_hat + eps_hat h``
+    (:mod:`estimators.targeting` (T2)), where ``eps_hat`` is refitted on B by (T3) from the current
+    residuals and detached: the backfitting step of the semi-parametric imputed error
+    ``e_hat_phi(x) + eps h(x)``, in which the imputation model learns the part of the error that the
+    targeting term does not explain (our reconstruction of the paper's CL; see
+    :func:`estimators.imputation.tdr_cl_imputation_loss`).  The gradient reaches ``x_t`` through
+    ``e_hat`` only."""
+    residual = _residual(xt_b, x_b, r_b, form)
+    h = clever_covariate(p_hat_b)
+    return ((1.0 / p_hat_b) * (residual - targeting_epsilon(residual, h) * h) ** 2).sum()
 
 
 def badr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:

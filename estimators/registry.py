@@ -44,7 +44,7 @@ from torch import Tensor
 from . import joint_loss as J
 from .adjustment import ddr_propensity
 from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imputation_loss, dr_mse_imputation_loss,
-                         mrdr_imputation_loss)
+                         mrdr_imputation_loss, tdr_cl_imputation_loss)
 from .loss import badr, dr, eib, ips, naive, snips
 from .multitask import ddpo_loss, escm2_loss, esmm_loss, multi_dr_loss, multi_ips_loss
 from .propensity_free import cvib_loss, damf_loss, dib_loss
@@ -362,6 +362,10 @@ for _entry in (
                        J.dr_bias_imputation_step, dr_family=True),
     ImputationLossSpec("dr_mse", "eq. (10)", "DR-MSE: alpha * DR-BIAS + (1 - alpha) * MRDR", dr_mse_imputation_loss,
                        J.dr_mse_imputation_step, dr_family=True, params=("alpha",)),
+    ImputationLossSpec("tdr_cl", "TDR-CL (C1): eq. (6) with e_tilde = e_hat + eps_hat h (T1)-(T3)",
+                       "TDR-CL: DR-JL's loss on the residual the targeting term eps_hat (1/p_hat - 1) leaves, eps_hat "
+                       "refitted per batch by least squares on the clicked pairs (our reconstruction of the paper's "
+                       "collaborative learning)", tdr_cl_imputation_loss, J.tdr_cl_imputation_step, dr_family=True),
     ImputationLossSpec("badr", "eq. (32)", "BADR's delta-method variance, trained as the published code does",
                        badr_imputation_loss, J.badr_imputation_step, needs_u=True, grad_on_b=False, grad_on_u=True),
     ImputationLossSpec("badr_paper", "eq. (32)", "BADR's delta-method variance, trained as the paper writes it",

@@ -19,6 +19,12 @@ table before joint learning, with its parameters as prefixed config keys
 (:attr:`Method.adjustment_keys`).  D-DR is DR-JL's estimator and imputation loss on the table
 ``f(p_hat)^alpha`` of the ``ddr`` adjustment (Ha et al. 2024, eqs. 2 and 5).
 
+TDR-CL (Li et al., ICLR 2023) is a method of the first family: DR's estimator (eq. 7) and the
+imputation loss ``tdr_cl`` (:mod:`estimators.targeting`).  TDR's estimate is eq. (7) with the
+targeted error ``e_hat + eps_hat h`` for ``e_hat``; with ``eps_hat`` held fixed in the prediction
+step the two differ by ``eps_hat (sum_U h - sum_B h) / |U|``, constant in the prediction model, so
+the prediction gradients are DR-JL's and the targeting acts through the imputation model only.
+
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """
@@ -195,6 +201,12 @@ for _method in (
     _m("mrdr", "MRDR", "dr", "mrdr", "MRDR", "DR estimator + MRDR imputation loss (eq. 8)"),
     _m("dr_bias", "DR-BIAS", "dr", "dr_bias", "DR-BIAS", "DR estimator + DR-BIAS imputation loss (eq. 9)"),
     _m("dr_mse", "DR-MSE", "dr", "dr_mse", "DR-MSE", "DR estimator + DR-MSE imputation loss (eq. 10)"),
+    # TDR-CL: the DR estimator, not TDR's (T4).  TDR's estimate is DR's with e_tilde = e_hat + eps_hat h
+    # for e_hat; with eps_hat held fixed, eps_hat (sum_U h - sum_B h) / |U| is constant in the prediction
+    # model, so its gradient is DR-JL's exactly and the targeting acts only through the imputation loss.
+    _m("tdr_cl", "TDR-CL", "dr", "tdr_cl", "TDR-CL", "targeted DR with collaborative learning (Li et al. 2023; our "
+       "reconstruction): DR estimator (eq. 7; TDR's differs by a term constant in the prediction model) + DR-JL's "
+       "imputation loss on the residual of the targeting term eps_hat (1/p_hat - 1)"),
     _m("badr", "BADR", "badr", "badr", "BADR", "BADR estimator (eq. 13) + BADR imputation loss, published variant"),
     _m("badr_dr", "BADR w/o BADR imp. loss", "badr", "dr", None, "Fig. 1(a): BADR estimator + DR imputation loss"),
     _m("badr_v", "BADR-V", "badr", "mrdr", None, "Fig. 1(b): BADR estimator + MRDR imputation loss"),

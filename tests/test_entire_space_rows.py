@@ -54,6 +54,10 @@ SIGNATURES = {
 }
 
 
+#: Rows of the joint-learning family added after the signatures were taken (tests/test_tdr_cl.py).
+ADDED_SINCE = frozenset({"tdr_cl"})
+
+
 def test_existing_signatures_unchanged():
     ref = SIGNATURES
     seen = set()
@@ -61,7 +65,7 @@ def test_existing_signatures_unchanged():
         cfg = C.load_config(ds)
         for name, method in METHODS.items():
             if (method.entire_space is not None or method.propensity_free is not None
-                    or method.propensity_adjustment is not None):  # rows added since
+                    or method.propensity_adjustment is not None or name in ADDED_SINCE):  # rows added since
                 continue
             params = cfg.method_params(method)
             got = (C.run_signature(cfg, method, params, cfg.max_epochs),

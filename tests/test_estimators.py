@@ -142,10 +142,26 @@ def np_eq32(e, e_hat, o, p_hat, mag=False):
     return np.mean(out)
 
 
+def np_tdr_cl(e, e_hat, o, p_hat, mag=False):
+    """TDR-CL's (C1): (1/|D|) sum o (e - e_hat - eps h)^2 / p_hat, h = 1/p_hat - 1, eps the OLS
+    slope of e - e_hat on h over the clicked pairs of the batch (0 if sum h^2 = 0)."""
+    e, e_hat, o, p_hat = _rows(e, e_hat, o, p_hat)
+    out = []
+    for ee, hh, oo, pp in zip(e, e_hat, o, p_hat):
+        c = oo == 1
+        d = _sub(ee[c], hh[c], mag)
+        h = 1 / pp[c] - 1
+        den = float(np.dot(h, h))
+        eps = float(np.dot(h, d)) / den if den > 0 else 0.0
+        resid = np.abs(d) + abs(eps) * h if mag else d - eps * h
+        out.append(np.sum(resid**2 / pp[c]) / oo.size)
+    return np.mean(out)
+
+
 REFERENCE_ESTIMATORS = {"naive": np_naive, "ips": np_ips, "snips": np_snips, "eib": np_eib, "dr": np_dr, "badr": np_badr}
 # badr and badr_paper are one quantity, eq. (32), trained in two ways (tests/test_joint.py checks both).
 REFERENCE_IMPUTATION = {"dr": np_eq6, "mrdr": np_eq8, "dr_bias": np_eq9, "dr_mse": np_eq10, "badr": np_eq32,
-                        "badr_paper": np_eq32}
+                        "badr_paper": np_eq32, "tdr_cl": np_tdr_cl}
 
 
 # Theory: Table 1 (signed E[L] - L_ideal, i.e. minus the printed (p_hat - p) form), eqs. (16), (20), (25)-(26)

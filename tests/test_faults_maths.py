@@ -29,7 +29,7 @@ DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64,
 
 #: The highest power of ``1 / p_hat`` each function forms (its floor is ``p_hat_floor(dtype, k)``).
 ESTIMATOR_POWER = {"ips": 1, "snips": 1, "dr": 1, "badr": 1}
-IMPUTATION_POWER = {"dr": 1, "mrdr": 2, "dr_bias": 3, "dr_mse": 3, "badr": 2, "badr_paper": 2}
+IMPUTATION_POWER = {"dr": 1, "mrdr": 2, "dr_bias": 3, "dr_mse": 3, "badr": 2, "badr_paper": 2, "tdr_cl": 2}
 WITH_P_HAT = [pytest.param(ESTIMATORS[n].function, ESTIMATORS[n].reads, k, id=f"estimator-{n}")
               for n, k in ESTIMATOR_POWER.items()] + [
     pytest.param(IMPUTATION_LOSSES[n].function, IMPUTATION_LOSSES[n].reads, k, id=f"imputation-{n}")

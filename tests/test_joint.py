@@ -63,14 +63,27 @@ def _dr_family_weights(kind, p_hat_b, alpha=0.3):
     """c of sum_B c (e - e_hat)^2 (eqs. 6, 8, 9, 10)."""
     w = 1 / p_hat_b
     mrdr, bias = w**2 * (1 - p_hat_b), w**3 * (1 - p_hat_b) ** 2
-    return {"dr": w, "mrdr": mrdr, "dr_bias": bias, "dr_mse": alpha * bias + (1 - alpha) * mrdr}[kind]
+    return {"dr": w, "mrdr": mrdr, "dr_bias": bias, "dr_mse": alpha * bias + (1 - alpha) * mrdr, "tdr_cl": w}[kind]
+
+
+def _dr_family_residual(kind, e, e_hat, p_hat_b):
+    """The residual a DR-family loss squares: e - e_hat, and for TDR-CL e - e_hat - eps h with eps
+    the OLS slope of e - e_hat on h = 1/p_hat - 1 over B."""
+    d = e - e_hat
+    if kind != "tdr_cl":
+        return d
+    h = 1 / p_hat_b - 1
+    return d - np.dot(h, d) / np.dot(h, h) * h
 
 
 def _numpy_imputation(kind, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, alpha=0.3, imputed_error="paper"):
     w = 1 / p_hat_b
     e = _bce(x_b, r_b)
     if imputed_error == "published":  # the DR family, input and target swapped
-        return (_dr_family_weights(kind, p_hat_b, alpha) * (e - _bce(xt_b, _sigmoid(x_b))) ** 2).sum()
+        resid = _dr_family_residual(kind, e, _bce(xt_b, _sigmoid(x_b)), p_hat_b)
+        return (_dr_family_weights(kind, p_hat_b, alpha) * resid**2).sum()
+    if kind == "tdr_cl":
+        return (w * _dr_family_residual(kind, e, _bce(x_b, _sigmoid(xt_b)), p_hat_b) ** 2).sum()
     if kind == "badr":
         e_hat_b = _bce(xt_b, _sigmoid(x_b))
         e_hat_u = _bce(xt_u, _sigmoid(x_u))
@@ -113,7 +126,7 @@ def test_published_imputed_error_matches_numpy(kind, step_inputs):
     np.testing.assert_allclose(float(got.detach()), expected, rtol=RTOL)
     got.backward()
     x_b, xt_b, r_b = step_inputs["x_b"], step_inputs["xt_b"], step_inputs["r_b"]
-    d = _bce(x_b, r_b) - _bce(xt_b, _sigmoid(x_b))
+    d = _dr_family_residual(kind, _bce(x_b, r_b), _bce(xt_b, _sigmoid(x_b)), step_inputs["p_hat_b"])
     expected = -2 * _dr_family_weights(kind, step_inputs["p_hat_b"]) * d * (_sigmoid(xt_b) - _sigmoid(x_b))
     np.testing.assert_allclose(t["xt_b"].grad.numpy(), expected, rtol=1e-8)
     paper = imputation_loss(kind, t["xt_b"], t["x_b"], t["r_b"], t["p_hat_b"], alpha=0.3)

@@ -68,7 +68,7 @@ def test_public_dicts_are_the_registry():
     needs_u = {name for name, spec in ESTIMATORS.items() if spec.needs_u}
     assert needs_u == {name for name, spec in ESTIMATORS.items() if spec.needs_imputation} == {"eib", "dr", "badr"}
     assert {n for n, s in ESTIMATORS.items() if s.self_normalised} == {"snips", "badr"}
-    assert {n for n, s in IMPUTATION_LOSSES.items() if s.dr_family} == {"dr", "mrdr", "dr_bias", "dr_mse"}
+    assert {n for n, s in IMPUTATION_LOSSES.items() if s.dr_family} == {"dr", "mrdr", "dr_bias", "dr_mse", "tdr_cl"}
 
 
 def test_every_kernel_is_a_registry_entry():

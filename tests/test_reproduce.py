@@ -187,7 +187,7 @@ def test_imputed_error_key_reaches_the_dr_family_and_the_signature():
         params = cfg.method_params(method)
         sigs = [C.run_signature(c, method, params, 100) for c in (absent, cfg, published)]
         assert sigs[0] == sigs[1]
-        dr_family = method.imputation_loss in ("dr", "mrdr", "dr_bias", "dr_mse")
+        dr_family = method.imputation_loss in ("dr", "mrdr", "dr_bias", "dr_mse", "tdr_cl")
         assert published.imputed_error_of(method) == ("published" if dr_family else "paper")
         assert (sigs[2] != sigs[1]) == dr_family, method.name
         resampled = C.run_signature(resampled_cfg, method, params, 100)

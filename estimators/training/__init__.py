@@ -8,6 +8,7 @@ from .joint import SAMPLINGS, JointConfig, JointLearner
 from .losses import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
                      DRMSEImputationLoss, EIBLoss, EntireSpaceLoss, ESCM2Loss, ESMMLoss, ImputationLoss, IPSLoss,
                      MRDRImputationLoss, MultiDRLoss, MultiIPSLoss, NaiveLoss, PredictionLoss, SNIPSLoss,
+                     TDRCLImputationLoss,
                      imputation_loss, imputation_loss_and_grads, prediction_loss, prediction_loss_and_grads)
 from .models import ESCM2, MF, MMoE, EntireSpaceMF, PropensityModel, TwoTower
 from .propensity import PROPENSITY_LOSSES, fit_propensity, propensity_table
@@ -16,7 +17,8 @@ from .propensity_free import PropensityFreeConfig, PropensityFreeLearner, Propen
 __all__ = [
     "EarlyStopping", "Diverged", "EpochStats", "fit", "gather_dot", "SAMPLINGS", "JointConfig", "JointLearner",
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
-    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "BADRImputationLoss",
+    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "TDRCLImputationLoss",
+    "BADRImputationLoss",
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
     "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",

@@ -43,7 +43,8 @@ __all__ = [
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "prediction_loss_reference", "imputation_loss_reference", "make_form",
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
-    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "BADRImputationLoss",
+    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "TDRCLImputationLoss",
+    "BADRImputationLoss",
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
 ]
 
@@ -231,8 +232,10 @@ def imputation_loss(
 
     ``dr`` (eq. 6 as a batch sum) ``sum_B w (e - e_hat)^2``; ``mrdr`` (eq. 8)
     ``sum_B w^2 (1 - p_hat) (e - e_hat)^2``; ``dr_bias`` (eq. 9) ``sum_B w^3 (1 - p_hat)^2
-    (e - e_hat)^2``; ``dr_mse`` (eq. 10) ``alpha * dr_bias + (1 - alpha) * mrdr``; ``badr_paper``
-    eq. 32 on B and U; ``badr`` eq. 32 as the published code trains it (see
+    (e - e_hat)^2``; ``dr_mse`` (eq. 10) ``alpha * dr_bias + (1 - alpha) * mrdr``; ``tdr_cl``
+    (TDR-CL's (C1)) ``sum_B w (e - e_hat - eps_hat h)^2`` with ``h = 1 / p_hat - 1`` and
+    ``eps_hat`` refitted on B, detached (:mod:`estimators.targeting`); ``badr_paper`` eq. 32 on B
+    and U; ``badr`` eq. 32 as the published code trains it (see
     :mod:`estimators.joint_loss`).  ``imputed_error`` (``"paper"`` or ``"published"``) applies to
     the DR family only; ``"published"`` with a BADR loss raises ``ValueError``.
     """
@@ -466,6 +469,7 @@ DRImputationLoss = _named_imputation_loss("dr", "DRImputationLoss")
 MRDRImputationLoss = _named_imputation_loss("mrdr", "MRDRImputationLoss")
 DRBiasImputationLoss = _named_imputation_loss("dr_bias", "DRBiasImputationLoss")
 DRMSEImputationLoss = _named_imputation_loss("dr_mse", "DRMSEImputationLoss")
+TDRCLImputationLoss = _named_imputation_loss("tdr_cl", "TDRCLImputationLoss")
 
 
 class BADRImputationLoss(ImputationLoss):
