@@ -65,7 +65,7 @@ def test_sparsity_runs_subsample_and_record_the_test_loss(all_out):
     table = (all_out / "table4.md").read_text()
     assert "## 80% of the training pairs" in table and "## 20% of the training pairs" in table
     assert f"| {TABLE4['MF'][0][0]:.4f}" in table  # the paper's MF AUC at 80 %, beside ours
-    assert "| TDR-CL | not implemented" in table and "Impv-MF (%)" in table and "Impv (%)" in table
+    assert "| DCE-TDR | not implemented" in table and "Impv-MF (%)" in table and "Impv (%)" in table
     assert "## The paper's claims" in table and ("**holds**" in table or "**does not hold**" in table)
 
 
@@ -208,7 +208,8 @@ def test_all_plans_the_shared_runs_once_with_the_test_loss_figure_2_needs(tmp_pa
     E.run_experiments(["table3", "fig2"], E.Options(out=tmp_path, data_dir=str(data_dir),
                                                      datasets=(DataSource("coat"),), seeds=1))
     full = [run for run in first.values() if run.train_fraction == 1.0]
-    assert {run.method.name for run in full if run.record_test_loss} == {"mf", "dr_jl", "mrdr", "dr_bias", "badr"}
+    assert {run.method.name for run in full if run.record_test_loss} == {"mf", "dr_jl", "mrdr", "dr_bias", "tdr_cl",
+                                                                            "badr"}
     assert not any(run.record_test_loss for run in full if run.method.name in ("ips", "snips", "badr_v"))
 
 
