@@ -56,6 +56,28 @@ def coat_one_thread(data_dir):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def coat_table3_rows(data_dir, tmp_path):
+    """``coat_table3_rows(methods, max_epochs=1)`` runs ``table3`` on Coat for ``methods`` (one
+    seed, one thread) and returns its rows by label: the cells of each Markdown row (label, ours,
+    paper, ...)."""
+    return lambda methods, max_epochs=1: _coat_table3_rows(data_dir, tmp_path / "out", methods, max_epochs)
+
+
+def _coat_table3_rows(data_dir, out, methods, max_epochs):
+    from reproduce.__main__ import main
+
+    argv = ["table3", "--datasets", "coat", "--methods", ",".join(methods), "--seeds", "1", "--max-epochs",
+            str(max_epochs), "--threads", "1", "--jobs", "1", "--data-dir", str(data_dir), "--out", str(out)]
+    assert main(argv) == 0
+    rows = {}
+    for line in (out / "table3.md").read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| method"):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            rows.setdefault(cells[0], cells)
+    return rows
+
+
 # ---- Hypothesis profiles (theorem, mutation and estimator tests) -------------------------------
 # "ci": deterministic (derandomize, no example database), fixed budget of 15 examples; loaded when CI=true.
 # "dev": 50 examples, random seeds; the default for local runs.
