@@ -80,12 +80,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cvrdata.stream import CHUNK as STREAM_CHUNK, ChunkedBatches
 from estimators.registry import get_entire_space
 from estimators.training.models import MMoE
 from simulate import ctcvr
@@ -154,7 +155,7 @@ LAMBDA_G_GRID = (0.0, 0.5, 1.0, 2.0, 3.0)  # Figure 7 (the paper: [0, 3])
 PARTS = ("tables", "ieb", "fig6", "fig7")
 SELECT = ("cvr", "ctcvr")
 FIRST_SEED = 2024
-CHUNK = 1 << 16  # rows read from the memory maps at a time
+CHUNK = STREAM_CHUNK  # rows read from the memory maps at a time
 IEB_TRAIN_ROWS = 1_000_000
 DEFAULT_EXPOSURES = 10_000_000  # Table VI's train subset: the first rows of the (i.i.d.) train split
 
@@ -255,21 +256,13 @@ def data_folder(out: Path, exposures: Optional[int], data: Optional[str],
     return folder
 
 
-def batches(log: ctcvr.CTCVRLog, batch_size: int, rng: np.random.Generator
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(users, items, o, r)`` mini-batches of one epoch over ``log``: chunks of :data:`CHUNK` rows
-    (a multiple of ``batch_size`` at least as large) in a random order, rows shuffled in each."""
-    n = len(log)
-    chunk = max(batch_size, CHUNK // batch_size * batch_size)
-    for start in rng.permutation(np.arange(0, n, chunk)):
-        rows = slice(int(start), min(int(start) + chunk, n))
-        perm = torch.from_numpy(rng.permutation(rows.stop - rows.start))
-        users = torch.from_numpy(np.asarray(log.user[rows], dtype=np.int64))[perm]
-        items = torch.from_numpy(np.asarray(log.item[rows], dtype=np.int64))[perm]
-        o = torch.from_numpy(np.asarray(log.click[rows], dtype=np.float32))[perm]
-        r = torch.from_numpy(np.asarray(log.conversion[rows], dtype=np.float32))[perm]
-        for b in range(0, len(perm), batch_size):
-            yield users[b:b + batch_size], items[b:b + batch_size], o[b:b + batch_size], r[b:b + batch_size]
+def batches(log: ctcvr.CTCVRLog, batch_size: int, rng: np.random.Generator) -> ChunkedBatches:
+    """``(users, items, o, r)`` mini-batches of one epoch over ``log``, streamed from its memory maps
+    (:class:`cvrdata.stream.ChunkedBatches`): chunks of :data:`CHUNK` rows in a random order, rows
+    shuffled in each, drawn from ``rng``."""
+    return ChunkedBatches({"user": log.user, "item": log.item, "click": log.click, "conversion": log.conversion},
+                          {"user": torch.int64, "item": torch.int64, "click": torch.float32,
+                           "conversion": torch.float32}, batch_size, rng, chunk=CHUNK)
 
 
 @torch.no_grad()
