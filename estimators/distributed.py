@@ -38,6 +38,7 @@ no external normaliser: an active reduction runs the losses on their pure-PyTorc
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -80,23 +81,26 @@ class Reduction:
         """Whether sums are all-reduced and shares scaled (``"global"``, more than one rank)."""
         return self.mode == "global" and self.world_size > 1
 
-    def total(self, *partials: Union[Tensor, int, float]):
+    def total(self, *partials: Union[Tensor, int, float], like: Optional[Tensor] = None):
         """The global sums of the rank's ``partials`` (tensors of any shape, or Python numbers such
         as a batch's size), one all-reduce for all of them; one value for one partial, else a
         tuple.  Inactive: the partials themselves, untouched.  Numbers come back as tensors of the
-        first tensor's dtype and device; the sums are formed in float64."""
+        dtype and device of ``like`` (default: the first tensor partial); the sums are formed in
+        float64."""
         if not self.active:
             return partials[0] if len(partials) == 1 else partials
-        first = next((p for p in partials if isinstance(p, Tensor)), None)
+        first = like if like is not None else next((p for p in partials if isinstance(p, Tensor)), None)
         if first is None:
-            raise ValueError("Reduction.total needs at least one tensor among its partials (for the device)")
+            raise ValueError("Reduction.total: give `like`, a tensor whose dtype and device the numbers take")
         tensors = [p if isinstance(p, Tensor) else torch.tensor(p, dtype=first.dtype, device=first.device)
                    for p in partials]
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if differentiable:  # its backward all-reduces the gradient: the cross-rank terms
             import torch.distributed.nn.functional as dist_nn
-            summed = dist_nn.all_reduce(flat, group=self.group)
+            with warnings.catch_warnings():  # deprecated for a private successor; still the public one
+                warnings.simplefilter("ignore", FutureWarning)
+                summed = dist_nn.all_reduce(flat, group=self.group)
         else:
             import torch.distributed as dist
             summed = flat.detach().clone()
@@ -120,14 +124,14 @@ class Reduction:
         ``per_pair.mean()``)."""
         if not self.active:
             return per_pair.mean()
-        return self.share(per_pair.sum() / self.total(per_pair.numel()))
+        return self.share(per_pair.sum() / self.total(per_pair.numel(), like=per_pair))
 
     def batch_mean(self, per_pair: Tensor) -> Tensor:
         """``per_pair.mean(dim=-1).mean()``: the mean of each batch (a row; its pairs split across
         the ranks), then the mean over the batches, as this rank's share."""
         if not self.active:
             return per_pair.mean(dim=-1).mean()
-        return self.share((per_pair.sum(dim=-1) / self.total(per_pair.shape[-1])).mean())
+        return self.share((per_pair.sum(dim=-1) / self.total(per_pair.shape[-1], like=per_pair)).mean())
 
 
 #: The reductions of a single process (inactive): the default, and the per-rank mode.

@@ -124,7 +124,7 @@ def naive_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
 def ips_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (3): ``sum_B w l(x, r) / b``."""
     red = form.reduction
-    return red.share(((1.0 / p_hat_b) * form.l(x_b, r_b)).sum() / red.total(x_b.numel()))
+    return red.share(((1.0 / p_hat_b) * form.l(x_b, r_b)).sum() / red.total(x_b.numel(), like=x_b))
 
 
 def snips_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
@@ -141,13 +141,15 @@ def _dr_numerator(x_b, r_b, w, x_u, xt_b, xt_u, form: Form) -> Tensor:
 def eib_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (5): ``[sum_B e - sum_B e_hat + sum_U e_hat] / |U|``, DR with ``w = 1``."""
     red = form.reduction
-    return red.share(_dr_numerator(x_b, r_b, torch.ones_like(x_b), x_u, xt_b, xt_u, form) / red.total(x_u.numel()))
+    numerator = _dr_numerator(x_b, r_b, torch.ones_like(x_b), x_u, xt_b, xt_u, form)
+    return red.share(numerator / red.total(x_u.numel(), like=x_u))
 
 
 def dr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (7), DR-JL: ``[sum_B w e - sum_B e_hat + sum_U e_hat] / |U|`` (as the published DR-JL code)."""
     red = form.reduction
-    return red.share(_dr_numerator(x_b, r_b, 1.0 / p_hat_b, x_u, xt_b, xt_u, form) / red.total(x_u.numel()))
+    numerator = _dr_numerator(x_b, r_b, 1.0 / p_hat_b, x_u, xt_b, xt_u, form)
+    return red.share(numerator / red.total(x_u.numel(), like=x_u))
 
 
 def badr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
