@@ -231,12 +231,11 @@ def badr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tens
     e = form.l(x_b, r_b)
     e_hat_b = form.swapped(xt_b, x_b).detach()
     e_hat_u = form.swapped(xt_u, x_u)
-    if red.active:
-        sum_w, sum_we, sum_b, sum_u, n_u = red.total(w.sum(), (w * e).sum(), e_hat_b.sum(), e_hat_u.detach().sum(),
+    if red.active:  # one all-reduce; sum_u carries the gradient to every rank's U
+        sum_w, sum_we, sum_b, sum_u, n_u = red.total(w.sum(), (w * e).sum(), e_hat_b.sum(), e_hat_u.sum(),
                                                     x_u.numel())
-        estimate = (sum_we - sum_b + sum_u) / sum_w
-        e_hat_u_mean = red.total(e_hat_u.sum()) / n_u  # carries the gradient to U across ranks
-        return red.share((w**2 * (e - e_hat_b + e_hat_u_mean - estimate) ** 2).sum() / n_u)
+        estimate = (sum_we - sum_b + sum_u.detach()) / sum_w
+        return red.share((w**2 * (e - e_hat_b + sum_u / n_u - estimate) ** 2).sum() / n_u)
     estimate = ((w * e).sum() - e_hat_b.sum() + e_hat_u.detach().sum()) / w.sum()
     return (w**2 * (e - e_hat_b + e_hat_u.mean() - estimate) ** 2).sum() / x_u.numel()
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ext
-from ..distributed import Reduction, rank, resolve, world_size
+from ..distributed import TRAFFIC, Reduction, rank, resolve, world_size
 from ..joint_loss import CROSS_ENTROPIES, IMPUTATIONS, monitor
 from ..registry import get_estimator, get_imputation_loss
 from .gather import gather_dot_grad, gather_dot_value, use_operator
@@ -262,6 +262,9 @@ class JointLearner:
         self._train_modules = {id(m): m for m in models}
         if self.world_size > 1:
             self._distribute(models)
+        #: The models' ``DistributedDataParallel`` wrappers (prediction, then imputation) under data
+        #: parallelism, e.g. to register a communication hook; empty in one process.
+        self.ddp_modules = tuple(w for m in models if (w := self._train_modules[id(m)]) is not m)
 
     def _distribute(self, models: list[nn.Module]) -> None:
         """Data parallel: DDP wrappers for the models (which broadcast rank 0's parameters) and
@@ -337,6 +340,7 @@ class JointLearner:
         keys = sorted(out)
         values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(values, group=self.group)
+        TRAFFIC.calls, TRAFFIC.bytes = TRAFFIC.calls + 1, TRAFFIC.bytes + values.numel() * values.element_size()
         return {k: float(v) if k == "monitor" else float(v) / self.world_size for k, v in zip(keys, values.tolist())}
 
     def _draw_u(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
