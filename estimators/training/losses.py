@@ -352,6 +352,12 @@ def _clicked(click, like: Tensor) -> Tensor:
     return click
 
 
+def _across_ranks(reduction: Reduction) -> dict:
+    """The keyword that tells a registry function how to sum across ranks: none in one process (so
+    an entry registered without the keyword still runs there), the resolved reduction otherwise."""
+    return {"reduction": reduction} if reduction.world_size > 1 else {}
+
+
 def _any_click(clicked: Tensor, reduction: Reduction) -> bool:
     """Whether the batch has a click: on any rank's shard under an active ``reduction`` (so that
     every rank takes the same branch and joins the same collectives)."""
@@ -433,7 +439,7 @@ class PredictionLoss(nn.Module):
                   "p_hat": p_hat_b.detach().to(x_b.dtype)}
         if self.spec.needs_imputation:
             inputs["e_hat"] = self.form.imputed(x_b, xt_b.detach())
-        return self.spec.function(*(inputs[k] for k in self.spec.reads), reduction=red)
+        return self.spec.function(*(inputs[k] for k in self.spec.reads), **_across_ranks(red))
 
 
 class ImputationLoss(nn.Module):
@@ -477,7 +483,7 @@ class ImputationLoss(nn.Module):
         e_hat = self.form.swapped(xt_b, x) if self.imputed_error == "published" else self.form.imputed(x, xt_b)
         params = {"alpha": self.alpha} if "alpha" in self.spec.params else {}
         return self.spec.function(_exposure_errors(self.form, x, r_b, clicked), e_hat, clicked,
-                                  p_hat_b.detach().to(xt_b.dtype), **params, reduction=red)
+                                  p_hat_b.detach().to(xt_b.dtype), **params, **_across_ranks(red))
 
 
 def _named_prediction_loss(estimator: str, cls_name: str) -> type:
