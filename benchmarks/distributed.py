@@ -19,7 +19,9 @@ For each it prints the global clicked pairs ("exposures" of the training split) 
 the peak resident set of each rank (``getrusage``; includes torch's own ~0.3 GB), and the bytes
 all-reduced per step: DDP's gradient buckets (counted by a communication hook around DDP's own
 all-reduce), the losses' normaliser sums (:data:`estimators.distributed.TRAFFIC`, a differentiable
-all-reduce counted twice) and the step's reported values.  Timings are of a shared machine: read
+all-reduce counted twice) and the step's reported values; and the milliseconds per step, of which
+the optimisers' steps (Adam over the whole dense tables, a cost each rank pays in full whatever
+the world size; not timed on the fast path, whose Adam is fused into its step).  Timings are of a shared machine: read
 the ratios, not the absolute numbers.
 """
 from __future__ import annotations
@@ -70,12 +72,26 @@ def _worker(rank: int, world: int, module_path: bool, args: dict, folder: str) -
 
     for module in learner.ddp_modules:
         module.register_comm_hook(None, counting)
+    optimiser_seconds = [0.0]  # the optimisers' steps: dense Adam over whole tables, whatever W is
+
+    def timed(step):
+        def run(*a, **k):
+            t = time.perf_counter()
+            out = step(*a, **k)
+            optimiser_seconds[0] += time.perf_counter() - t
+            return out
+        return run
+
+    if module_path or world > 1:
+        for opt in (learner.pred_opt, getattr(learner, "imp_opt", None)):
+            if opt is not None:
+                opt.step = timed(opt.step)
     for step in range(warmup + steps):
         if step == warmup:
             if world > 1:
                 dist.barrier()
             TRAFFIC.reset()
-            ddp_bytes[0] = 0
+            ddp_bytes[0], optimiser_seconds[0] = 0, 0.0
             start = time.perf_counter()
         idx = learner.shard(torch.arange(step * batch, (step + 1) * batch))
         learner.step(users[idx], items[idx], r[idx], validate=False)
@@ -86,6 +102,7 @@ def _worker(rank: int, world: int, module_path: bool, args: dict, folder: str) -
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "ddp_bytes_per_step": ddp_bytes[0] / steps, "loss_bytes_per_step": TRAFFIC.bytes / steps,
               "collectives_per_step": TRAFFIC.calls / steps, "fast": learner.fast,
+              "optimiser_ms_per_step": 1e3 * optimiser_seconds[0] / steps,
               "state_mb": 4 * sum(p.numel() * p.element_size() for m in (learner.prediction, learner.imputation)
                                   for p in m.parameters()) / 2**20}
     Path(folder, f"rank{rank}.json").write_text(json.dumps(record))
@@ -114,7 +131,9 @@ def run(args: dict) -> list[dict]:
                      "peak_rss_mb_per_rank": [round(r["peak_rss_mb"], 1) for r in ranks],
                      "ddp_bytes_per_step": ranks[0]["ddp_bytes_per_step"],
                      "loss_bytes_per_step": ranks[0]["loss_bytes_per_step"],
-                     "collectives_per_step": ranks[0]["collectives_per_step"], "model_state_mb": ranks[0]["state_mb"]})
+                     "collectives_per_step": ranks[0]["collectives_per_step"], "model_state_mb": ranks[0]["state_mb"],
+                     "ms_per_step": 1e3 * seconds / args["steps"],
+                     "optimiser_ms_per_step": ranks[0]["optimiser_ms_per_step"]})
     base = rows[1]["exposures_per_s"]
     for row in rows:
         row["vs_module_path_1"] = row["exposures_per_s"] / base
@@ -147,11 +166,12 @@ def main(argv=None) -> int:
     n_users, n_items, dim, batch, G = SHAPES[ns.shape]
     print(f"{ns.shape}: {n_users} x {n_items} MF tables, dim {dim}, global batch {batch}, G {G}, "
           f"{ns.threads} thread(s) per rank, {ns.steps} steps, {os.cpu_count()} cores")
-    print(f"{'config':26} {'exposures/s':>12} {'x module-1':>10} {'peak RSS MB/rank':>18} {'DDP B/step':>12} "
-          f"{'loss B/step':>11} {'colls/step':>10}")
+    print(f"{'config':26} {'exposures/s':>12} {'x module-1':>10} {'ms/step':>8} {'optim ms':>8} "
+          f"{'peak RSS MB/rank':>18} {'DDP B/step':>12} {'loss B/step':>11} {'colls/step':>10}")
     for row in rows:
         rss = "/".join(f"{v:.0f}" for v in row["peak_rss_mb_per_rank"])
-        print(f"{row['config']:26} {row['exposures_per_s']:12.0f} {row['vs_module_path_1']:10.2f} {rss:>18} "
+        print(f"{row['config']:26} {row['exposures_per_s']:12.0f} {row['vs_module_path_1']:10.2f} "
+              f"{row['ms_per_step']:8.2f} {row['optimiser_ms_per_step']:8.2f} {rss:>18} "
               f"{row['ddp_bytes_per_step']:12.0f} {row['loss_bytes_per_step']:11.0f} {row['collectives_per_step']:10.1f}")
     print(f"model + Adam state per rank: {rows[0]['model_state_mb']:.1f} MB (parameters, gradients, two moments)")
     return 0
