@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         rss = "/".join(f"{v:.0f}" for v in row["peak_rss_mb_per_rank"])
         print(f"{row['config']:26} {row['exposures_per_s']:12.0f} {row['vs_module_path_1']:10.2f} "
               f"{row['ms_per_step']:8.2f} {row['optimiser_ms_per_step']:8.2f} {rss:>18} "
-              f"{row['ddp_bytes_per_step']:12.0f} {row['loss_bytes_per_step']:11.0f} {row['collectives_per_step']:10.1f}")
+              f"{row['ddp_bytes_per_step']:12.0f} {row['loss_bytes_per_step']:11.0f} "
+              f"{row['collectives_per_step']:10.1f}")
     print(f"model + Adam state per rank: {rows[0]['model_state_mb']:.1f} MB (parameters, gradients, two moments)")
     return 0
 

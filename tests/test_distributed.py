@@ -144,8 +144,31 @@ def _worker(rank: int, store: str, out: str) -> None:
         results[case] = _run(kind, name, option, data, rank, WORLD, "global", ddp=True)
     for kind, name in (("prediction", "badr"), ("imputation", "badr"), ("imputation", "badr_paper")):
         results[f"local/{kind}/{name}"] = _run(kind, name, "0", data, rank, WORLD, "local", ddp=True)
+    results["learner"] = _learner_steps()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
+
+
+def _learner_steps() -> dict:
+    """Two JointLearners built alike on this rank: their first U draws, and two BADR steps of the
+    first on this rank's shards of two batches of 12 clicked pairs."""
+    from estimators.training import JointConfig, JointLearner
+
+    g = torch.Generator().manual_seed(5)
+    p_hat = torch.rand(8, 9, generator=g) * 0.9 + 0.1
+    users, items = torch.randint(8, (24,), generator=g), torch.randint(9, (24,), generator=g)
+    r = torch.bernoulli(torch.full((24,), 0.5), generator=g)
+    draws, learners = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        learner = JointLearner(p_hat, JointConfig("badr", "badr", dim=4, G=2),
+                               generator=torch.Generator().manual_seed(3))
+        draws.append(learner.sample_pairs(6))
+        learners.append(learner)
+    learner = learners[0]
+    steps = [learner.step(users[idx], items[idx], r[idx]) for idx in map(learner.shard, torch.arange(24).split(12))]
+    return {"draws": draws, "steps": steps, "fast": learner.fast, "shard": learner.shard(torch.arange(12)),
+            "params": [p.detach().clone() for p in learner.prediction.parameters()]}
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +268,17 @@ def test_torchrun_writes_one_row_with_its_world_size(tmp_path):
     assert rows[0]["status"] in ("ok", "chance")
     history = (out / "history.csv").read_text().splitlines()
     assert sum(",fit," in line for line in history) == rows[0]["epochs"]  # one rank's epochs, once
+
+
+def test_joint_learner_on_two_ranks(two_ranks):
+    """Under torch.distributed the learner trains on DDP (not the fast path), each rank takes its
+    half of a batch and draws its own U, reproducibly by seed and rank; the reported losses and
+    monitor are the global batch's (the same on both ranks) and DDP keeps the parameters alike."""
+    a, b = two_ranks[0]["learner"], two_ranks[1]["learner"]
+    assert not a["fast"] and not b["fast"]
+    assert a["shard"].tolist() == list(range(6)) and b["shard"].tolist() == list(range(6, 12))
+    for ranks in (a, b):  # the same seed and rank: the same draws
+        assert all(torch.equal(x, y) for x, y in zip(*ranks["draws"]))
+    assert not all(torch.equal(x, y) for x, y in zip(a["draws"][0], b["draws"][0]))  # other ranks: others
+    assert a["steps"] == b["steps"] and set(a["steps"][0]) == {"prediction_loss", "imputation_loss", "monitor"}
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
