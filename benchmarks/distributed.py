@@ -140,6 +140,41 @@ def run(args: dict) -> list[dict]:
     return rows
 
 
+#: Interconnects of the projection: (name, bandwidth in bytes/s per rank, latency per message in s).
+FABRICS = (("NCCL, InfiniBand 200 Gb/s", 20e9, 10e-6), ("gloo, TCP 25 GbE", 2.5e9, 50e-6))
+PROJECTED_RANKS = (8, 16, 32, 64)
+
+
+def project(rows: list[dict], ranks=PROJECTED_RANKS, fabrics=FABRICS) -> list[dict]:
+    """A PROJECTION (a model, not a measurement) of one step at ``ranks`` ranks from this run's
+    measurements: ``T(W) = (T_1 - t_opt) / W + t_opt + t_grad(W) + n_c t_scalar(W)``, with ``T_1`` /
+    ``t_opt`` the module path's step / optimiser milliseconds in one process (the per-pair work
+    shrinks with W, the dense optimiser step over whole tables does not), ``t_grad`` an all-reduce
+    of the DDP gradient bytes S, the faster of a ring (``2 (W-1)/W S / bandwidth + 2 (W-1)
+    latency``) and a tree (``2 S / bandwidth + 2 log2(W) latency``), and
+    ``n_c`` latency-bound scalar all-reduces (``2 log2(W) latency`` each).  Compute is per rank
+    as measured here (one CPU core each); overlap of communication and compute is ignored."""
+    import math
+
+    one, dist_row = rows[1], next((r for r in rows if r["world_size"] > 1), None)
+    if dist_row is None:
+        return []
+    t1, t_opt = one["ms_per_step"] / 1e3, one["optimiser_ms_per_step"] / 1e3
+    size, n_c = dist_row["ddp_bytes_per_step"], dist_row["collectives_per_step"]
+    batch = one["exposures_per_s"] * t1
+    out = []
+    for name, bandwidth, latency in fabrics:
+        for w in ranks:
+            t_grad = min(2 * (w - 1) / w * size / bandwidth + 2 * (w - 1) * latency,  # ring
+                         2 * size / bandwidth + 2 * math.log2(w) * latency)        # tree (small messages)
+            t_scalar = n_c * 2 * math.log2(w) * latency
+            step = (t1 - t_opt) / w + t_opt + t_grad + t_scalar
+            out.append({"fabric": name, "world_size": w, "ms_per_step": 1e3 * step, "exposures_per_s": batch / step,
+                        "speedup_vs_1": t1 / step, "compute_ms": 1e3 * ((t1 - t_opt) / w + t_opt),
+                        "gradient_allreduce_ms": 1e3 * t_grad, "scalar_allreduce_ms": 1e3 * t_scalar})
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="yahoo")
@@ -160,8 +195,9 @@ def main(argv=None) -> int:
     args = {"shape": ns.shape, "ranks": ranks, "steps": ns.steps, "warmup": ns.warmup, "threads": ns.threads,
             "estimator": ns.estimator, "imputation_loss": ns.imputation_loss}
     rows = run(args)
+    projection = project(rows)
     if ns.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"measured": rows, "projection": projection}, indent=1))
         return 0
     n_users, n_items, dim, batch, G = SHAPES[ns.shape]
     print(f"{ns.shape}: {n_users} x {n_items} MF tables, dim {dim}, global batch {batch}, G {G}, "
@@ -175,6 +211,14 @@ def main(argv=None) -> int:
               f"{row['ddp_bytes_per_step']:12.0f} {row['loss_bytes_per_step']:11.0f} "
               f"{row['collectives_per_step']:10.1f}")
     print(f"model + Adam state per rank: {rows[0]['model_state_mb']:.1f} MB (parameters, gradients, two moments)")
+    if projection:
+        print("\nPROJECTION (a model of a step from the numbers above, not a measurement; see project()):")
+        print(f"{'fabric':28} {'ranks':>5} {'ms/step':>8} {'exposures/s':>12} {'x 1 process':>11} {'compute ms':>10} "
+              f"{'grad AR ms':>10} {'scalar AR ms':>12}")
+        for p in projection:
+            print(f"{p['fabric']:28} {p['world_size']:5d} {p['ms_per_step']:8.2f} {p['exposures_per_s']:12.0f} "
+                  f"{p['speedup_vs_1']:11.2f} {p['compute_ms']:10.2f} {p['gradient_allreduce_ms']:10.2f} "
+                  f"{p['scalar_allreduce_ms']:12.2f}")
     return 0
 
 
