@@ -135,7 +135,13 @@ def _run(kind, name, option, data, rank, world, reduction, ddp: bool):
     return float(loss.detach()), grads
 
 
+#: gloo's transport on Linux: the loopback interface (a container's hostname may resolve elsewhere).
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") else {}
+
+
 def _worker(rank: int, store: str, out: str) -> None:
+    for key, value in LOOPBACK.items():
+        os.environ.setdefault(key, value)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     data = _batch()
@@ -256,9 +262,9 @@ def test_torchrun_writes_one_row_with_its_world_size(tmp_path):
     from reproduce.table import read_results
 
     data, out = _toy_folder(tmp_path / "toy"), tmp_path / "out"
-    argv = ["--datasets", str(data), "--methods", "badr", "--seeds", "1", "--max-epochs", "2", "--threads", "1",
+    argv = ["--datasets", str(data), "--methods", "badr", "--seeds", "1", "--max-epochs", "1", "--threads", "1",
             "--batch-size", "64", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
               str(_free_port()), "-m", "reproduce", "table3"]
     done = subprocess.run(launch + argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
