@@ -135,6 +135,11 @@ def _run(kind, name, option, data, rank, world, reduction, ddp: bool):
     return float(loss.detach()), grads
 
 
+#: The losses that divide by a batch sum (the registry's self-normalised estimators: SNIPS eq. 37,
+#: BADR eq. 13) or hold batch sums inside their square (eq. 32 in both forms).
+SELF_NORMALISED = [("prediction", n) for n, s in ESTIMATORS.items() if s.self_normalised and s.step is not None] + [
+    ("imputation", "badr"), ("imputation", "badr_paper")]
+
 #: gloo's transport on Linux: the loopback interface (a container's hostname may resolve elsewhere).
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") else {}
 
@@ -148,7 +153,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     results = {}
     for case, kind, name, option in cases():
         results[case] = _run(kind, name, option, data, rank, WORLD, "global", ddp=True)
-    for kind, name in (("prediction", "badr"), ("imputation", "badr"), ("imputation", "badr_paper")):
+    for kind, name in SELF_NORMALISED:
         results[f"local/{kind}/{name}"] = _run(kind, name, "0", data, rank, WORLD, "local", ddp=True)
     results["learner"] = _learner_steps()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
@@ -201,10 +206,11 @@ def test_two_ranks_equal_one_process(two_ranks, case, kind, name, option):
         torch.testing.assert_close(two_ranks[0][case][1][k], g, rtol=RTOL, atol=1e-14 * float(g.abs().max()) + 1e-300)
 
 
-@pytest.mark.parametrize("kind,name", [("prediction", "badr"), ("imputation", "badr"), ("imputation", "badr_paper")])
-def test_per_rank_badr_differs(two_ranks, kind, name):
-    """Per-rank normalisers (BADR eq. 13 and eq. 32 on each shard, DDP's mean of the gradients) are
-    the estimator of a smaller batch: the gradient and the loss differ from the global batch's."""
+@pytest.mark.parametrize("kind,name", SELF_NORMALISED, ids=[f"{k}/{n}" for k, n in SELF_NORMALISED])
+def test_per_rank_normaliser_differs(two_ranks, kind, name):
+    """Per-rank normalisers (BADR eq. 13 and eq. 32, SNIPS eq. 37 on each shard, DDP's mean of the
+    gradients: what wrapping the losses in DDP gives) are the estimator of a smaller batch: the
+    gradient and the loss differ from the global batch's."""
     value, grads = _single(kind, name, "0")
     local = two_ranks[0][f"local/{kind}/{name}"]
     g_key = "x" if kind == "prediction" else "xt"
