@@ -14,63 +14,71 @@ highest power ``k`` of ``1 / p_hat`` the loss forms (eq. 6: k = 1; eqs. 8 and 32
 10: k = 3; TDR-CL's (C1): k = 2, in its ``sum h^2``); smaller propensities raise ``ValueError``.
 The gradient of ``x / p_hat**k`` in ``p_hat`` is formed as ``-k (x / p_hat**k) / p_hat``, so no
 intermediate, in the value or in a gradient, goes beyond ``(1 / p_hat)^(k + 1)``.
+
+``reduction`` (keyword) is that of :mod:`estimators.loss`: under ``torch.distributed``, the
+per-batch sums, counts, eq. (32)'s normaliser and estimate and TDR-CL's ``eps_hat`` are the global
+batch's (all-reduced; eq. 32's gradient-carrying sum through a differentiable all-reduce) and the
+value is this rank's share, scaled for DDP's mean (:mod:`estimators.distributed`).
 """
 from __future__ import annotations
 
 from torch import Tensor
 
 from ._validation import check_alpha, check_batch
+from .distributed import Reduction, resolve
 from .loss import _divided_by_power, _dr_terms
 from .targeting import clever_covariate, targeting_epsilon
 
 
-def _batch_sum(per_pair: Tensor) -> Tensor:
+def _batch_sum(per_pair: Tensor, reduction: Reduction) -> Tensor:
     """Sum over each batch, then the mean over batches."""
-    return per_pair.sum(dim=-1).mean()
+    return reduction.share(per_pair.sum(dim=-1).mean())
 
 
-def dr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+def dr_imputation_loss(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """DR / DR-JL imputation loss, eq. (6): ``(1/|D|) sum o * (e_hat - e)^2 / p_hat``.
 
     ``p_hat >= p_hat_floor(dtype, 1)`` where ``o = 1`` (2.2e-16 in float32, 1e-146 in float64)."""
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=1)
-    return (o * (e_hat - e) ** 2 / p_hat).mean(dim=-1).mean()
+    return resolve(reduction).batch_mean(o * (e_hat - e) ** 2 / p_hat)
 
 
-def _mrdr(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
-    return _batch_sum(_divided_by_power(o * (1 - p_hat) * (e_hat - e) ** 2, p_hat, 2))
+def _mrdr(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor, reduction: Reduction) -> Tensor:
+    return _batch_sum(_divided_by_power(o * (1 - p_hat) * (e_hat - e) ** 2, p_hat, 2), reduction)
 
 
-def _dr_bias(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
-    return _batch_sum(_divided_by_power(o * (o - p_hat) ** 2 * (e_hat - e) ** 2, p_hat, 3))
+def _dr_bias(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor, reduction: Reduction) -> Tensor:
+    return _batch_sum(_divided_by_power(o * (o - p_hat) ** 2 * (e_hat - e) ** 2, p_hat, 3), reduction)
 
 
-def mrdr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+def mrdr_imputation_loss(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """MRDR imputation loss, eq. (8): ``sum o * (1 - p_hat) * (e_hat - e)^2 / p_hat^2``.
 
     ``p_hat >= p_hat_floor(dtype, 2)`` where ``o = 1`` (5.8e-11 in float32, 5.9e-98 in float64)."""
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=2)
-    return _mrdr(e, e_hat, o, p_hat)
+    return _mrdr(e, e_hat, o, p_hat, resolve(reduction))
 
 
-def dr_bias_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+def dr_bias_imputation_loss(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """DR-BIAS imputation loss, eq. (9): ``sum o * (o - p_hat)^2 * (e_hat - e)^2 / p_hat^3``.
 
     ``p_hat >= p_hat_floor(dtype, 3)`` where ``o = 1`` (1.5e-8 in float32, 1.4e-73 in float64)."""
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=3)
-    return _dr_bias(e, e_hat, o, p_hat)
+    return _dr_bias(e, e_hat, o, p_hat, resolve(reduction))
 
 
-def dr_mse_imputation_loss(e, e_hat, o, p_hat, alpha: float = 0.5) -> Tensor:
+def dr_mse_imputation_loss(e, e_hat, o, p_hat, alpha: float = 0.5, *,
+                           reduction: str | Reduction = "global") -> Tensor:
     """DR-MSE imputation loss, eq. (10): ``alpha * eq.(9) + (1 - alpha) * eq.(8)``, alpha in [0, 1].
 
     ``p_hat >= p_hat_floor(dtype, 3)`` where ``o = 1`` (1.5e-8 in float32, 1.4e-73 in float64)."""
     alpha = check_alpha(alpha)
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=3)
-    return alpha * _dr_bias(e, e_hat, o, p_hat) + (1 - alpha) * _mrdr(e, e_hat, o, p_hat)
+    red = resolve(reduction)
+    return alpha * _dr_bias(e, e_hat, o, p_hat, red) + (1 - alpha) * _mrdr(e, e_hat, o, p_hat, red)
 
 
-def tdr_cl_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+def tdr_cl_imputation_loss(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """TDR-CL imputation loss (C1), eq. (6) with the targeted error:
     ``(1/|D|) sum o * (e - e_hat - eps_hat h)^2 / p_hat``, ``h = 1 / p_hat - 1``.
 
@@ -90,12 +98,13 @@ def tdr_cl_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
     forms ``1 / p_hat^2``).  A batch without clicks gives 0 (``eps_hat = 0``, every term masked).
     """
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=2)
+    red = resolve(reduction)
     residual = o * (e - e_hat)
     h = clever_covariate(p_hat)  # 0 where o = 0: check_batch set p_hat = 1 there
-    return (o * (residual - targeting_epsilon(residual, h) * h) ** 2 / p_hat).mean(dim=-1).mean()
+    return red.batch_mean(o * (residual - targeting_epsilon(residual, h, red) * h) ** 2 / p_hat)
 
 
-def badr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
+def badr_imputation_loss(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """BADR imputation loss: the delta-method variance of eq. (32), Theorem 3.5.
 
     Per batch, with ``w = o / p_hat``, ``E_hat = sum e_hat / sum w`` and ``L`` the BADR
@@ -109,8 +118,11 @@ def badr_imputation_loss(e, e_hat, o, p_hat) -> Tensor:
     ``ValueError`` for a batch without clicks.
     """
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=2)
+    red = resolve(reduction)
     w = o / p_hat
-    sum_w = w.sum(dim=-1, keepdim=True)
-    e_hat_mean = e_hat.sum(dim=-1, keepdim=True) / sum_w
-    estimate = _dr_terms(e, e_hat, o, p_hat).sum(dim=-1, keepdim=True) / sum_w
-    return ((w**2 * (e - e_hat + e_hat_mean - estimate) ** 2).sum(dim=-1) / sum_w.squeeze(-1) ** 2).mean()
+    # The three per-batch sums, global across ranks (the last two carry the gradient in e_hat).
+    sum_w, sum_e_hat, sum_dr = red.total(w.sum(dim=-1, keepdim=True), e_hat.sum(dim=-1, keepdim=True),
+                                         _dr_terms(e, e_hat, o, p_hat).sum(dim=-1, keepdim=True))
+    e_hat_mean = sum_e_hat / sum_w
+    estimate = sum_dr / sum_w
+    return red.share(((w**2 * (e - e_hat + e_hat_mean - estimate) ** 2).sum(dim=-1) / sum_w.squeeze(-1) ** 2).mean())

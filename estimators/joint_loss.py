@@ -23,6 +23,12 @@ where ``x`` are prediction logits and ``x_t`` imputation logits; ``w = 1 / p_hat
   ``e_hat = l(x_t, sigmoid(x))``, the gradient reaching ``x_t`` through the input.  The BADR losses define their own imputed
   error (``badr`` is the published, swapped form; ``badr_paper`` is eq. 32).
 
+Under data parallelism the batch B (and U) is split across ranks; ``form.reduction``
+(:mod:`estimators.distributed`) then makes every sum that spans the batch the global batch's
+(:meth:`~estimators.distributed.Reduction.total`) and each rank's result its share of the global
+loss (:meth:`~estimators.distributed.Reduction.share`); a single process's reduction is inactive
+and every form below computes exactly what it computes without it.
+
 Each function below is the step form of one entry of :mod:`estimators.registry`; the registry
 names them, the fused kernels (``csrc/``) must equal them, and
 :mod:`estimators.training.losses` calls them with the logits that the loss does not train
@@ -38,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributed import SINGLE, Reduction
 from .targeting import clever_covariate, targeting_epsilon
 
 #: How the imputation model's output is read: a pseudo-label logit, or the imputed error.
@@ -80,11 +87,13 @@ def bce_clamped(x: Tensor, t: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Form:
     """How one step writes its errors (module docstring): ``cross_entropy``, ``imputation`` and
-    the DR family's ``imputed_error``."""
+    the DR family's ``imputed_error``; and how it sums over a batch split across ranks,
+    ``reduction`` (:mod:`estimators.distributed`; inactive in a single process)."""
 
     cross_entropy: str = "logits"
     imputation: str = "pseudo_label"
     imputed_error: str = "paper"
+    reduction: Reduction = SINGLE
 
     def __post_init__(self) -> None:
         for name, allowed in (("cross_entropy", CROSS_ENTROPIES), ("imputation", IMPUTATIONS),
@@ -109,18 +118,19 @@ class Form:
 # ---- prediction-model losses (the estimator on B and U) ----------------------------------------
 def naive_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (2) on B: ``mean_B l(x, r)``."""
-    return form.l(x_b, r_b).mean()
+    return form.reduction.mean(form.l(x_b, r_b))
 
 
 def ips_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (3): ``sum_B w l(x, r) / b``."""
-    return ((1.0 / p_hat_b) * form.l(x_b, r_b)).sum() / x_b.numel()
+    red = form.reduction
+    return red.share(((1.0 / p_hat_b) * form.l(x_b, r_b)).sum() / red.total(x_b.numel(), like=x_b))
 
 
 def snips_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (37): ``sum_B w l(x, r) / sum_B w``."""
-    w = 1.0 / p_hat_b
-    return (w * form.l(x_b, r_b)).sum() / w.sum()
+    w, red = 1.0 / p_hat_b, form.reduction
+    return red.share((w * form.l(x_b, r_b)).sum() / red.total(w.sum()))
 
 
 def _dr_numerator(x_b, r_b, w, x_u, xt_b, xt_u, form: Form) -> Tensor:
@@ -130,18 +140,22 @@ def _dr_numerator(x_b, r_b, w, x_u, xt_b, xt_u, form: Form) -> Tensor:
 
 def eib_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (5): ``[sum_B e - sum_B e_hat + sum_U e_hat] / |U|``, DR with ``w = 1``."""
-    return _dr_numerator(x_b, r_b, torch.ones_like(x_b), x_u, xt_b, xt_u, form) / x_u.numel()
+    red = form.reduction
+    numerator = _dr_numerator(x_b, r_b, torch.ones_like(x_b), x_u, xt_b, xt_u, form)
+    return red.share(numerator / red.total(x_u.numel(), like=x_u))
 
 
 def dr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (7), DR-JL: ``[sum_B w e - sum_B e_hat + sum_U e_hat] / |U|`` (as the published DR-JL code)."""
-    return _dr_numerator(x_b, r_b, 1.0 / p_hat_b, x_u, xt_b, xt_u, form) / x_u.numel()
+    red = form.reduction
+    numerator = _dr_numerator(x_b, r_b, 1.0 / p_hat_b, x_u, xt_b, xt_u, form)
+    return red.share(numerator / red.total(x_u.numel(), like=x_u))
 
 
 def badr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form: Form) -> Tensor:
     """Eq. (13): ``[sum_B w e - sum_B e_hat + sum_U e_hat] / sum_B w``."""
-    w = 1.0 / p_hat_b
-    return _dr_numerator(x_b, r_b, w, x_u, xt_b, xt_u, form) / w.sum()
+    w, red = 1.0 / p_hat_b, form.reduction
+    return red.share(_dr_numerator(x_b, r_b, w, x_u, xt_b, xt_u, form) / red.total(w.sum()))
 
 
 # ---- imputation-model losses -----------------------------------------------------------------
@@ -158,7 +172,7 @@ def _squared_error(xt_b: Tensor, x_b: Tensor, r_b: Tensor, form: Form) -> Tensor
 
 def dr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
     """Eq. (6) as a batch sum: ``sum_B w (e - e_hat)^2``."""
-    return ((1.0 / p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum()
+    return form.reduction.share(((1.0 / p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum())
 
 
 def _mrdr_weight(p_hat_b: Tensor) -> Tensor:
@@ -171,18 +185,19 @@ def _dr_bias_weight(p_hat_b: Tensor) -> Tensor:
 
 def mrdr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
     """Eq. (8): ``sum_B w^2 (1 - p_hat) (e - e_hat)^2``."""
-    return (_mrdr_weight(p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum()
+    return form.reduction.share((_mrdr_weight(p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum())
 
 
 def dr_bias_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
     """Eq. (9): ``sum_B w^3 (1 - p_hat)^2 (e - e_hat)^2``."""
-    return (_dr_bias_weight(p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum()
+    return form.reduction.share((_dr_bias_weight(p_hat_b) * _squared_error(xt_b, x_b, r_b, form)).sum())
 
 
 def dr_mse_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form, alpha: float = 0.5) -> Tensor:
     """Eq. (10): ``alpha * eq. (9) + (1 - alpha) * eq. (8)``."""
     sq = _squared_error(xt_b, x_b, r_b, form)
-    return alpha * (_dr_bias_weight(p_hat_b) * sq).sum() + (1 - alpha) * (_mrdr_weight(p_hat_b) * sq).sum()
+    return form.reduction.share(alpha * (_dr_bias_weight(p_hat_b) * sq).sum()
+                                + (1 - alpha) * (_mrdr_weight(p_hat_b) * sq).sum())
 
 
 def tdr_cl_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
@@ -199,7 +214,8 @@ def tdr_cl_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Te
     ``e_hat`` only."""
     residual = _residual(xt_b, x_b, r_b, form)
     h = clever_covariate(p_hat_b)
-    return ((1.0 / p_hat_b) * (residual - targeting_epsilon(residual, h) * h) ** 2).sum()
+    eps = targeting_epsilon(residual, h, form.reduction)
+    return form.reduction.share(((1.0 / p_hat_b) * (residual - eps * h) ** 2).sum())
 
 
 def badr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tensor:
@@ -208,12 +224,18 @@ def badr_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -> Tens
     The imputed error is written ``l(x_t, sigmoid(x))`` (input and target swapped), ``e_hat``
     on B is detached, ``E_U = mean_U l(x_t, sigmoid(x))`` carries the gradient, ``L`` is the
     detached BADR estimate with that error, and the loss is
-    ``sum_B w^2 (e - e_hat + E_U - L)^2 / |U|``.
+    ``sum_B w^2 (e - e_hat + E_U - L)^2 / |U|``.  Across ranks, ``E_U`` is the global mean, whose
+    gradient reaches every rank's ``x_t`` on U from every rank's B (a differentiable all-reduce).
     """
-    w = 1.0 / p_hat_b
+    w, red = 1.0 / p_hat_b, form.reduction
     e = form.l(x_b, r_b)
     e_hat_b = form.swapped(xt_b, x_b).detach()
     e_hat_u = form.swapped(xt_u, x_u)
+    if red.active:  # one all-reduce; sum_u carries the gradient to every rank's U
+        sum_w, sum_we, sum_b, sum_u, n_u = red.total(w.sum(), (w * e).sum(), e_hat_b.sum(), e_hat_u.sum(),
+                                                    x_u.numel())
+        estimate = (sum_we - sum_b + sum_u.detach()) / sum_w
+        return red.share((w**2 * (e - e_hat_b + sum_u / n_u - estimate) ** 2).sum() / n_u)
     estimate = ((w * e).sum() - e_hat_b.sum() + e_hat_u.detach().sum()) / w.sum()
     return (w**2 * (e - e_hat_b + e_hat_u.mean() - estimate) ** 2).sum() / x_u.numel()
 
@@ -222,15 +244,16 @@ def badr_paper_imputation_step(xt_b, x_b, r_b, p_hat_b, xt_u, x_u, form: Form) -
     """Eq. (32) on B and U as the paper writes it:
     ``sum_B w^2 (e - e_hat + E_hat - L)^2 / (sum_B w)^2`` with ``E_hat = sum_U e_hat / sum_B w``
     and ``L = [sum_U e_hat + sum_B w (e - e_hat)] / sum_B w``; the gradient reaches ``x_t``
-    through ``e_hat`` on B (the U terms cancel in ``E_hat - L``)."""
-    w = 1.0 / p_hat_b
-    sum_w = w.sum()
+    through ``e_hat`` on B (the U terms cancel in ``E_hat - L``).  Across ranks, ``sum_B w (e -
+    e_hat)`` in ``L`` is the global batch's, with its gradient (a differentiable all-reduce)."""
+    w, red = 1.0 / p_hat_b, form.reduction
     e = form.l(x_b, r_b)
     e_hat = form.imputed(x_b, xt_b)
     e_hat_u = form.imputed(x_u, xt_u)
-    e_hat_mean = e_hat_u.sum() / sum_w
-    estimate = (e_hat_u.sum() + (w * (e - e_hat)).sum()) / sum_w
-    return (w**2 * (e - e_hat + e_hat_mean - estimate) ** 2).sum() / sum_w**2
+    sum_w, sum_u, sum_wr = red.total(w.sum(), e_hat_u.sum(), (w * (e - e_hat)).sum())
+    e_hat_mean = sum_u / sum_w
+    estimate = (sum_u + sum_wr) / sum_w
+    return red.share((w**2 * (e - e_hat + e_hat_mean - estimate) ** 2).sum() / sum_w**2)
 
 
 def monitor(x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, form: Form) -> Tensor:

@@ -16,6 +16,12 @@ Common contract (every function):
   float32 and float64 (half precision is refused), CPU and CUDA.
 - The self-normalised estimators (:func:`snips`, :func:`badr`) raise ``ValueError`` for a batch
   without clicks: callers skip such batches.
+- ``reduction`` (keyword; :mod:`estimators.distributed`): with the batch's pairs split across
+  ranks under ``torch.distributed``, ``"global"`` (the default) makes every per-batch sum and
+  count the global batch's and returns this rank's share of the global value (the ranks' mean is
+  it; DDP's mean of the gradients is its gradient); ``"local"`` computes each rank's shard alone.
+  Outside ``torch.distributed`` it changes nothing.  (A batch without clicks is judged on the
+  rank's shard.)
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._validation import check_batch
+from .distributed import Reduction, resolve
 
 
 class _DividedByPower(torch.autograd.Function):
@@ -50,38 +57,38 @@ def _divided_by_power(x: Tensor, p: Tensor, k: int) -> Tensor:
     return _DividedByPower.apply(x, p, k)
 
 
-def _batch_mean(per_pair: Tensor) -> Tensor:
+def _batch_mean(per_pair: Tensor, reduction: Reduction) -> Tensor:
     """(1/|D^(k)|) sum over each batch, then the mean over batches."""
-    return per_pair.mean(dim=-1).mean()
+    return reduction.batch_mean(per_pair)
 
 
-def _self_normalised(numerator: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
+def _self_normalised(numerator: Tensor, o: Tensor, p_hat: Tensor, reduction: Reduction) -> Tensor:
     """sum_k-batch numerator / sum_k-batch (o / p_hat), then the mean over batches."""
-    return (numerator.sum(dim=-1) / (o / p_hat).sum(dim=-1)).mean()
+    return reduction.share((numerator.sum(dim=-1) / reduction.total((o / p_hat).sum(dim=-1))).mean())
 
 
-def naive(e, o) -> Tensor:
+def naive(e, o, *, reduction: str | Reduction = "global") -> Tensor:
     """Naive estimator, eq. (2): ``(1/|D|) sum o * e``."""
     o, e, _, _ = check_batch(o, e=e)
-    return _batch_mean(o * e)
+    return _batch_mean(o * e, resolve(reduction))
 
 
-def ips(e, o, p_hat) -> Tensor:
+def ips(e, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """Inverse propensity score estimator, eq. (3): ``(1/|D|) sum o * e / p_hat``."""
     o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, p_hat_power=1)
-    return _batch_mean(o * e / p_hat)
+    return _batch_mean(o * e / p_hat, resolve(reduction))
 
 
-def snips(e, o, p_hat) -> Tensor:
+def snips(e, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """Self-normalised IPS, eq. (37): ``sum o * e / p_hat  /  sum o / p_hat`` per batch."""
     o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, need_click=True, p_hat_power=1)
-    return _self_normalised(o * e / p_hat, o, p_hat)
+    return _self_normalised(o * e / p_hat, o, p_hat, resolve(reduction))
 
 
-def eib(e, e_hat, o) -> Tensor:
+def eib(e, e_hat, o, *, reduction: str | Reduction = "global") -> Tensor:
     """Error-imputation-based estimator, eq. (5): ``(1/|D|) sum o * e + (1 - o) * e_hat``."""
     o, e, e_hat, _ = check_batch(o, e=e, e_hat=e_hat)
-    return _batch_mean(o * e + (1 - o) * e_hat)
+    return _batch_mean(o * e + (1 - o) * e_hat, resolve(reduction))
 
 
 def _dr_terms(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
@@ -89,13 +96,13 @@ def _dr_terms(e: Tensor, e_hat: Tensor, o: Tensor, p_hat: Tensor) -> Tensor:
     return e_hat + o * (e - e_hat) / p_hat
 
 
-def dr(e, e_hat, o, p_hat) -> Tensor:
+def dr(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """Doubly robust estimator, eq. (7): ``(1/|D|) sum e_hat + o * (e - e_hat) / p_hat``."""
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, p_hat_power=1)
-    return _batch_mean(_dr_terms(e, e_hat, o, p_hat))
+    return _batch_mean(_dr_terms(e, e_hat, o, p_hat), resolve(reduction))
 
 
-def badr(e, e_hat, o, p_hat) -> Tensor:
+def badr(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """Batch-adaptive DR estimator, eq. (13).
 
     Per batch D^(k): ``sum (e_hat + o * (e - e_hat) / p_hat)  /  sum o / p_hat``; the result is the
@@ -103,4 +110,4 @@ def badr(e, e_hat, o, p_hat) -> Tensor:
     and :func:`snips` when ``e_hat = 0`` (Section 3.6).
     """
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=1)
-    return _self_normalised(_dr_terms(e, e_hat, o, p_hat), o, p_hat)
+    return _self_normalised(_dr_terms(e, e_hat, o, p_hat), o, p_hat, resolve(reduction))

@@ -24,8 +24,12 @@ regression is undetermined and ``eps_hat = 0`` (no fluctuation).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+from .distributed import Reduction
 
 
 def clever_covariate(p_hat: Tensor) -> Tensor:
@@ -34,17 +38,20 @@ def clever_covariate(p_hat: Tensor) -> Tensor:
     return 1.0 / p_hat - 1.0
 
 
-def targeting_epsilon(residual: Tensor, h: Tensor) -> Tensor:
+def targeting_epsilon(residual: Tensor, h: Tensor, reduction: Optional[Reduction] = None) -> Tensor:
     """(T3) ``eps_hat = sum h * residual / sum h^2`` along the last axis, DETACHED.
 
     ``residual`` is ``e - e_hat`` and ``h`` the clever covariate (T1) on the pairs the regression
     runs over; a pair with ``h = 0`` and ``residual = 0`` (an unclicked pair, masked by the caller)
     adds nothing.  Returns shape ``residual.shape[:-1] + (1,)`` (one ``eps_hat`` per batch, ready
     to broadcast), 0 for a batch whose ``sum h^2`` is 0.  Detached: eps is a fitted nuisance
-    parameter, held fixed in the loss it enters (the public code takes ``.item()``).
+    parameter, held fixed in the loss it enters (the public code takes ``.item()``).  With an
+    active ``reduction`` (:mod:`estimators.distributed`) both sums are the global batch's.
     """
     residual, h = residual.detach(), h.detach()
     num = (h * residual).sum(dim=-1, keepdim=True)
     den = (h * h).sum(dim=-1, keepdim=True)
+    if reduction is not None:
+        num, den = reduction.total(num, den)
     fitted = den > 0
     return torch.where(fitted, num / torch.where(fitted, den, torch.ones_like(den)), torch.zeros_like(den))

@@ -20,6 +20,7 @@ from .experiments import Context, Options, execute, experiments, run_experiments
 from .files import check_folder, locked
 from .report import write_report
 from .table import read_results, render_table, write_table
+from .distributed import finish, is_writer, launch, world_size
 from .train import PropensityCache, resolve_device, setup_runtime
 
 
@@ -210,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace, **more: Any) -> Options:
+    # Under torchrun the launched processes train each run together, one run at a time.
+    jobs = 1 if world_size() > 1 else args.jobs
     return Options(out=check_folder(args.out, "--out"), data_dir=args.data_dir, config_dir=args.config_dir,
-                   seeds=args.seeds, max_epochs=args.max_epochs, jobs=args.jobs, threads=args.threads,
+                   seeds=args.seeds, max_epochs=args.max_epochs, jobs=jobs, threads=args.threads,
                    device=str(resolve_device(args.device)), render_only=args.table_only, **more)
 
 
@@ -233,6 +236,9 @@ def cmd_table3(args: argparse.Namespace) -> int:
             write_table(md_path, text)
         return text
 
+    if not is_writer():  # under torchrun: rank 0 writes the rows and the table
+        execute(ctx)
+        return 0
     trained = execute(ctx, on_row=render)
     print(render())
     print(f"wrote {md_path}" + (f" and the rows of {trained} run(s) to {csv_path} and {out / 'history.csv'}"
@@ -245,6 +251,8 @@ def cmd_paper(args: argparse.Namespace) -> int:
     opts = _options(args, datasets=tuple(args.datasets) if args.datasets else None)
     names = list(experiments()) if args.command == "all" else [args.command]
     parts = run_experiments(names, opts)
+    if not is_writer():
+        return 0
     for name, files, _, seconds in parts:
         print(f"{name}: {seconds:.0f}s, wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
     if args.command == "all":
@@ -356,7 +364,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_runtime(args.threads)
+    joined = False
     try:
+        joined = launch(args.device)  # under torchrun: one process group, each run trained by all
+        if world_size() > 1 and args.command in ("tune", "escm2"):
+            raise ValueError(f"{args.command} does not run under torchrun (its runs train in one process each); "
+                             "launch table3 or a paper experiment, or run it without torchrun")
         if args.command == "table3":
             return cmd_table3(args)
         if args.command == "escm2":
@@ -364,6 +377,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_tune(args) if args.command == "tune" else cmd_paper(args)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
+    finally:
+        if joined:
+            finish()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from . import config as C
 from .files import check_folder, locked, remove_stale_temporaries
 from .methods import METHODS, Method
 from .published import FIG3_BATCH_SIZES, SAMPLING_RATES, TABLE45_ROWS
+from .distributed import is_writer, world_size
 from .runs import Run, train_all
 from .table import append_result, read_history, read_results, run_key, write_history
 from .train import CHANCE_MARGIN
@@ -142,6 +143,8 @@ class Context:
             extra["data"] = self._fingerprints[source]
         if self.opts.device != "cpu":
             extra["device"] = self.opts.device
+        if world_size() > 1:  # under torchrun: other U draws than one process, another run
+            extra["world_size"] = world_size()
         keys = set()
         for method in methods:
             params = cfg.method_params(method)
@@ -214,6 +217,8 @@ def execute(ctx: Context, on_row: Optional[Callable[[dict[str, Any]], None]] = N
     data_dir = None if all(r.source.path is not None for r in todo) else resolve_data_dir(opts.data_dir)
 
     def record(row: dict[str, Any]) -> None:
+        if not is_writer():  # under torchrun: rank 0 writes each run's one row
+            return
         write_history(history_path, row, row.pop("history", []))
         # Not added: a run trained again for its test-loss history (its row is there already), or
         # one that another process on this --out finished first.
@@ -346,6 +351,9 @@ def run_experiments(names: Sequence[str], opts: Options) -> list[tuple[str, list
         keys = registry[name].plan(ctx)
         ctx.plan.runs = {key: union.plan.runs[key] for key in ctx.plan.runs}
         execute(ctx)
+        if not is_writer():  # under torchrun: rank 0 renders, from the rows it wrote
+            done.append((name, [], "", time.perf_counter() - start))
+            continue
         with locked(Path(opts.out) / f"{name}.md"):
             files, section = registry[name].render(Finished.read(Path(opts.out)), keys, opts)
         done.append((name, files, section, time.perf_counter() - start))

@@ -23,6 +23,7 @@ from cvrdata import CVRData
 
 from .config import Config, DataSource
 from .methods import Method
+from .distributed import is_writer, world_size
 from .train import PropensityCache, run_or_diverged, setup_runtime
 
 
@@ -50,15 +51,18 @@ class Run(NamedTuple):
 
 def train_row(data: CVRData, run: Run, cache: Optional[PropensityCache], show_progress: bool = True) -> dict[str, Any]:
     """``run`` trained and evaluated on the test split, as its results.csv row (a diverged run as
-    :func:`reproduce.train.run_or_diverged` records it) with its per-epoch rows under "history"."""
+    :func:`reproduce.train.run_or_diverged` records it) with its per-epoch rows under "history".
+    Under ``torchrun`` every rank trains the run together (:mod:`reproduce.distributed`); the row
+    records the ``world_size``."""
     if run.train_fraction < 1:
         data = data.subsample(run.train_fraction, run.seed)
     result = run_or_diverged(data, run.cfg, run.method, run.params, run.seed, max_epochs=run.max_epochs,
-                             propensity_cache=cache, show_progress=show_progress, device=run.device, history=True,
-                             record_test_loss=run.record_test_loss)
+                             propensity_cache=cache, show_progress=show_progress and is_writer(), device=run.device,
+                             history=True, record_test_loss=run.record_test_loss)
     return {"dataset": run.dataset, "method": run.method.name, "seed": run.seed, **result,
             "max_epochs": run.max_epochs, "signature": run.signature, "threads": torch.get_num_threads(),
-            "batch_size": run.cfg.batch_size, "train_fraction": run.train_fraction, "device": run.device}
+            "batch_size": run.cfg.batch_size, "train_fraction": run.train_fraction, "device": run.device,
+            "world_size": world_size()}
 
 
 def train_all(runs: list[Run], data_dir: Optional[Path], cache_root: Optional[Path],
@@ -73,6 +77,8 @@ def train_all(runs: list[Run], data_dir: Optional[Path], cache_root: Optional[Pa
     """
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer; got {jobs}")
+    if world_size() > 1 and jobs > 1:
+        raise ValueError("under torchrun the launched processes train each run together: use --jobs 1")
     if jobs == 1 or len(runs) < 2:
         cache = None if cache_root is None else PropensityCache(cache_root)
         data: dict[DataSource, CVRData] = {}

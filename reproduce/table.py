@@ -22,7 +22,7 @@ from .train import HISTORY_COLUMNS, RANKING_COLUMNS
 COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "ndcg_strict", "recall_strict",
            "val_auc",
            "epochs", "propensity_epochs", "propensity_seconds", "propensity_cached", "max_epochs", "signature",
-           "threads", "batch_size", "train_fraction", "device", "status") + RANKING_COLUMNS
+           "threads", "batch_size", "train_fraction", "device", "status") + RANKING_COLUMNS + ("world_size",)
 #: Columns of a tuning log (``python -m reproduce tune``): one validation run per row, ``params`` as JSON.
 TUNE_COLUMNS = ("dataset", "method", "seed", "auc", "ndcg", "recall", "k", "seconds", "max_epochs", "signature",
                 "threads", "status", "trial", "params")
@@ -30,7 +30,8 @@ DATASET_LABELS = {"yahoo": "Yahoo! R3", "coat": "Coat", "kuairec": "KuaiRec"}
 
 # ----------------------------------------------------------------------------------------- results.csv
 _TEXT_COLUMNS = ("dataset", "method", "signature", "status", "params", "device", "stage", "select")
-_INT_COLUMNS = ("seed", "k", "epochs", "propensity_epochs", "max_epochs", "threads", "trial", "batch_size", "epoch")
+_INT_COLUMNS = ("seed", "k", "epochs", "propensity_epochs", "max_epochs", "threads", "trial", "batch_size", "epoch",
+                "world_size")
 
 
 def _read_lines(path: Path) -> tuple[Optional[list[str]], list[tuple[int, dict[str, str]]]]:

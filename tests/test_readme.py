@@ -54,3 +54,25 @@ def test_readme_section_examples_run():
         out = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert re.search(expect, out.stdout, flags=re.M), out.stdout
+
+
+def test_distributed_section_runs(data_dir, tmp_path):
+    """The "Distributed training" command, as written but for one epoch and a free port: one row, world_size 2."""
+    import socket
+
+    from reproduce.table import read_results
+
+    section = README.split("## Distributed training", 1)[1].split("\n## ", 1)[0]
+    line = re.search(r"^```bash\n(.*?)\n```$", section, flags=re.S | re.M).group(1)
+    argv = line.split()
+    assert argv[:3] == ["torchrun", "--nproc-per-node", "2"] and argv[argv.index("--out") + 1] == "results-ddp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(port), *argv[1:]]
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    env = {**os.environ, "CVR_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO)}
+    out = subprocess.run(argv + ["--max-epochs", "1"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert [(r["dataset"], r["method"], r["world_size"]) for r in rows] == [("coat", "badr", 2)]

@@ -7,7 +7,11 @@ pairs: each epoch walks a fresh permutation of them (drawn from ``generator``) i
 published rule (:class:`~estimators.training.early_stopping.EarlyStopping`) applied to the
 epoch sum of the steps' ``monitor``, ``sum_B w * l(y_hat', r)``: a training loss, never a
 validation or test score.  Each epoch's :class:`EpochStats` go to ``on_epoch`` as they come
-(the run's history).
+(the run's history).  Under data parallelism (a learner built with ``torch.distributed``
+initialised on several ranks) ``batch_size`` is the GLOBAL batch: every rank draws the same
+permutation (``generator`` seeded alike on every rank) and trains its shard of each batch
+(:meth:`~estimators.training.joint.JointLearner.shard`); the epoch's losses are the global
+batch's, so every rank stops at the same epoch.
 
 A run that diverges raises :class:`Diverged` instead of returning a model that only looks
 trained: a monitored loss or a parameter that is not finite (checked every epoch), or a training
@@ -74,6 +78,7 @@ def fit(learner: JointLearner, users: Tensor, items: Tensor, r: Tensor, *, batch
         raise ValueError(f"`batch_size` {batch_size} exceeds the {n} training pairs")
     constant = _constant_monitor(learner, users, items, r) * (n_batches * batch_size / n)
     stop = EarlyStopping(tol, patience)
+    shard = getattr(learner, "shard", lambda idx: idx)  # this rank's part of a batch (data parallel)
     start = time.perf_counter()
     history: list[EpochStats] = []
     stopped = False
@@ -83,7 +88,7 @@ def fit(learner: JointLearner, users: Tensor, items: Tensor, r: Tensor, *, batch
         monitor, pred_sum, imp_sum = 0.0, 0.0, 0.0
         try:
             for j in range(n_batches):
-                idx = perm[j * batch_size:(j + 1) * batch_size]
+                idx = shard(perm[j * batch_size:(j + 1) * batch_size])
                 out = learner.step(users[idx], items[idx], r[idx], validate=False)
                 monitor += out["monitor"]
                 pred_sum += out["prediction_loss"]

@@ -16,6 +16,17 @@ the compiled Adam, with the parameters following the plain ``nn.Embedding`` +
 ``optimizer``) runs on autograd with ``optimizer(params, lr=..., weight_decay=...)``
 (``torch.optim.Adam`` by default).
 
+Data parallel (``torchrun``; :mod:`estimators.distributed`): constructed with
+``torch.distributed`` initialised on more than one rank, the learner trains on the module path
+with each model wrapped in ``torch.nn.parallel.DistributedDataParallel`` (which all-reduces the
+parameter gradients; the fast path's hand-scattered gradients would bypass it), each rank takes
+its shard of every clicked batch (:meth:`JointLearner.shard`, which :func:`~estimators.training.fit.fit`
+calls) and draws its own ``G * |B_r|`` pairs U from a generator seeded by one draw of ``generator``
+plus its rank (deterministic by seed and rank), and the losses take their normalisers over the
+global batch (``reduction="global"``, the default; ``"local"``: each rank's own).  The losses and
+the ``monitor`` a step returns are the global batch's, identical on every rank, so every rank's
+early stopping decides alike.  One process (or one rank) is the single-process learner, bitwise.
+
 The published code updates the prediction model first and then the imputation model with
 the updated predictions; Algorithm 1 lists the imputation update first.  ``imputation_first``
 selects Algorithm 1's order.
@@ -31,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ext
+from ..distributed import TRAFFIC, Reduction, rank, resolve, world_size
 from ..joint_loss import CROSS_ENTROPIES, IMPUTATIONS, monitor
 from ..registry import get_estimator, get_imputation_loss
 from .gather import gather_dot_grad, gather_dot_value, use_operator
@@ -183,12 +195,15 @@ class JointLearner:
     order); an imputation model is built or accepted only when the estimator reads imputed errors.
     ``optimizer`` is a factory ``optimizer(params, lr=..., weight_decay=...)`` for both models
     (default: the fast path's compiled Adam for MF, ``torch.optim.Adam`` for other models).
-    ``generator`` (on the same device) drives the sampled pairs U.
+    ``generator`` (on the same device) drives the sampled pairs U.  ``reduction`` and ``group``:
+    under ``torch.distributed``, how the losses normalise across the ranks of ``group`` (the default
+    group when None) (module docstring; :func:`estimators.distributed.resolve`), read once here.
     """
 
     def __init__(self, propensities: Tensor, config: JointConfig, *, prediction: Optional[nn.Module] = None,
                  imputation: Optional[nn.Module] = None, optimizer: Optional[OptimizerFactory] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, reduction: str | Reduction = "global",
+                 group=None):
         if not isinstance(propensities, Tensor) or propensities.dim() != 2:
             raise ValueError(f"`propensities` must be an (n_users, n_items) tensor; got "
                              f"{getattr(propensities, 'shape', type(propensities).__name__)}")
@@ -197,7 +212,10 @@ class JointLearner:
         self.config = config
         self.estimator = get_estimator(config.estimator)
         self.kind = None if config.imputation_loss is None else get_imputation_loss(config.imputation_loss)
-        self.form = make_form(config.cross_entropy, config.imputation, config.imputed_error, self.kind)
+        #: How the losses normalise across ranks, and this process's place among them.
+        self.reduction = resolve(reduction, group)
+        self.group, self.world_size, self.rank = group, world_size(group), rank(group)
+        self.form = make_form(config.cross_entropy, config.imputation, config.imputed_error, self.kind, self.reduction)
         self.n_users, self.n_items = propensities.shape
         self.device = propensities.device
         self.p_hat = propensities.detach().reshape(-1).to(torch.float32)  # the MF models' dtype
@@ -221,8 +239,8 @@ class JointLearner:
             if devices - {self.device}:
                 raise ValueError(f"{type(m).__name__}'s parameters are on {sorted(map(str, devices))} but the "
                                  f"propensities on {self.device}; move the model with `.to({str(self.device)!r})`")
-        #: Whether steps run the MF fast path (module docstring).
-        self.fast = optimizer is None and all(type(m) is MF for m in models)
+        #: Whether steps run the MF fast path (module docstring; never under data parallelism).
+        self.fast = optimizer is None and all(type(m) is MF for m in models) and self.world_size == 1
         if self.fast:
             self.pred_opt = Adam(self.prediction.parameters(), lr=config.lr, weight_decay=config.weight_decay)
             if self.imputation is not None:
@@ -240,6 +258,34 @@ class JointLearner:
                                        weight_decay=config.imp_weight_decay)
         self._fused = False
         self._compiled = False
+        # The modules whose forward passes build a graph: DDP wrappers under data parallelism.
+        self._train_modules = {id(m): m for m in models}
+        if self.world_size > 1:
+            self._distribute(models)
+        #: The models' ``DistributedDataParallel`` wrappers (prediction, then imputation) under data
+        #: parallelism, e.g. to register a communication hook; empty in one process.
+        self.ddp_modules = tuple(w for m in models if (w := self._train_modules[id(m)]) is not m)
+
+    def _distribute(self, models: list[nn.Module]) -> None:
+        """Data parallel: DDP wrappers for the models (which broadcast rank 0's parameters) and
+        this rank's own stream for U, seeded by one draw of the shared generator plus the rank."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device] if self.device.type == "cuda" else None
+        for m in models:
+            self._train_modules[id(m)] = DistributedDataParallel(m, device_ids=ids, process_group=self.group)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.device))
+        self.generator = torch.Generator(self.device).manual_seed(seed + self.rank)
+
+    def shard(self, idx: Tensor) -> Tensor:
+        """This rank's part of a global batch's indices (consecutive, sizes differing by at most
+        one; the whole batch in one process)."""
+        if self.world_size == 1:
+            return idx
+        if idx.numel() < self.world_size:
+            raise ValueError(f"a batch of {idx.numel()} pairs cannot be shared by {self.world_size} ranks; the batch "
+                             "size (the global batch) must be at least the world size")
+        return idx.tensor_split(self.world_size)[self.rank]
 
     # ---- sampling -----------------------------------------------------------------------------
     def start_epoch(self) -> None:
@@ -281,7 +327,21 @@ class JointLearner:
         p_hat = self.p_hat[users * self.n_items + items]
         if self.fast:
             return self._fast_step(users, items, r, p_hat)
-        return self._module_step(users, items, r, p_hat)
+        out = self._module_step(users, items, r, p_hat)
+        if self.world_size > 1:
+            out = self._global_values(out)
+        return out
+
+    def _global_values(self, out: dict[str, float]) -> dict[str, float]:
+        """The global batch's losses (the mean of the ranks' shares; under ``"local"``, of the
+        ranks' own losses) and monitor (the sum of the ranks'), in one all-reduce."""
+        import torch.distributed as dist
+
+        keys = sorted(out)
+        values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, group=self.group)
+        TRAFFIC.calls, TRAFFIC.bytes = TRAFFIC.calls + 1, TRAFFIC.bytes + values.numel() * values.element_size()
+        return {k: float(v) if k == "monitor" else float(v) / self.world_size for k, v in zip(keys, values.tolist())}
 
     def _draw_u(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """B then U (rows and columns), and the pairs the imputation loss differentiates: B and U
@@ -393,15 +453,15 @@ class JointLearner:
                                   p_hat: Tensor) -> tuple[float, Tensor]:
         """The prediction update; returns its loss and the prediction logits on B before it."""
         cfg = self.config
-        x = self.prediction(rows, cols)
+        x = self._train_modules[id(self.prediction)](rows, cols)
         if self.imputation is None:
             loss = prediction_loss(cfg.estimator, x, r, p_hat, None, None, None, cfg.imputation, cfg.cross_entropy,
-                                   validate=False)
+                                   validate=False, reduction=self.reduction)
         else:
             with torch.no_grad():
                 xt = self.imputation(rows, cols)
             loss = prediction_loss(cfg.estimator, x[:b], r, p_hat, x[b:], xt[:b], xt[b:], cfg.imputation,
-                                   cfg.cross_entropy, validate=False)
+                                   cfg.cross_entropy, validate=False, reduction=self.reduction)
         self._descend(self.pred_opt, loss)
         return float(loss.detach()), x[:b].detach()
 
@@ -411,11 +471,11 @@ class JointLearner:
         cfg = self.config
         with torch.no_grad():
             x = self.prediction(rows, cols)
-        xt = self.imputation(rows, cols)
+        xt = self._train_modules[id(self.imputation)](rows, cols)
         on_u = self.kind.needs_u
         loss = imputation_loss(cfg.imputation_loss, xt[:b], x[:b], r, p_hat, xt[b:] if on_u else None,
                                x[b:] if on_u else None, cfg.alpha, cfg.imputation, cfg.cross_entropy,
-                               cfg.imputed_error, validate=False)
+                               cfg.imputed_error, validate=False, reduction=self.reduction)
         self._descend(self.imp_opt, loss)
         return float(loss.detach()), x[:b]
 

@@ -19,6 +19,14 @@ and a device the extension was built for; otherwise on its step form.  The logit
 train (the imputation logits in the prediction loss, the prediction logits in the imputation
 loss) and the propensities are always detached.
 
+``reduction`` (keyword, every function and module; :mod:`estimators.distributed`): under
+``torch.distributed`` with the batch split across ranks, ``"global"`` (the default) takes every
+normaliser and batch sum over the global batch and returns this rank's share of the global loss,
+scaled so that ``DistributedDataParallel``'s mean of the gradients is the global batch's
+gradient; ``"local"`` computes each rank's shard alone.  An active reduction runs the step forms
+(the fused kernels take no external normaliser).  Outside ``torch.distributed`` it changes
+nothing.
+
 Inputs are checked at these entry points (names, shapes, ``p_hat_b`` in (0, 1], labels 0/1, a
 non-empty B, finite logits), with the same ``ValueError`` whichever backend would run;
 ``validate=False`` skips the checks for trainers whose inner loop builds its inputs correctly by
@@ -34,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ext
+from ..distributed import SINGLE, Reduction, resolve
 from ..joint_loss import CROSS_ENTROPIES, IMPUTATIONS, IMPUTED_ERRORS, Form
 from ..registry import (TOWER_ARGUMENTS, EstimatorSpec, ImputationLossSpec, get_entire_space, get_estimator,
                         get_imputation_loss)
@@ -51,15 +60,19 @@ __all__ = [
 
 # ---- checks ------------------------------------------------------------------------------------
 def make_form(cross_entropy: str = "logits", imputation: str = "pseudo_label", imputed_error: str = "paper",
-              kind: Optional[ImputationLossSpec] = None) -> Form:
+              kind: Optional[ImputationLossSpec] = None, reduction: str | Reduction = SINGLE) -> Form:
     """The :class:`~estimators.joint_loss.Form` of a call, checked; ``imputed_error="published"``
-    needs a DR-family imputation loss ``kind`` (the BADR losses define their own imputed error)."""
+    needs a DR-family imputation loss ``kind`` (the BADR losses define their own imputed error).
+    ``reduction`` (:func:`estimators.distributed.resolve`): how the step sums across ranks."""
     if imputed_error == "published" and (kind is None or not kind.dr_family):
         from ..registry import IMPUTATION_LOSSES
         family = tuple(k for k, spec in IMPUTATION_LOSSES.items() if spec.dr_family)
         raise ValueError(f"`imputed_error`='published' applies to the DR-family imputation losses {family}; got "
                          f"imputation loss {None if kind is None else kind.name!r} (the BADR losses define their own "
                          "imputed error: 'badr' already swaps input and target); use imputed_error='paper'")
+    reduction = resolve(reduction)
+    if reduction.active:  # one per process group: not cached
+        return Form(cross_entropy, imputation, imputed_error, reduction)
     try:
         return _form(cross_entropy, imputation, imputed_error)
     except TypeError:  # unhashable: not one of the names, which Form says
@@ -121,25 +134,28 @@ def _check_alpha(alpha: float) -> float:
 
 
 def _prepare_prediction(estimator: str, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy,
-                        validate: bool) -> tuple[EstimatorSpec, Form, bool]:
+                        validate: bool, reduction: str | Reduction) -> tuple[EstimatorSpec, Form, bool]:
     spec = get_estimator(estimator)
     if spec.step is None:
         raise ValueError(f"estimator {estimator!r} has no joint-learning form (registry entry without `step`)")
-    form = make_form(cross_entropy, imputation)
+    form = make_form(cross_entropy, imputation, reduction=reduction)
     if validate:
         if spec.needs_u:
             _require(estimator, "estimator", x_u=x_u, xt_b=xt_b, xt_u=xt_u)
         _check_tensors(x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_b=xt_b, x_u=x_u, xt_u=xt_u)
         _check_values(x_b, r_b, p_hat_b, x_b=x_b, x_u=x_u, xt_b=xt_b, xt_u=xt_u)
     used = (x_b, x_u, xt_b, xt_u) if spec.needs_u else (x_b,)
-    fused = imputation == "pseudo_label" and _ext.loss_kernels("prediction", estimator, *used)
+    # The kernels take no external normaliser: an active reduction runs the step form.
+    fused = imputation == "pseudo_label" and not form.reduction.active and _ext.loss_kernels(
+        "prediction", estimator, *used)
     return spec, form, fused
 
 
 def _prepare_imputation(kind: str, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, imputation, cross_entropy,
-                        imputed_error, validate: bool) -> tuple[ImputationLossSpec, Form, bool, dict]:
+                        imputed_error, validate: bool,
+                        reduction: str | Reduction) -> tuple[ImputationLossSpec, Form, bool, dict]:
     spec = get_imputation_loss(kind)
-    form = make_form(cross_entropy, imputation, imputed_error, spec)
+    form = make_form(cross_entropy, imputation, imputed_error, spec, reduction)
     params = {"alpha": _check_alpha(alpha)} if "alpha" in spec.params else {}
     if validate:
         if spec.needs_u:
@@ -147,7 +163,8 @@ def _prepare_imputation(kind: str, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, im
         _check_tensors(xt_b=xt_b, x_b=x_b, r_b=r_b, p_hat_b=p_hat_b, xt_u=xt_u, x_u=x_u)
         _check_values(xt_b, r_b, p_hat_b, xt_b=xt_b, x_b=x_b, xt_u=xt_u, x_u=x_u)
     used = (xt_b, x_b, xt_u, x_u) if spec.needs_u else (xt_b, x_b)
-    fused = imputation == "pseudo_label" and _ext.loss_kernels("imputation", kind, *used)
+    fused = imputation == "pseudo_label" and not form.reduction.active and _ext.loss_kernels(
+        "imputation", kind, *used)
     return spec, form, fused, params
 
 
@@ -158,20 +175,21 @@ def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
 # ---- references (the step forms with the right inputs detached) ---------------------------------
 def prediction_loss_reference(estimator: str, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, x_u: Optional[Tensor] = None,
                               xt_b: Optional[Tensor] = None, xt_u: Optional[Tensor] = None,
-                              imputation: str = "pseudo_label", cross_entropy: str = "logits") -> Tensor:
+                              imputation: str = "pseudo_label", cross_entropy: str = "logits", *,
+                              reduction: str | Reduction = "global") -> Tensor:
     """:func:`prediction_loss` on the pure-PyTorch step form of the registry entry ``estimator``."""
     spec = get_estimator(estimator)
     return spec.step(x_b, r_b, p_hat_b.detach(), x_u, _detached(xt_b), _detached(xt_u),
-                     make_form(cross_entropy, imputation))
+                     make_form(cross_entropy, imputation, reduction=reduction))
 
 
 def imputation_loss_reference(kind: str, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor,
                               xt_u: Optional[Tensor] = None, x_u: Optional[Tensor] = None, alpha: float = 0.5,
                               imputation: str = "pseudo_label", cross_entropy: str = "logits",
-                              imputed_error: str = "paper") -> Tensor:
+                              imputed_error: str = "paper", *, reduction: str | Reduction = "global") -> Tensor:
     """:func:`imputation_loss` on the pure-PyTorch step form of the registry entry ``kind``."""
     spec = get_imputation_loss(kind)
-    form = make_form(cross_entropy, imputation, imputed_error, spec)
+    form = make_form(cross_entropy, imputation, imputed_error, spec, reduction)
     params = {"alpha": alpha} if "alpha" in spec.params else {}
     return spec.step(xt_b, x_b.detach(), r_b, p_hat_b.detach(), xt_u, _detached(x_u), form, **params)
 
@@ -189,6 +207,7 @@ def prediction_loss(
     cross_entropy: str = "logits",
     *,
     validate: bool = True,
+    reduction: str | Reduction = "global",
 ) -> Tensor:
     """The prediction model's loss of one joint-learning step: the estimator ``estimator`` (a
     registry name) from the prediction logits ``x_b`` on the clicked batch B (labels ``r_b``,
@@ -203,7 +222,7 @@ def prediction_loss(
     ``N = sum_B w`` for BADR.
     """
     spec, form, fused = _prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy,
-                                            validate)
+                                            validate, reduction)
     if fused:
         return _ext.prediction_loss(estimator, x_b, r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype), x_u,
                                     _detached(xt_b), _detached(xt_u), cross_entropy)
@@ -224,6 +243,7 @@ def imputation_loss(
     imputed_error: str = "paper",
     *,
     validate: bool = True,
+    reduction: str | Reduction = "global",
 ) -> Tensor:
     """The imputation model's loss of one joint-learning step: the imputation loss ``kind`` (a
     registry name) from the imputation logits ``xt_b`` on B (and ``xt_u`` on U where the loss reads
@@ -240,7 +260,7 @@ def imputation_loss(
     the DR family only; ``"published"`` with a BADR loss raises ``ValueError``.
     """
     spec, form, fused, params = _prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, imputation,
-                                                    cross_entropy, imputed_error, validate)
+                                                    cross_entropy, imputed_error, validate, reduction)
     if fused:
         return _ext.imputation_loss(kind, xt_b, x_b.detach(), r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype),
                                     xt_u, _detached(x_u), float(alpha), cross_entropy, imputed_error)
@@ -267,6 +287,7 @@ def prediction_loss_and_grads(
     cross_entropy: str = "logits",
     *,
     validate: bool = True,
+    reduction: str | Reduction = "global",
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(loss, d loss / d x_b, d loss / d x_u)`` of :func:`prediction_loss`, for trainers that
     scatter the logits' gradients themselves: one call of ``cvr::prediction_loss_and_grads`` on the
@@ -274,7 +295,7 @@ def prediction_loss_and_grads(
     not have (or whose logits are absent) is None.  Labels and propensities are cast to the
     logits' dtype."""
     spec, form, fused = _prepare_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, imputation, cross_entropy,
-                                            validate)
+                                            validate, reduction)
     r_b, p_hat_b = r_b.to(x_b.dtype), p_hat_b.detach().to(x_b.dtype)
     xt_b, xt_u = _detached(xt_b), _detached(xt_u)
     if fused:
@@ -300,11 +321,12 @@ def imputation_loss_and_grads(
     imputed_error: str = "paper",
     *,
     validate: bool = True,
+    reduction: str | Reduction = "global",
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(loss, d loss / d xt_b, d loss / d xt_u)`` of :func:`imputation_loss`, as
     :func:`prediction_loss_and_grads` (``cvr::imputation_loss_and_grads`` on the fused backend)."""
     spec, form, fused, params = _prepare_imputation(kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, alpha, imputation,
-                                                    cross_entropy, imputed_error, validate)
+                                                    cross_entropy, imputed_error, validate, reduction)
     r_b, p_hat_b = r_b.to(xt_b.dtype), p_hat_b.detach().to(xt_b.dtype)
     x_b, x_u = x_b.detach(), _detached(x_u)
     if fused:
@@ -328,6 +350,20 @@ def _clicked(click, like: Tensor) -> Tensor:
             raise ValueError("`click` (click indicators) must hold only 0 and 1")
         click = click == 1
     return click
+
+
+def _across_ranks(reduction: Reduction) -> dict:
+    """The keyword that tells a registry function how to sum across ranks: none in one process (so
+    an entry registered without the keyword still runs there), the resolved reduction otherwise."""
+    return {"reduction": reduction} if reduction.world_size > 1 else {}
+
+
+def _any_click(clicked: Tensor, reduction: Reduction) -> bool:
+    """Whether the batch has a click: on any rank's shard under an active ``reduction`` (so that
+    every rank takes the same branch and joins the same collectives)."""
+    if not reduction.active:
+        return bool(clicked.any())
+    return bool(reduction.total(clicked.sum().to(torch.float64)) > 0)
 
 
 def _exposure_errors(form: Form, x: Tensor, r: Tensor, click: Tensor) -> Tensor:
@@ -363,28 +399,39 @@ class PredictionLoss(nn.Module):
       read.  A batch without clicks gives a zero loss with zero gradients for the self-normalised
       estimators (SNIPS, BADR), which are undefined there (0 / 0); naive and IPS are 0 there and
       DR and EIB the mean imputed error.  Test ``click.any()`` to skip such a batch's optimiser step.
+
+    ``reduction`` (:mod:`estimators.distributed`), read from ``torch.distributed`` at each call:
+    wrapped in ``DistributedDataParallel`` with the batch split across ranks, ``"global"`` (the
+    default) normalises by the global batch and gives DDP the global batch's gradient; ``"local"``
+    each rank's shard alone.  (With ``click`` and ``"global"``, a batch is "without clicks" when no
+    rank's shard has one; every rank's shard of a self-normalised estimator's batch needs a click.)
     """
 
-    def __init__(self, estimator: str, *, cross_entropy: str = "logits", imputation: str = "pseudo_label") -> None:
+    def __init__(self, estimator: str, *, cross_entropy: str = "logits", imputation: str = "pseudo_label",
+                 reduction: str = "global") -> None:
         super().__init__()
         self.spec = get_estimator(estimator)
         if self.spec.step is None:
             raise ValueError(f"estimator {estimator!r} has no joint-learning form")
         self.form = make_form(cross_entropy, imputation)
+        resolve(reduction)  # checks the name
         self.estimator, self.cross_entropy, self.imputation = estimator, cross_entropy, imputation
+        self.reduction = reduction
 
     def extra_repr(self) -> str:
-        return f"estimator={self.estimator!r}, cross_entropy={self.cross_entropy!r}, imputation={self.imputation!r}"
+        return (f"estimator={self.estimator!r}, cross_entropy={self.cross_entropy!r}, imputation={self.imputation!r}, "
+                f"reduction={self.reduction!r}")
 
     def forward(self, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, x_u: Optional[Tensor] = None,
                 xt_b: Optional[Tensor] = None, xt_u: Optional[Tensor] = None, *,
                 click: Optional[Tensor] = None) -> Tensor:
+        red = resolve(self.reduction)
         if click is None:
             return prediction_loss(self.estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u, self.imputation,
-                                   self.cross_entropy)
+                                   self.cross_entropy, reduction=red)
         _reject_u(x_u, xt_u)
         clicked = _clicked(click, x_b)
-        if self.spec.self_normalised and not bool(clicked.any()):
+        if self.spec.self_normalised and not _any_click(clicked, red):
             return x_b.sum() * 0
         if self.spec.needs_imputation and xt_b is None:
             raise ValueError(f"estimator {self.estimator!r} needs xt_b, the imputation logits of the batch")
@@ -392,7 +439,7 @@ class PredictionLoss(nn.Module):
                   "p_hat": p_hat_b.detach().to(x_b.dtype)}
         if self.spec.needs_imputation:
             inputs["e_hat"] = self.form.imputed(x_b, xt_b.detach())
-        return self.spec.function(*(inputs[k] for k in self.spec.reads))
+        return self.spec.function(*(inputs[k] for k in self.spec.reads), **_across_ranks(red))
 
 
 class ImputationLoss(nn.Module):
@@ -405,42 +452,47 @@ class ImputationLoss(nn.Module):
     loss's equation over D (the registry entry's function: eqs. 6, 8, 9, 10, 32) with the imputed
     error of ``imputed_error``; both BADR variants are eq. 32 there (the published variant differs
     only in how it is trained on sampled pairs).  Every imputation loss is a sum or mean over the
-    clicked pairs, so a batch without clicks gives a zero loss with zero gradients.
+    clicked pairs, so a batch without clicks gives a zero loss with zero gradients.  ``reduction``
+    as in :class:`PredictionLoss`.
     """
 
     def __init__(self, kind: str, *, alpha: float = 0.5, cross_entropy: str = "logits",
-                 imputation: str = "pseudo_label", imputed_error: str = "paper") -> None:
+                 imputation: str = "pseudo_label", imputed_error: str = "paper", reduction: str = "global") -> None:
         super().__init__()
         self.spec = get_imputation_loss(kind)
         self.form = make_form(cross_entropy, imputation, imputed_error, self.spec)
-        self.kind, self.alpha = kind, _check_alpha(alpha)
+        resolve(reduction)  # checks the name
+        self.kind, self.alpha, self.reduction = kind, _check_alpha(alpha), reduction
         self.cross_entropy, self.imputation, self.imputed_error = cross_entropy, imputation, imputed_error
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, alpha={self.alpha}, cross_entropy={self.cross_entropy!r}, "
-                f"imputation={self.imputation!r}, imputed_error={self.imputed_error!r}")
+                f"imputation={self.imputation!r}, imputed_error={self.imputed_error!r}, reduction={self.reduction!r}")
 
     def forward(self, xt_b: Tensor, x_b: Tensor, r_b: Tensor, p_hat_b: Tensor, xt_u: Optional[Tensor] = None,
                 x_u: Optional[Tensor] = None, *, click: Optional[Tensor] = None) -> Tensor:
+        red = resolve(self.reduction)
         if click is None:
             return imputation_loss(self.kind, xt_b, x_b, r_b, p_hat_b, xt_u, x_u, self.alpha, self.imputation,
-                                   self.cross_entropy, self.imputed_error)
+                                   self.cross_entropy, self.imputed_error, reduction=red)
         _reject_u(xt_u, x_u)
         clicked = _clicked(click, xt_b)
-        if not bool(clicked.any()):
+        if not _any_click(clicked, red):
             return xt_b.sum() * 0
         x = x_b.detach().to(xt_b.dtype)
         e_hat = self.form.swapped(xt_b, x) if self.imputed_error == "published" else self.form.imputed(x, xt_b)
         params = {"alpha": self.alpha} if "alpha" in self.spec.params else {}
         return self.spec.function(_exposure_errors(self.form, x, r_b, clicked), e_hat, clicked,
-                                  p_hat_b.detach().to(xt_b.dtype), **params)
+                                  p_hat_b.detach().to(xt_b.dtype), **params, **_across_ranks(red))
 
 
 def _named_prediction_loss(estimator: str, cls_name: str) -> type:
     spec = get_estimator(estimator)
 
-    def __init__(self, *, cross_entropy: str = "logits", imputation: str = "pseudo_label") -> None:
-        PredictionLoss.__init__(self, estimator, cross_entropy=cross_entropy, imputation=imputation)
+    def __init__(self, *, cross_entropy: str = "logits", imputation: str = "pseudo_label",
+                 reduction: str = "global") -> None:
+        PredictionLoss.__init__(self, estimator, cross_entropy=cross_entropy, imputation=imputation,
+                                reduction=reduction)
 
     doc = (f"The {spec.description} estimator, {spec.equation}, as a :class:`PredictionLoss` "
            f"(``estimator={estimator!r}``).")
@@ -451,9 +503,9 @@ def _named_imputation_loss(kind: str, cls_name: str) -> type:
     spec = get_imputation_loss(kind)
 
     def __init__(self, *, alpha: float = 0.5, cross_entropy: str = "logits", imputation: str = "pseudo_label",
-                 imputed_error: str = "paper") -> None:
+                 imputed_error: str = "paper", reduction: str = "global") -> None:
         ImputationLoss.__init__(self, kind, alpha=alpha, cross_entropy=cross_entropy, imputation=imputation,
-                                imputed_error=imputed_error)
+                                imputed_error=imputed_error, reduction=reduction)
 
     doc = f"{spec.description}, {spec.equation}, as an :class:`ImputationLoss` (``kind={kind!r}``)."
     return type(cls_name, (ImputationLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
@@ -478,11 +530,11 @@ class BADRImputationLoss(ImputationLoss):
     (``badr_paper``, eq. 32 as written)."""
 
     def __init__(self, *, variant: str = "published", cross_entropy: str = "logits",
-                 imputation: str = "pseudo_label") -> None:
+                 imputation: str = "pseudo_label", reduction: str = "global") -> None:
         if variant not in ("published", "paper"):
             raise ValueError(f"`variant` must be 'published' or 'paper'; got {variant!r}")
         super().__init__("badr" if variant == "published" else "badr_paper", cross_entropy=cross_entropy,
-                         imputation=imputation)
+                         imputation=imputation, reduction=reduction)
 
 
 # ---- entire-space objectives (estimators.multitask, registry ENTIRE_SPACE) ----------------------

@@ -1,0 +1,296 @@
+"""Data parallel (:mod:`estimators.distributed`): 2 gloo processes on CPU give, through
+``DistributedDataParallel``, the loss and the gradients of ONE process on the concatenated batch,
+for every registered estimator and imputation loss (the registries are iterated, so a new entry
+is covered at once), float64, rtol 1e-10; per-rank normalisers ("local", what wrapping the losses
+in DDP gives without the reduction) differ for BADR; and ``torchrun`` trains one ``table3`` run on
+2 ranks and writes exactly one row, with ``world_size`` 2.
+
+The global batch: B of 13 clicked pairs (7 on rank 0, 6 on rank 1: unequal shards), U of G = 2
+pairs per clicked pair (14 and 12), propensities much smaller on rank 1's shard (so per-rank
+normalisers differ); the exposures D of the registry functions: 13 pairs, one batch (1-D) and
+three batches (2-D), split along the pairs.  The models are tables of the logits (or errors):
+DDP averages their parameters' gradients exactly as it averages a real model's.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from estimators import distributed as D
+from estimators.registry import ESTIMATORS, IMPUTATION_LOSSES
+from estimators.training.losses import imputation_loss, prediction_loss
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD, B, G, K = 2, 13, 2, 3
+RTOL = 1e-10
+
+
+# ---- the batch and its shards ---------------------------------------------------------------------
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(20)
+    f64 = dict(dtype=torch.float64)
+    n_u = G * B
+    p_hat = torch.cat([torch.rand(7, generator=g, **f64) * 0.6 + 0.4, torch.rand(6, generator=g, **f64) * 0.08 + 0.02])
+    o = torch.ones(K, B, **f64)
+    o[:, [1, 4, 9, 11]] = 0.0  # every shard of every batch keeps a click
+    return {
+        "x": torch.randn(B + n_u, generator=g, **f64) * 1.5,       # prediction logits on B then U
+        "xt": torch.randn(B + n_u, generator=g, **f64) * 1.5,      # imputation logits on B then U
+        "r": torch.bernoulli(torch.full((B,), 0.4, **f64), generator=g),
+        "p_hat": p_hat,
+        "e": torch.rand(K, B, generator=g, **f64) * 2,             # errors, imputed errors, clicks of D
+        "e_hat": torch.rand(K, B, generator=g, **f64) * 2,
+        "o": o,
+        "p_d": torch.rand(K, B, generator=g, **f64) * 0.9 + 0.05,
+    }
+
+
+def _shard(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of rank's clicked pairs in B and of its sampled pairs in U (G per clicked pair)."""
+    b = torch.arange(B).tensor_split(world)[rank]
+    sizes = [G * len(s) for s in torch.arange(B).tensor_split(world)]
+    u = torch.arange(G * B).split(sizes)[rank]
+    return b, u
+
+
+class Table(nn.Module):
+    """A model whose parameters are the global batch's logits; ``forward`` gives a rank's share."""
+
+    def __init__(self, **tables: torch.Tensor) -> None:
+        super().__init__()
+        self.tables = nn.ParameterDict({k: nn.Parameter(v.clone()) for k, v in tables.items()})
+
+    def forward(self, index: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        return {k: self.tables[name][idx] for k, (name, idx) in index.items()}
+
+
+# ---- the cases: every registry entry, step form and function ---------------------------------
+def _forms(spec, imputation: bool) -> list[dict]:
+    forms = [{"cross_entropy": ce} for ce in ("logits", "clamped")]
+    if imputation and spec.dr_family:
+        forms.append({"cross_entropy": "logits", "imputed_error": "published"})
+    return forms
+
+
+def cases() -> list[tuple[str, str, str, dict]]:
+    """(case name, kind, registry name, options) for every entry of both registries."""
+    out = []
+    for name, spec in ESTIMATORS.items():
+        if spec.step is not None:
+            out += [(f"prediction/{name}/{f}", "prediction", name, f) for f in map(str, range(len(_forms(spec, 0))))]
+        out += [(f"function/{name}/{dim}d", "estimator", name, {"dim": dim}) for dim in (1, 2)]
+    for name, spec in IMPUTATION_LOSSES.items():
+        out += [(f"imputation/{name}/{f}", "imputation", name, f) for f in map(str, range(len(_forms(spec, 1))))]
+        out += [(f"function/imputation/{name}/{dim}d", "imputation_function", name, {"dim": dim}) for dim in (1, 2)]
+    return out
+
+
+def _loss(kind: str, name: str, option, data: dict, tables, rank: int, world: int, reduction: str):
+    """The loss of one case on rank's shard (``world`` 1: the whole batch) and the parameters'
+    names it reads."""
+    b, u = _shard(rank, world)
+    r, p = data["r"][b], data["p_hat"][b]
+    if kind in ("prediction", "imputation"):
+        spec = (ESTIMATORS if kind == "prediction" else IMPUTATION_LOSSES)[name]
+        form = _forms(spec, kind == "imputation")[int(option)]
+        t = tables({"x_b": ("x", b), "x_u": ("x", B + u), "xt_b": ("xt", b), "xt_u": ("xt", B + u)})
+        if kind == "prediction":
+            return prediction_loss(name, t["x_b"], r, p, t["x_u"], t["xt_b"], t["xt_u"], reduction=reduction, **form)
+        return imputation_loss(name, t["xt_b"], t["x_b"], r, p, t["xt_u"], t["x_u"], alpha=0.3, reduction=reduction,
+                               **form)
+    cols = torch.arange(B).tensor_split(world)[rank]
+    rows = slice(None) if option["dim"] == 2 else 0
+    t = tables({"e": ("e", (rows, cols)), "e_hat": ("e_hat", (rows, cols))})
+    inputs = {"e": t["e"], "e_hat": t["e_hat"], "o": data["o"][rows, cols], "p_hat": data["p_d"][rows, cols]}
+    if kind == "estimator":
+        spec = ESTIMATORS[name]
+        return spec.function(*(inputs[k] for k in spec.reads), reduction=reduction)
+    spec = IMPUTATION_LOSSES[name]
+    params = {"alpha": 0.3} if "alpha" in spec.params else {}
+    return spec.function(inputs["e"], inputs["e_hat"], inputs["o"], inputs["p_hat"], **params, reduction=reduction)
+
+
+def _table(kind: str, data: dict) -> Table:
+    if kind in ("prediction", "imputation"):
+        return Table(x=data["x"], xt=data["xt"])
+    return Table(e=data["e"], e_hat=data["e_hat"])
+
+
+def _run(kind, name, option, data, rank, world, reduction, ddp: bool):
+    """(loss value, gradients of the logits' tables) on rank's shard, through DDP when ``ddp``."""
+    table = _table(kind, data)
+    model = nn.parallel.DistributedDataParallel(table, find_unused_parameters=True) if ddp else table
+    loss = _loss(kind, name, option, data, model, rank, world, reduction)
+    loss.backward()
+    grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for k, p in table.tables.items()}
+    return float(loss.detach()), grads
+
+
+#: The losses that divide by a batch sum (the registry's self-normalised estimators: SNIPS eq. 37,
+#: BADR eq. 13) or hold batch sums inside their square (eq. 32 in both forms).
+SELF_NORMALISED = [("prediction", n) for n, s in ESTIMATORS.items() if s.self_normalised and s.step is not None] + [
+    ("imputation", "badr"), ("imputation", "badr_paper")]
+
+#: gloo's transport on Linux: the loopback interface (a container's hostname may resolve elsewhere).
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") else {}
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    for key, value in LOOPBACK.items():
+        os.environ.setdefault(key, value)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    data = _batch()
+    results = {}
+    for case, kind, name, option in cases():
+        results[case] = _run(kind, name, option, data, rank, WORLD, "global", ddp=True)
+    for kind, name in SELF_NORMALISED:
+        results[f"local/{kind}/{name}"] = _run(kind, name, "0", data, rank, WORLD, "local", ddp=True)
+    results["learner"] = _learner_steps()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _learner_steps() -> dict:
+    """Two JointLearners built alike on this rank: their first U draws, and two BADR steps of the
+    first on this rank's shards of two batches of 12 clicked pairs."""
+    from estimators.training import JointConfig, JointLearner
+
+    g = torch.Generator().manual_seed(5)
+    p_hat = torch.rand(8, 9, generator=g) * 0.9 + 0.1
+    users, items = torch.randint(8, (24,), generator=g), torch.randint(9, (24,), generator=g)
+    r = torch.bernoulli(torch.full((24,), 0.5), generator=g)
+    draws, learners = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        learner = JointLearner(p_hat, JointConfig("badr", "badr", dim=4, G=2),
+                               generator=torch.Generator().manual_seed(3))
+        draws.append(learner.sample_pairs(6))
+        learners.append(learner)
+    learner = learners[0]
+    steps = [learner.step(users[idx], items[idx], r[idx]) for idx in map(learner.shard, torch.arange(24).split(12))]
+    return {"draws": draws, "steps": steps, "fast": learner.fast, "shard": learner.shard(torch.arange(12)),
+            "params": [p.detach().clone() for p in learner.prediction.parameters()]}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Every case computed by 2 gloo processes, each rank's results."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True, start_method="spawn")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _single(kind, name, option) -> tuple[float, dict]:
+    """One process on the concatenated batch."""
+    return _run(kind, name, option, _batch(), 0, 1, "global", ddp=False)
+
+
+@pytest.mark.parametrize("case,kind,name,option", cases(), ids=[c[0] for c in cases()])
+def test_two_ranks_equal_one_process(two_ranks, case, kind, name, option):
+    """The mean of the ranks' shares is the global loss; DDP's averaged gradient is the global one."""
+    value, grads = _single(kind, name, option)
+    shares = [ranks[case][0] for ranks in two_ranks]
+    assert np.mean(shares) == pytest.approx(value, rel=RTOL, abs=1e-300)
+    for k, g in grads.items():
+        assert torch.equal(two_ranks[0][case][1][k], two_ranks[1][case][1][k])  # DDP keeps the ranks alike
+        torch.testing.assert_close(two_ranks[0][case][1][k], g, rtol=RTOL, atol=1e-14 * float(g.abs().max()) + 1e-300)
+
+
+@pytest.mark.parametrize("kind,name", SELF_NORMALISED, ids=[f"{k}/{n}" for k, n in SELF_NORMALISED])
+def test_per_rank_normaliser_differs(two_ranks, kind, name):
+    """Per-rank normalisers (BADR eq. 13 and eq. 32, SNIPS eq. 37 on each shard, DDP's mean of the
+    gradients: what wrapping the losses in DDP gives) are the estimator of a smaller batch: the
+    gradient and the loss differ from the global batch's."""
+    value, grads = _single(kind, name, "0")
+    local = two_ranks[0][f"local/{kind}/{name}"]
+    g_key = "x" if kind == "prediction" else "xt"
+    gap = float((local[1][g_key] - grads[g_key]).abs().max() / grads[g_key].abs().max())
+    assert gap > 0.05, gap
+    assert abs(np.mean([r[f"local/{kind}/{name}"][0] for r in two_ranks]) - value) > 1e-3 * abs(value)
+
+
+def test_every_entry_is_covered():
+    names = {c[2] for c in cases() if c[1] == "prediction"} | {c[2] for c in cases() if c[1] == "estimator"}
+    assert names == set(ESTIMATORS)
+    assert {c[2] for c in cases() if c[1] == "imputation"} == set(IMPUTATION_LOSSES)
+
+
+def test_single_process_is_inactive_and_untouched():
+    """Outside torch.distributed a reduction passes its arguments through: the code path of one
+    process is unchanged."""
+    red = D.resolve("global")
+    assert red is D.SINGLE and not red.active and D.resolve("local") is D.LOCAL
+    t = torch.ones(3)
+    assert red.total(t) is t and red.share(t) is t and red.total(t, 5) == (t, 5)
+
+
+def test_bad_reduction_is_refused():
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        D.resolve("mean")
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        prediction_loss("badr", torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(4), torch.zeros(2),
+                        torch.zeros(4), reduction="sum")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toy_folder(path: Path) -> Path:
+    """A split-format data set of 200 x 200 pairs, 800 clicked training pairs."""
+    rng = np.random.default_rng(0)
+    flat = rng.choice(200 * 200, size=1200, replace=False)
+    u, i = flat // 200, flat % 200
+    y = (((u % 3 + i % 2) > 1) ^ (rng.random(1200) < 0.2)).astype(int)
+    path.mkdir()
+    for split, rows in (("train", slice(0, 800)), ("val", slice(800, 960)), ("test", slice(960, 1200))):
+        np.savetxt(path / f"x_{split}_3_20.txt", np.stack([u[rows], i[rows]], 1), fmt="%d")
+        np.savetxt(path / f"y_{split}_3_20.txt", y[rows], fmt="%d")
+    (path / "meta.json").write_text('{"n_users": 200, "n_items": 200, "threshold": 3, "val_pct": 20, "name": "toy"}')
+    return path
+
+
+def test_torchrun_writes_one_row_with_its_world_size(tmp_path):
+    """``torchrun --nproc-per-node 2 -m reproduce table3``: one BADR run trained by both ranks, one
+    row (rank 0's) recording world_size 2, and a signature other than the single-process run's."""
+    from reproduce.table import read_results
+
+    data, out = _toy_folder(tmp_path / "toy"), tmp_path / "out"
+    argv = ["--datasets", str(data), "--methods", "badr", "--seeds", "1", "--max-epochs", "1", "--threads", "1",
+            "--batch-size", "64", "--out", str(out)]
+    env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+              str(_free_port()), "-m", "reproduce", "table3"]
+    done = subprocess.run(launch + argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_results(out / "results.csv")
+    assert len(rows) == 1 and rows[0]["world_size"] == 2 and rows[0]["method"] == "badr", rows
+    assert rows[0]["status"] in ("ok", "chance")
+    history = (out / "history.csv").read_text().splitlines()
+    assert sum(",fit," in line for line in history) == rows[0]["epochs"]  # one rank's epochs, once
+
+
+def test_joint_learner_on_two_ranks(two_ranks):
+    """Under torch.distributed the learner trains on DDP (not the fast path), each rank takes its
+    half of a batch and draws its own U, reproducibly by seed and rank; the reported losses and
+    monitor are the global batch's (the same on both ranks) and DDP keeps the parameters alike."""
+    a, b = two_ranks[0]["learner"], two_ranks[1]["learner"]
+    assert not a["fast"] and not b["fast"]
+    assert a["shard"].tolist() == list(range(6)) and b["shard"].tolist() == list(range(6, 12))
+    for ranks in (a, b):  # the same seed and rank: the same draws
+        assert all(torch.equal(x, y) for x, y in zip(*ranks["draws"]))
+    assert not all(torch.equal(x, y) for x, y in zip(a["draws"][0], b["draws"][0]))  # other ranks: others
+    assert a["steps"] == b["steps"] and set(a["steps"][0]) == {"prediction_loss", "imputation_loss", "monitor"}
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
