@@ -55,6 +55,10 @@
    logits to |x_t| ~ 900.  DR-JL's tuned values there keep G = 1 and shrink the imputation MF
    with a large ``imp_weight_decay`` (KuaiRec 0.4, Yahoo! R3 0.3), which random search over the
    paper's ranges rarely drew.
+   StableDR (:attr:`reproduce.methods.Method.cycle`) trains by cycle learning instead
+   (:class:`estimators.training.CycleLearner`): its propensity model starts from the UNCLIPPED
+   table of step 2 (fitted or cached alike) and keeps learning, every step, from the click matrix
+   and the imputed errors (never a label); every propensity that weighs is clipped at ``gamma``.
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
 
 The propensity-free methods (:attr:`reproduce.methods.Method.propensity_free`: CVIB, DIB, DAMF)
