@@ -48,6 +48,7 @@ from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imput
 from .loss import badr, dr, eib, ips, naive, snips
 from .multitask import ddpo_loss, escm2_loss, esmm_loss, multi_dr_loss, multi_ips_loss
 from .propensity_free import cvib_loss, damf_loss, dib_loss
+from .stabledr import stabledr, stabledr_step
 
 #: The arguments an entry's function may read, in the order it takes them.
 INPUTS = ("e", "e_hat", "o", "p_hat")
@@ -350,6 +351,11 @@ for _entry in (
                   J.dr_step, needs_u=True, normaliser="sampled"),
     EstimatorSpec("badr", "eq. (13)", "batch-adaptive doubly robust: DR normalised by sum o / p_hat per batch", badr,
                   ("e", "e_hat", "o", "p_hat"), J.badr_step, needs_u=True, normaliser="propensity"),
+    # StableDR: its step trains the prediction on SNIPS's gradient (imputed errors held fixed); the
+    # imputation model acts through the propensity, which the cycle learner updates (estimators/stabledr.py)
+    EstimatorSpec("stabledr", "StableDR SDR-est (our label)", "stabilised DR: mean e_hat + the w-weighted mean of the "
+                  "clicked residuals (a self-normalised DR)", stabledr, ("e", "e_hat", "o", "p_hat"), stabledr_step,
+                  needs_u=True, normaliser="propensity"),
 ):
     register_estimator(_entry)
 

@@ -106,6 +106,9 @@ PARAM_RULES: dict[str, Any] = {
     "damf_beta": (0.0, math.inf, False), "damf_lambda_pmd": (0.0, math.inf, False),
     # the propensity adjustments' parameters (estimators.registry.PROPENSITY_ADJUSTMENTS), prefixed: D-DR's w2 / w1
     "ddr_w": (0.0, math.inf, True),
+    # StableDR's cycle learning (reproduce.methods.CYCLE_KEYS): eta >= 0, the propensity's Adam
+    "cycle_eta": (0.0, math.inf, False), "cycle_prop_lr": (0.0, math.inf, True),
+    "cycle_prop_weight_decay": (0.0, math.inf, False),
 }
 
 

@@ -25,6 +25,13 @@ targeted error ``e_hat + eps_hat h`` for ``e_hat``; with ``eps_hat`` held fixed 
 step the two differ by ``eps_hat (sum_U h - sum_B h) / |U|``, constant in the prediction model, so
 the prediction gradients are DR-JL's and the targeting acts through the imputation model only.
 
+StableDR (Li, Zheng, Wu, ICLR 2023) is a method of the first family trained by cycle learning
+(:attr:`Method.cycle`, :class:`estimators.training.CycleLearner`): its estimator ``stabledr``
+(the prediction step: SNIPS's gradient, the imputed errors held fixed), DR-JL's imputation loss
+(eq. 6), and a propensity model that is not frozen but updated every step from the click
+indicators and the imputed errors (:func:`estimators.stabledr.stabledr_propensity_loss`), with its
+own keys :data:`CYCLE_KEYS`.
+
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """
@@ -46,6 +53,9 @@ _IMP = ("G", "imp_lr", "imp_weight_decay")
 #: override them: BADR and its ablations keep the BADR authors' values.  Each method keeps its own
 #: clipping threshold ``gamma``.
 PROPENSITY_KEYS = ("prop_batch_size", "prop_lr", "prop_weight_decay")
+#: Cycle learning's keys (:attr:`Method.cycle`; :class:`estimators.training.CycleConfig`): SDR-prop's
+#: balancing weight eta (sum form) and the Adam settings of the propensity model while it keeps learning.
+CYCLE_KEYS = ("cycle_eta", "cycle_prop_lr", "cycle_prop_weight_decay")
 
 
 @dataclass(frozen=True)
@@ -71,8 +81,14 @@ class Method:
     entire_space: Optional[str] = None  # an estimators.registry.ENTIRE_SPACE name: the whole training objective
     propensity_free: Optional[str] = None  # an estimators.registry.PROPENSITY_FREE name: model and objective
     propensity_adjustment: Optional[str] = None  # an estimators.registry.PROPENSITY_ADJUSTMENTS name
+    cycle: bool = False  # StableDR's cycle learning: the propensity model keeps learning (CYCLE_KEYS)
 
     def __post_init__(self) -> None:
+        if self.cycle and (self.estimator is None or not get_estimator(self.estimator).uses_propensity
+                           or self.imputation_loss is None or self.propensity_adjustment is not None):
+            raise ValueError(f"method {self.name!r}: cycle learning updates the propensity model from imputed errors; "
+                             "it needs an estimator that reads propensities, an imputation loss and no propensity "
+                             "adjustment")
         if self.propensity_adjustment is not None:
             get_propensity_adjustment(self.propensity_adjustment)
             if self.estimator is None or not get_estimator(self.estimator).uses_propensity:
@@ -151,7 +167,7 @@ class Method:
         """Config keys this method reads: the prediction model's, the clipping and propensity
         model's where the estimator reads propensities, the imputation model's where it has one, the
         imputation loss's own parameters (DR-MSE's ``alpha``) and the propensity adjustment's
-        (:attr:`adjustment_keys`).  An entire-space method reads
+        (:attr:`adjustment_keys`), and cycle learning's (:data:`CYCLE_KEYS`).  An entire-space method reads
         the prediction keys (Adam's, for all its towers) and its objective's parameters; a
         propensity-free one the prediction keys (Adam's, for its whole model), ``G`` where it
         samples pairs U, and its objective's parameters."""
@@ -165,7 +181,7 @@ class Method:
         spec = self.imputation_spec
         if spec is not None:
             keys += _IMP + spec.params
-        return keys + tuple(self.adjustment_keys)
+        return keys + tuple(self.adjustment_keys) + (CYCLE_KEYS if self.cycle else ())
 
     @property
     def own_keys(self) -> tuple[str, ...]:
@@ -207,6 +223,10 @@ for _method in (
     _m("tdr_cl", "TDR-CL", "dr", "tdr_cl", "TDR-CL", "targeted DR with collaborative learning (Li et al. 2023; our "
        "reconstruction): DR estimator (eq. 7; TDR's differs by a term constant in the prediction model) + DR-JL's "
        "imputation loss on the residual of the targeting term eps_hat (1/p_hat - 1)"),
+    # StableDR: estimator SDR-est (its step: SNIPS's gradient), DR-JL's imputation loss, cycle learning.
+    Method("stabledr", "StableDR", "stabledr", "dr", "StableDR", "stabilised DR (Li et al. 2023; our reconstruction): "
+           "SNIPS-type prediction step, DR-JL's imputation loss (eq. 6), propensity updated every step by the "
+           "balancing loss (cycle learning), from clicks only", cycle=True),
     _m("badr", "BADR", "badr", "badr", "BADR", "BADR estimator (eq. 13) + BADR imputation loss, published variant"),
     _m("badr_dr", "BADR w/o BADR imp. loss", "badr", "dr", None, "Fig. 1(a): BADR estimator + DR imputation loss"),
     _m("badr_v", "BADR-V", "badr", "mrdr", None, "Fig. 1(b): BADR estimator + MRDR imputation loss"),
@@ -261,6 +281,13 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "damf_lambda_pmd": (0.01, 1.0, "log"),  # fixed at 0.1 by the authors
     # the propensity adjustments' parameters (estimators.registry.PROPENSITY_ADJUSTMENTS), prefixed
     "ddr_w": (0.01, 1.0, "log"),           # w2 / w1 around D-DR's 0.1; its Fig. 2 ablation spans 0.02-0.1
+    # StableDR's cycle learning (CYCLE_KEYS).  eta: the public code's 100 (Coat) and 1000 (Yahoo! R3, KuaiRec)
+    # lie inside, sum form; the paper's own grids could not be read.  The propensity's Adam: the code's lr1
+    # (0.01; 150 for its single Naive Bayes scalar) does not carry over to an LR model's offsets, so a wide
+    # log range around the toolkit's propensity lrs; the weight decay over the paper's [1e-7, 1].
+    "cycle_eta": (0.1, 1e4, "log"),
+    "cycle_prop_lr": (1e-4, 1e-1, "log"),
+    "cycle_prop_weight_decay": (1e-7, 1.0, "log"),
 }
 #: Propensity keys searched by ``tune --propensity``; the batch size stays the config's.
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")

@@ -55,6 +55,10 @@
    logits to |x_t| ~ 900.  DR-JL's tuned values there keep G = 1 and shrink the imputation MF
    with a large ``imp_weight_decay`` (KuaiRec 0.4, Yahoo! R3 0.3), which random search over the
    paper's ranges rarely drew.
+   StableDR (:attr:`reproduce.methods.Method.cycle`) trains by cycle learning instead
+   (:class:`estimators.training.CycleLearner`): its propensity model starts from the UNCLIPPED
+   table of step 2 (fitted or cached alike) and keeps learning, every step, from the click matrix
+   and the imputed errors (never a label); every propensity that weighs is clipped at ``gamma``.
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
 
 The propensity-free methods (:attr:`reproduce.methods.Method.propensity_free`: CVIB, DIB, DAMF)
@@ -91,8 +95,9 @@ import torch
 
 from cvrdata import CVRData
 from estimators import backend
-from estimators.training import (Diverged, EpochStats, JointConfig, JointLearner, PropensityFreeConfig,
-                                 PropensityFreeLearner, PropensityModel, fit, fit_propensity, propensity_table)
+from estimators.training import (CycleConfig, CycleLearner, Diverged, EpochStats, JointConfig, JointLearner,
+                                 PropensityFreeConfig, PropensityFreeLearner, PropensityModel, fit, fit_propensity,
+                                 propensity_table)
 
 from .config import Config
 from .distributed import world_size
@@ -356,6 +361,7 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
             (p_hat, prop_epochs, prop_losses), cached = hit, True
         rows += [{"stage": "propensity", "epoch": e, "propensity_loss": loss}
                  for e, loss in enumerate(prop_losses, start=1)]
+        p_fitted = p_hat  # unclipped: cycle learning (StableDR) starts its propensity model from it
         p_hat = p_hat.clamp(params["gamma"], 1.0)
         adjustment = method.propensity_adjustment_spec
         if adjustment is not None:  # D-DR: f(p_hat)^alpha of the clipped table, eqs. (2), (5)
@@ -377,7 +383,13 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
                            weight_decay=params["weight_decay"], imp_lr=params.get("imp_lr", 0.02),
                            imp_weight_decay=params.get("imp_weight_decay", 0.0), alpha=params.get("alpha", 0.5),
                            **cfg.run_options(method))
-        learner = JointLearner(p_hat, jcfg, generator=generator)
+        if method.cycle:  # StableDR: the propensity model keeps learning, from the click matrix only
+            ccfg = CycleConfig(eta=params["cycle_eta"], prop_lr=params["cycle_prop_lr"],
+                               prop_weight_decay=params["cycle_prop_weight_decay"], gamma=params["gamma"])
+            learner = CycleLearner(p_fitted, torch.from_numpy(data.click_matrix()).to(device), jcfg, ccfg,
+                                   generator=generator)
+        else:
+            learner = JointLearner(p_hat, jcfg, generator=generator)
     x = torch.from_numpy(data.x_train).to(device)
     users, items, r = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train).to(device)
 

@@ -158,7 +158,16 @@ def np_tdr_cl(e, e_hat, o, p_hat, mag=False):
     return np.mean(out)
 
 
-REFERENCE_ESTIMATORS = {"naive": np_naive, "ips": np_ips, "snips": np_snips, "eib": np_eib, "dr": np_dr, "badr": np_badr}
+def np_stabledr(e, e_hat, o, p_hat, mag=False):
+    """StableDR's SDR-est (tests/test_stabledr.py): (1/K) sum_k [mean_k e_hat + sum_k o (e - e_hat) / p_hat /
+    sum_k o / p_hat]."""
+    e, e_hat, o, p_hat = _rows(e, e_hat, o, p_hat)
+    return np.mean([np.mean(_a(hh, mag)) + np.sum(oo * _sub(_clicked(ee, oo), hh, mag) / pp) / np.sum(oo / pp)
+                    for ee, hh, oo, pp in zip(e, e_hat, o, p_hat)])
+
+
+REFERENCE_ESTIMATORS = {"naive": np_naive, "ips": np_ips, "snips": np_snips, "eib": np_eib, "dr": np_dr, "badr": np_badr,
+                        "stabledr": np_stabledr}
 # badr and badr_paper are one quantity, eq. (32), trained in two ways (tests/test_joint.py checks both).
 REFERENCE_IMPUTATION = {"dr": np_eq6, "mrdr": np_eq8, "dr_bias": np_eq9, "dr_mse": np_eq10, "badr": np_eq32,
                         "badr_paper": np_eq32, "tdr_cl": np_tdr_cl}

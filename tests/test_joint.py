@@ -53,6 +53,8 @@ def _numpy_prediction(estimator, x_b, r_b, p_hat_b, x_u, xt_b, xt_u):
         return (w * e).sum() / len(e)
     if estimator == "snips":
         return (w * e).sum() / w.sum()
+    if estimator == "stabledr":  # SDR-est with U standing for D (tests/test_stabledr.py)
+        return _bce(x_u, _sigmoid(xt_u)).mean() + (w * (e - _bce(x_b, _sigmoid(xt_b)))).sum() / w.sum()
     if estimator == "eib":  # eq. (5): DR with w = 1
         w = np.ones_like(w)
     num = (w * e).sum() - _bce(x_b, _sigmoid(xt_b)).sum() + _bce(x_u, _sigmoid(xt_u)).sum()

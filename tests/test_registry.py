@@ -66,8 +66,8 @@ def test_public_dicts_are_the_registry():
     assert all(isinstance(s, EstimatorSpec) for s in ESTIMATORS.values())
     assert all(isinstance(s, ImputationLossSpec) for s in IMPUTATION_LOSSES.values())
     needs_u = {name for name, spec in ESTIMATORS.items() if spec.needs_u}
-    assert needs_u == {name for name, spec in ESTIMATORS.items() if spec.needs_imputation} == {"eib", "dr", "badr"}
-    assert {n for n, s in ESTIMATORS.items() if s.self_normalised} == {"snips", "badr"}
+    assert needs_u == {name for name, spec in ESTIMATORS.items() if spec.needs_imputation} == {"eib", "dr", "badr", "stabledr"}
+    assert {n for n, s in ESTIMATORS.items() if s.self_normalised} == {"snips", "badr", "stabledr"}
     assert {n for n, s in IMPUTATION_LOSSES.items() if s.dr_family} == {"dr", "mrdr", "dr_bias", "dr_mse", "tdr_cl"}
 
 

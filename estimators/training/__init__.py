@@ -1,6 +1,7 @@
 """The training layer: models, the joint-learning losses, the propensity fit, the joint learner and
 its epoch loop.  It reads the maths of :mod:`estimators` (the registry, the step forms) and reaches
 the compiled kernels only through :mod:`estimators._ext`."""
+from .cycle import AdditivePropensity, CycleConfig, CycleLearner
 from .early_stopping import EarlyStopping
 from .fit import Diverged, EpochStats, fit
 from .gather import gather_dot
@@ -23,4 +24,5 @@ __all__ = [
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
     "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
     "PropensityFreeConfig", "PropensityFreeLearner", "PropensityFreeModel",
+    "AdditivePropensity", "CycleConfig", "CycleLearner",
 ]
