@@ -39,25 +39,27 @@ import torch
 from torch import Tensor
 
 from ._validation import check_batch
+from .distributed import Reduction, resolve
 
 #: SDR-prop's reductions: "sum" (the published scale, for which eta is stated) and "mean"
 #: (eta_mean = eta_sum * |U| gives the same minimiser).
 REDUCTIONS = ("sum", "mean")
 
 
-def stabledr(e, e_hat, o, p_hat) -> Tensor:
+def stabledr(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """SDR-est: ``E_SDR = mean_D e_hat + sum o w (e - e_hat) / sum o w`` per batch D (``w = 1 / p_hat``).
 
     It is ``mean_D e_hat*`` for the imputed errors ``e_hat* = e_hat + c`` shifted by the constant
     that makes the stabilisation constraint SDR-con, ``sum o (e - e_hat*) / p_hat = 0``, hold:
     ``c = sum o w (e - e_hat) / sum o w``.  Self-normalised: a batch needs a click.  The common
     contract of :mod:`estimators.loss` applies (``e`` is never read where ``o = 0``; (K, B) input
-    is the mean of the K per-batch values).
+    is the mean of the K per-batch values).  ``reduction``: both sums over the global batch under
+    ``torch.distributed`` (:mod:`estimators.distributed`).
     """
     o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=1)
-    w = o / p_hat
-    correction = (w * (e - e_hat)).sum(dim=-1) / w.sum(dim=-1)
-    return (e_hat.mean(dim=-1) + correction).mean()
+    red, w = resolve(reduction), o / p_hat
+    correction = red.share(((w * (e - e_hat)).sum(dim=-1) / red.total(w.sum(dim=-1))).mean())
+    return red.batch_mean(e_hat) + correction
 
 
 def stabledr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form) -> Tensor:
@@ -69,10 +71,13 @@ def stabledr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form) -> Tensor:
     step, and BADR footnote 1: no imputed error trains the prediction model).  ``form`` is the
     step's :class:`~estimators.joint_loss.Form` (``e_hat = form.imputed(x, x_t)``).
     """
-    w = 1.0 / p_hat_b
+    w, red = 1.0 / p_hat_b, form.reduction
     e_hat_b = form.imputed(x_b, xt_b).detach()
     e_hat_u = form.imputed(x_u, xt_u).detach()
-    return e_hat_u.mean() + (w * (form.l(x_b, r_b) - e_hat_b)).sum() / w.sum()
+    if not red.active:  # one process: the expression above, term for term
+        return e_hat_u.mean() + (w * (form.l(x_b, r_b) - e_hat_b)).sum() / w.sum()
+    n_u, sum_w = red.total(x_u.numel(), w.sum(), like=x_u)
+    return red.share(e_hat_u.sum() / n_u + (w * (form.l(x_b, r_b) - e_hat_b)).sum() / sum_w)
 
 
 def stabledr_propensity_loss(z_u: Tensor, o_u: Tensor, e_hat_u: Tensor, *, eta: float, gamma: float,

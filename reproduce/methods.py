@@ -156,6 +156,14 @@ class Method:
         return {} if spec is None else {f"{spec.name}_{p}": p for p in spec.params}
 
     @property
+    def data_parallel(self) -> bool:
+        """Whether a run can be spread over ``torchrun``'s ranks: the plain joint learner's methods
+        (:mod:`estimators.distributed` takes their normalisers over the global batch).  The methods
+        that train other models or schedules (entire-space, propensity-free, cycle learning) have no
+        data-parallel path yet."""
+        return self.entire_space is None and self.propensity_free is None and not self.cycle
+
+    @property
     def uses_propensity(self) -> bool:
         """Whether the estimator reads propensities (so a run fits a propensity model).  False for
         the entire-space methods (their CTR tower is the propensity, no model is fitted before)

@@ -329,9 +329,10 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive integer; got {max_epochs}")
     device = resolve_device(device)
-    if (method.entire_space is not None or method.propensity_free is not None) and world_size() > 1:
-        raise ValueError(f"method {method.name!r} trains its own model outside the joint learner and does not run "
-                         "under torchrun yet; launch the joint-learning methods (mf, ips, snips, dr_jl, ..., badr)")
+    if not method.data_parallel and world_size() > 1:
+        raise ValueError(f"method {method.name!r} trains models or schedules of its own outside the joint learner "
+                         "and does not run under torchrun yet; launch the joint-learning methods (mf, ips, snips, "
+                         "dr_jl, ..., badr)")
     if method.entire_space is not None:  # the multi-task rows: their own loop over the exposures
         from .entire_space import run_entire_space
 
