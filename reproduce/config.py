@@ -106,6 +106,10 @@ PARAM_RULES: dict[str, Any] = {
     "damf_beta": (0.0, math.inf, False), "damf_lambda_pmd": (0.0, math.inf, False),
     # the propensity adjustments' parameters (estimators.registry.PROPENSITY_ADJUSTMENTS), prefixed: D-DR's w2 / w1
     "ddr_w": (0.0, math.inf, True),
+    # DCE's calibrators (reproduce.methods.CALIBRATION_KEYS, estimators.training.DCEConfig)
+    "dce_experts": "int", "dce_propcal_lr": (0.0, math.inf, True), "dce_propcal_weight_decay": (0.0, math.inf, False),
+    "dce_impcal_lr": (0.0, math.inf, True), "dce_impcal_weight_decay": (0.0, math.inf, False),
+    "dce_impcal_steps": "int",
 }
 
 

@@ -46,6 +46,12 @@ _IMP = ("G", "imp_lr", "imp_weight_decay")
 #: override them: BADR and its ablations keep the BADR authors' values.  Each method keeps its own
 #: clipping threshold ``gamma``.
 PROPENSITY_KEYS = ("prop_batch_size", "prop_lr", "prop_weight_decay")
+#: DCE's calibrators (:mod:`estimators.calibration`, :class:`estimators.training.DCEConfig`): the number
+#: of experts K of both, the propensity calibrator's Adam (fitted once, 200 full-batch steps), the
+#: imputation calibrator's Adam and its full-batch steps after every epoch.  The held-out share of the
+#: clicked pairs (0.1) and the uniform pairs per held-out pair (10) are fixed (the public code's values).
+CALIBRATION_KEYS = ("dce_experts", "dce_propcal_lr", "dce_propcal_weight_decay", "dce_impcal_lr",
+                    "dce_impcal_weight_decay", "dce_impcal_steps")
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,12 @@ class Method:
     entire_space: Optional[str] = None  # an estimators.registry.ENTIRE_SPACE name: the whole training objective
     propensity_free: Optional[str] = None  # an estimators.registry.PROPENSITY_FREE name: model and objective
     propensity_adjustment: Optional[str] = None  # an estimators.registry.PROPENSITY_ADJUSTMENTS name
+    calibration: bool = False  # DCE's calibration experts (estimators.calibration): CALIBRATION_KEYS
 
     def __post_init__(self) -> None:
+        if self.calibration and (self.estimator is None or not get_estimator(self.estimator).needs_imputation):
+            raise ValueError(f"method {self.name!r}: DCE's calibration needs an estimator with an imputation model "
+                             "(it calibrates the propensity and the imputation model)")
         if self.propensity_adjustment is not None:
             get_propensity_adjustment(self.propensity_adjustment)
             if self.estimator is None or not get_estimator(self.estimator).uses_propensity:
@@ -165,6 +175,8 @@ class Method:
         spec = self.imputation_spec
         if spec is not None:
             keys += _IMP + spec.params
+        if self.calibration:
+            keys += CALIBRATION_KEYS
         return keys + tuple(self.adjustment_keys)
 
     @property
@@ -174,9 +186,9 @@ class Method:
 
 
 def _m(name, label, estimator, imputation_loss, table3_row, description,
-       propensity_adjustment: Optional[str] = None) -> Method:
+       propensity_adjustment: Optional[str] = None, calibration: bool = False) -> Method:
     return Method(name, label, estimator, imputation_loss, table3_row, description,
-                  propensity_adjustment=propensity_adjustment)
+                  propensity_adjustment=propensity_adjustment, calibration=calibration)
 
 
 def _pf(name, label, table3_row, description) -> Method:
@@ -207,6 +219,12 @@ for _method in (
     _m("tdr_cl", "TDR-CL", "dr", "tdr_cl", "TDR-CL", "targeted DR with collaborative learning (Li et al. 2023; our "
        "reconstruction): DR estimator (eq. 7; TDR's differs by a term constant in the prediction model) + DR-JL's "
        "imputation loss on the residual of the targeting term eps_hat (1/p_hat - 1)"),
+    # DCE-TDR: TDR-CL's estimator and imputation loss (the toolkit's one reading of TDR, above) on DCE's
+    # calibrated propensity p_bar, with DCE's calibrated imputed errors in the prediction step; trained on
+    # 90 % of each user's clicked pairs, the other 10 % calibrate (estimators.training.dce).
+    _m("dce_tdr", "DCE-TDR", "dr", "tdr_cl", "DCE-TDR", "doubly calibrated TDR (Kweon and Yu 2024 on Li et al. 2023; "
+       "our reconstruction): calibration experts for the propensity (clicks of held-out clicked pairs) and the "
+       "imputation model (their conversions), TDR-CL's DR step and targeted imputation loss", calibration=True),
     _m("badr", "BADR", "badr", "badr", "BADR", "BADR estimator (eq. 13) + BADR imputation loss, published variant"),
     _m("badr_dr", "BADR w/o BADR imp. loss", "badr", "dr", None, "Fig. 1(a): BADR estimator + DR imputation loss"),
     _m("badr_v", "BADR-V", "badr", "mrdr", None, "Fig. 1(b): BADR estimator + MRDR imputation loss"),
@@ -261,6 +279,14 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "damf_lambda_pmd": (0.01, 1.0, "log"),  # fixed at 0.1 by the authors
     # the propensity adjustments' parameters (estimators.registry.PROPENSITY_ADJUSTMENTS), prefixed
     "ddr_w": (0.01, 1.0, "log"),           # w2 / w1 around D-DR's 0.1; its Fig. 2 ablation spans 0.02-0.1
+    # DCE's calibrators (CALIBRATION_KEYS): ranges unpublished; around the public DCE-DR code's tuned values
+    # (K 5 on Coat, 20 on Yahoo! R3 and KuaiRec; calibrator lr 0.01-0.08, weight decay 6e-4-0.06, 10-20 steps)
+    "dce_experts": (2, 20, "int"),
+    "dce_propcal_lr": (1e-3, 1e-1, "log"),
+    "dce_propcal_weight_decay": (1e-4, 1e-1, "log"),
+    "dce_impcal_lr": (1e-3, 1e-1, "log"),
+    "dce_impcal_weight_decay": (1e-4, 1e-1, "log"),
+    "dce_impcal_steps": (5, 50, "int"),
 }
 #: Propensity keys searched by ``tune --propensity``; the batch size stays the config's.
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")

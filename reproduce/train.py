@@ -77,6 +77,7 @@ drive nothing).  The loss on the test pairs per epoch is recorded only when aske
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -91,8 +92,10 @@ import torch
 
 from cvrdata import CVRData
 from estimators import backend
-from estimators.training import (Diverged, EpochStats, JointConfig, JointLearner, PropensityFreeConfig,
-                                 PropensityFreeLearner, PropensityModel, fit, fit_propensity, propensity_table)
+from estimators.calibration import holdout_clicked
+from estimators.training import (DCEConfig, DCELearner, Diverged, EpochStats, JointConfig, JointLearner,
+                                 PropensityFreeConfig, PropensityFreeLearner, PropensityModel, fit,
+                                 fit_propensity, fit_propensity_calibration, propensity_table)
 
 from .config import Config
 from .files import replace_with
@@ -305,6 +308,24 @@ def final_val_auc(learner: Any, data: CVRData, split: str, metrics: dict[str, fl
     return auc(_scores(learner, data.x_val).numpy(), data.y_val)
 
 
+#: DCE's calibration split (:attr:`reproduce.methods.Method.calibration`): the share of each user's
+#: clicked training pairs held out to calibrate (the public DCE code's 10 %).
+DCE_HOLDOUT = 0.1
+
+
+def calibration_split(data: CVRData, seed: int) -> tuple[CVRData, tuple[np.ndarray, np.ndarray], float]:
+    """DCE's protocol: ``data`` with :data:`DCE_HOLDOUT` of each user's clicked training pairs held out
+    (:func:`estimators.calibration.holdout_clicked`, drawn by its own generator seeded with ``seed``, so
+    the split is fixed by the seed and leaves the run's draws alone), the held-out pairs and labels
+    ``(x_v, y_v)``, and their share ``rho`` of the clicked pairs.  Only training pairs move: the
+    validation and test splits are untouched and never read here."""
+    x, y = data.x_train, data.y_train
+    held = holdout_clicked(torch.from_numpy(np.ascontiguousarray(x[:, 0])).long(), DCE_HOLDOUT,
+                           torch.Generator().manual_seed(seed)).numpy()
+    fit_data = dataclasses.replace(data, x_train=x[~held], y_train=y[~held])
+    return fit_data, (x[held], y[held]), float(held.mean())
+
+
 def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], seed: int, *,
             max_epochs: Optional[int] = None, split: str = "test", label: str = "", show_progress: bool = True,
             propensity_cache: Optional[PropensityCache] = None, device: str | torch.device = "cpu",
@@ -334,16 +355,26 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     generator = torch.Generator(device).manual_seed(seed)
     progress = Progress(label or f"{data.name} {method.name} seed {seed}", max_epochs) if show_progress else None
     rows: list[dict[str, Any]] = []
+    train_data = data
+    if method.calibration:  # DCE: 10 % of each user's clicked pairs calibrate, the rest train
+        train_data, (x_v, y_v), rho = calibration_split(data, seed)
+        dce = DCEConfig(n_experts=int(params["dce_experts"]), propcal_lr=params["dce_propcal_lr"],
+                        propcal_weight_decay=params["dce_propcal_weight_decay"], impcal_lr=params["dce_impcal_lr"],
+                        impcal_weight_decay=params["dce_impcal_weight_decay"],
+                        impcal_steps=int(params["dce_impcal_steps"]))
+        xv = torch.from_numpy(x_v).to(device)
+        calibration = (xv[:, 0].contiguous(), xv[:, 1].contiguous(), torch.from_numpy(y_v).to(device))
 
     prop_epochs, cached = 0, False
     if method.uses_propensity:
         if not 0.0 < params["gamma"] <= 1.0:
             raise ValueError(f"gamma (propensity clipping floor) must lie in (0, 1]; got {params['gamma']}")
-        key = None if propensity_cache is None else propensity_cache.key(data, cfg, params, seed, device)
+        key = None if propensity_cache is None else propensity_cache.key(train_data, cfg, params, seed, device)
         hit = None if key is None else propensity_cache.load(key, generator, (data.n_users, data.n_items), device)
         if hit is None:
             try:
-                p_hat, prop_epochs, prop_losses = fit_propensities(data, cfg, params, generator, progress, device)
+                p_hat, prop_epochs, prop_losses = fit_propensities(train_data, cfg, params, generator, progress,
+                                                                   device)
             except Diverged as exc:
                 raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
             if key is not None:
@@ -352,6 +383,9 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
             (p_hat, prop_epochs, prop_losses), cached = hit, True
         rows += [{"stage": "propensity", "epoch": e, "propensity_loss": loss}
                  for e, loss in enumerate(prop_losses, start=1)]
+        if method.calibration:  # DCE (C3): p_bar = clip(C / rho, gamma, 1) from the held-out clicks
+            p_hat = fit_propensity_calibration(p_hat, calibration[0], calibration[1], rho, params["gamma"], dce,
+                                               generator)[0]
         p_hat = p_hat.clamp(params["gamma"], 1.0)
         adjustment = method.propensity_adjustment_spec
         if adjustment is not None:  # D-DR: f(p_hat)^alpha of the clipped table, eqs. (2), (5)
@@ -373,9 +407,10 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
                            weight_decay=params["weight_decay"], imp_lr=params.get("imp_lr", 0.02),
                            imp_weight_decay=params.get("imp_weight_decay", 0.0), alpha=params.get("alpha", 0.5),
                            **cfg.run_options(method))
-        learner = JointLearner(p_hat, jcfg, generator=generator)
-    x = torch.from_numpy(data.x_train).to(device)
-    users, items, r = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train).to(device)
+        learner = (DCELearner(p_hat, jcfg, dce, calibration, generator=generator) if method.calibration
+                   else JointLearner(p_hat, jcfg, generator=generator))
+    x = torch.from_numpy(train_data.x_train).to(device)
+    users, items, r = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(train_data.y_train).to(device)
 
     def on_epoch(stats: EpochStats) -> None:
         if progress is not None:
