@@ -18,8 +18,11 @@ below.
 
     computed in log space, ``log C = logsumexp_k(log pi_k + log sigmoid(a_k s + b_k))`` and
     ``log(1 - C) = logsumexp_k(log pi_k + log sigmoid(-(a_k s + b_k)))``; the calibrated LOGIT
-    ``log C - log(1 - C)`` is what the estimators read.  ``a_k = 1``, ``b_k = -1`` initially (the
-    public code's initialisation).  Departures from the public code, both deliberate:
+    ``log C - log(1 - C)`` is what the estimators read.  ``a_k = 1`` initially, as in the public
+    code; ``b_k`` evenly over ``[beta - 1, beta + 1]`` with ``beta = -1`` for the imputation model
+    (the public code: ``b_k = -1`` for every k, see :class:`CalibrationExperts`) and
+    ``beta = log rho`` for the propensity model (C3: then ``p_bar`` starts near ``p_hat``).
+    Departures from the public code, all deliberate:
 
     * the gate reads ``f(u)``, the first two moments (mean and standard deviation over all items,
       standardised across users) of the user's logits under the base model
@@ -39,7 +42,7 @@ below.
     over all ``N = n_users * n_items`` pairs, estimated exactly on ``V`` and by ``M`` uniform pairs
     elsewhere (:func:`propensity_calibration_loss`)::
 
-        L_C3 = [ sum_V -log C  +  (N / M) sum_{j <= M} (1 - z_j) (-log(1 - C_j)) ] / N
+        L_C3 = [ sum_V -log C  +  (N / M) sum_{j <= M} (1 - z_j) (-log(1 - C_j)) ] / |V|
 
     whose minimiser is ``C = P(z = 1 | u, i) = rho * p(u, i)`` for ``rho`` the held-out share of
     the clicks; the calibrated propensity is ``p_bar = clip(C / rho, gamma, 1)``
@@ -123,14 +126,18 @@ class CalibrationExperts(nn.Module):
     ``forward(s, features)`` maps base logits ``s`` ``(n,)`` and the users' gate features
     ``features`` ``(n, n_features)`` to calibrated logits ``(n,)`` (C1)."""
 
-    def __init__(self, n_features: int, n_experts: int) -> None:
+    def __init__(self, n_features: int, n_experts: int, bias: float = -1.0) -> None:
         super().__init__()
         for name, value in (("n_features", n_features), ("n_experts", n_experts)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
         self.gate = nn.Linear(n_features, n_experts)
         self.a = nn.Parameter(torch.ones(n_experts))
-        self.b = nn.Parameter(-torch.ones(n_experts))
+        _check_real(bias, "bias", -math.inf, math.inf, open_low=True)
+        # b_k spread evenly over [bias - 1, bias + 1] (the public code: b_k = -1 for every k): with the
+        # soft gate, experts that start equal stay equal under Adam, whose step size ignores the gate's
+        # share of each expert's gradient; the public code's hard per-call expert breaks that tie.
+        self.b = nn.Parameter(bias + (torch.linspace(-1.0, 1.0, n_experts) if n_experts > 1 else torch.zeros(1)))
 
     def log_probs(self, s: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(log C, log(1 - C))`` (C1)."""
@@ -142,13 +149,14 @@ class CalibrationExperts(nn.Module):
 
 
 def propensity_calibration_loss(logit_v: Tensor, logit_m: Tensor, z_m: Tensor, n_pairs: int) -> Tensor:
-    """(C3) ``[sum_V -log C + (N / M) sum_M (1 - z) (-log(1 - C))] / N``.
+    """(C3) ``[sum_V -log C + (N / M) sum_M (1 - z) (-log(1 - C))] / |V|``.
 
     ``logit_v``: calibrated logits of the held-out clicked pairs ``V`` (label 1); ``logit_m``: those
     of ``M`` pairs drawn uniformly from all ``N = n_pairs`` pairs, ``z_m`` their 0/1 membership in
     ``V`` (a drawn member of ``V`` adds nothing here: ``V`` is summed exactly in the first term).
-    An unbiased estimate of the mean cross-entropy of ``C`` against ``1[(u, i) in V]`` over all
-    pairs, minimised by ``C = P((u, i) in V)``."""
+    ``N / |V|`` times an unbiased estimate of the mean cross-entropy of ``C`` against
+    ``1[(u, i) in V]`` over all pairs, minimised by ``C = P((u, i) in V)``; divided by ``|V|``,
+    not ``N``, so that its gradient is of order 1 beside the calibrator's weight decay."""
     if isinstance(n_pairs, bool) or not isinstance(n_pairs, numbers.Integral) or n_pairs < 1:
         raise ValueError(f"`n_pairs` must be a positive integer (n_users * n_items); got {n_pairs!r}")
     if logit_m.shape != z_m.shape or logit_m.numel() == 0:
@@ -156,9 +164,11 @@ def propensity_calibration_loss(logit_v: Tensor, logit_m: Tensor, z_m: Tensor, n
                          f"{tuple(z_m.shape)}")
     if not bool(((z_m == 0) | (z_m == 1)).all()):
         raise ValueError("`z_m` (membership of the drawn pairs in V) must hold only 0 and 1")
+    if logit_v.dim() != 1 or logit_v.numel() == 0:
+        raise ValueError(f"`logit_v` must be a non-empty 1-D tensor; got {tuple(logit_v.shape)}")
     pos = F.softplus(-logit_v).sum()                      # -log C = -log sigmoid(logit)
     neg = ((1 - z_m) * F.softplus(logit_m)).sum()         # -log(1 - C)
-    return (pos + (n_pairs / logit_m.numel()) * neg) / n_pairs
+    return (pos + (n_pairs / logit_m.numel()) * neg) / logit_v.numel()
 
 
 def imputation_calibration_loss(logit_v: Tensor, r_v: Tensor, w_v: Tensor) -> Tensor:

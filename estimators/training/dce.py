@@ -107,7 +107,8 @@ def fit_propensity_calibration(propensities: Tensor, users_v: Tensor, items_v: T
     device = propensities.device
     s = _logit(propensities)
     features = user_logit_moments(s)
-    experts = CalibrationExperts(features.shape[1], config.n_experts).to(device)
+    # b_k around log(rho): C = rho * p_hat at small p_hat, so p_bar = C / rho starts at the uncalibrated p_hat
+    experts = CalibrationExperts(features.shape[1], config.n_experts, bias=math.log(rho)).to(device)
     n_v = users_v.numel()
     m = config.negatives * n_v
     pairs_m = torch.randint(n_users * n_items, (m,), generator=generator, device=device)
