@@ -25,6 +25,13 @@ targeted error ``e_hat + eps_hat h`` for ``e_hat``; with ``eps_hat`` held fixed 
 step the two differ by ``eps_hat (sum_U h - sum_B h) / |U|``, constant in the prediction model, so
 the prediction gradients are DR-JL's and the targeting acts through the imputation model only.
 
+DCE-TDR (Kweon and Yu, WWW 2024, on TDR) is TDR-CL's pair of entries with :attr:`Method.calibration`:
+its runs hold out 10 % of each user's clicked training pairs, fit calibration experts for the
+propensity model (on the clicks) and the imputation model (on the held-out conversions) and train
+the prediction step on the calibrated propensities and imputed errors
+(:mod:`estimators.calibration`, :mod:`estimators.training.dce`); the calibrators' settings are the
+keys ``CALIBRATION_KEYS``.  The same reading of TDR as TDR-CL's, not a second one.
+
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """

@@ -55,6 +55,12 @@
    logits to |x_t| ~ 900.  DR-JL's tuned values there keep G = 1 and shrink the imputation MF
    with a large ``imp_weight_decay`` (KuaiRec 0.4, Yahoo! R3 0.3), which random search over the
    paper's ranges rarely drew.
+   DCE-TDR (:attr:`reproduce.methods.Method.calibration`) first holds out :data:`DCE_HOLDOUT` of
+   each user's clicked training pairs (:func:`calibration_split`, drawn by the seed): steps 2-3 see
+   only the other pairs; between them the propensity model's calibrator is fitted on the held-out
+   clicks and clips to ``[gamma, 1]`` in place of ``p_hat``, and :class:`estimators.training.DCELearner`
+   calibrates the imputation model on the held-out conversions after every epoch
+   (:mod:`estimators.training.dce`).
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
 
 The propensity-free methods (:attr:`reproduce.methods.Method.propensity_free`: CVIB, DIB, DAMF)
