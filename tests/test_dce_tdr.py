@@ -251,6 +251,15 @@ def test_unclicked_labels_are_never_read():
     assert all(bool(torch.isfinite(q).all()) for q in learner.imp_experts.parameters())
 
 
+def test_gate_features_are_the_imputation_logits_moments():
+    p, clicks, users, items, labels = _synthetic()
+    learner, _ = _learner(p.clamp(0.05, 1), users, items, labels)
+    uu, ii = torch.meshgrid(torch.arange(30), torch.arange(40), indexing="ij")
+    with torch.no_grad():
+        table = learner.imputation(uu.reshape(-1), ii.reshape(-1)).reshape(30, 40)
+    torch.testing.assert_close(learner.imp_features, user_logit_moments(table), rtol=1e-5, atol=1e-5)
+
+
 def test_identity_calibrators_give_tdr_cl_s_step():
     """With the imputation calibrator at the identity (one expert, a = 1, b = 0), a DCE step is the
     TDR-CL step (DR estimator + tdr_cl imputation loss) of JointLearner on the same propensities."""

@@ -40,6 +40,7 @@ from ..calibration import (CalibrationExperts, calibrated_propensity, imputation
                            propensity_calibration_loss, user_logit_moments)
 from .joint import JointConfig, JointLearner
 from .losses import prediction_loss
+from .models import MF
 
 
 def _positive_int(value, name: str) -> None:
@@ -167,7 +168,9 @@ class DCELearner(JointLearner):
     @torch.no_grad()
     def _imputation_features(self) -> Tensor:
         """The imputation calibrator's gate input (C1): the moments of each user's imputation logits
-        over all items, computed row block by row block."""
+        over all items: ``U V^T`` for the MF model, else the model on every pair, by blocks of users."""
+        if type(self.imputation) is MF:
+            return user_logit_moments(self.imputation.user.weight @ self.imputation.item.weight.T)
         items = torch.arange(self.n_items, device=self.device)
         rows = []
         block = max(1, (1 << 22) // self.n_items)
