@@ -94,7 +94,8 @@ def test_gate_with_gumbel_and_temperature_matches_numpy():
 def test_identity_calibrator_and_extreme_logits():
     s = torch.tensor([-800.0, -30.0, 0.0, 30.0, 800.0], dtype=torch.float64)
     one = torch.zeros(5, 1, dtype=torch.float64)
-    out = calibrated_logit(s, gate_log_probs(one), torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    unit, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    out = calibrated_logit(s, gate_log_probs(one), unit, zero)
     np.testing.assert_allclose(out.numpy(), s.numpy(), rtol=1e-12)
     ex = CalibrationExperts(1, 3).double()
     x = ex(s, torch.randn(5, 1, dtype=torch.float64))
