@@ -109,6 +109,10 @@ PARAM_RULES: dict[str, Any] = {
     # StableDR's cycle learning (reproduce.methods.CYCLE_KEYS): eta >= 0, the propensity's Adam
     "cycle_eta": (0.0, math.inf, False), "cycle_prop_lr": (0.0, math.inf, True),
     "cycle_prop_weight_decay": (0.0, math.inf, False),
+    # DCE's calibrators (reproduce.methods.CALIBRATION_KEYS, estimators.training.DCEConfig)
+    "dce_experts": "int", "dce_propcal_lr": (0.0, math.inf, True), "dce_propcal_weight_decay": (0.0, math.inf, False),
+    "dce_impcal_lr": (0.0, math.inf, True), "dce_impcal_weight_decay": (0.0, math.inf, False),
+    "dce_impcal_steps": "int",
 }
 
 

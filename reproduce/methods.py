@@ -32,6 +32,13 @@ StableDR (Li, Zheng, Wu, ICLR 2023) is a method of the first family trained by c
 indicators and the imputed errors (:func:`estimators.stabledr.stabledr_propensity_loss`), with its
 own keys :data:`CYCLE_KEYS`.
 
+DCE-TDR (Kweon and Yu, WWW 2024, on TDR) is TDR-CL's pair of entries with :attr:`Method.calibration`:
+its runs hold out 10 % of each user's clicked training pairs, fit calibration experts for the
+propensity model (on the clicks) and the imputation model (on the held-out conversions) and train
+the prediction step on the calibrated propensities and imputed errors
+(:mod:`estimators.calibration`, :mod:`estimators.training.dce`); the calibrators' settings are the
+keys ``CALIBRATION_KEYS``.  The same reading of TDR as TDR-CL's, not a second one.
+
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """
@@ -56,6 +63,12 @@ PROPENSITY_KEYS = ("prop_batch_size", "prop_lr", "prop_weight_decay")
 #: Cycle learning's keys (:attr:`Method.cycle`; :class:`estimators.training.CycleConfig`): SDR-prop's
 #: balancing weight eta (sum form) and the Adam settings of the propensity model while it keeps learning.
 CYCLE_KEYS = ("cycle_eta", "cycle_prop_lr", "cycle_prop_weight_decay")
+#: DCE's calibrators (:mod:`estimators.calibration`, :class:`estimators.training.DCEConfig`): the number
+#: of experts K of both, the propensity calibrator's Adam (fitted once, 200 full-batch steps), the
+#: imputation calibrator's Adam and its full-batch steps after every epoch.  The held-out share of the
+#: clicked pairs (0.1) and the uniform pairs per held-out pair (10) are fixed (the public code's values).
+CALIBRATION_KEYS = ("dce_experts", "dce_propcal_lr", "dce_propcal_weight_decay", "dce_impcal_lr",
+                    "dce_impcal_weight_decay", "dce_impcal_steps")
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class Method:
     propensity_free: Optional[str] = None  # an estimators.registry.PROPENSITY_FREE name: model and objective
     propensity_adjustment: Optional[str] = None  # an estimators.registry.PROPENSITY_ADJUSTMENTS name
     cycle: bool = False  # StableDR's cycle learning: the propensity model keeps learning (CYCLE_KEYS)
+    calibration: bool = False  # DCE's calibration experts (estimators.calibration): CALIBRATION_KEYS
 
     def __post_init__(self) -> None:
         if self.cycle and (self.estimator is None or not get_estimator(self.estimator).uses_propensity
@@ -89,6 +103,9 @@ class Method:
             raise ValueError(f"method {self.name!r}: cycle learning updates the propensity model from imputed errors; "
                              "it needs an estimator that reads propensities, an imputation loss and no propensity "
                              "adjustment")
+        if self.calibration and (self.estimator is None or not get_estimator(self.estimator).needs_imputation):
+            raise ValueError(f"method {self.name!r}: DCE's calibration needs an estimator with an imputation model "
+                             "(it calibrates the propensity and the imputation model)")
         if self.propensity_adjustment is not None:
             get_propensity_adjustment(self.propensity_adjustment)
             if self.estimator is None or not get_estimator(self.estimator).uses_propensity:
@@ -159,9 +176,11 @@ class Method:
     def data_parallel(self) -> bool:
         """Whether a run can be spread over ``torchrun``'s ranks: the plain joint learner's methods
         (:mod:`estimators.distributed` takes their normalisers over the global batch).  The methods
-        that train other models or schedules (entire-space, propensity-free, cycle learning) have no
+        that train other models or schedules (entire-space, propensity-free, cycle learning, DCE's
+        calibrators) have no
         data-parallel path yet."""
-        return self.entire_space is None and self.propensity_free is None and not self.cycle
+        return (self.entire_space is None and self.propensity_free is None and not self.cycle
+                and not self.calibration)
 
     @property
     def uses_propensity(self) -> bool:
@@ -189,6 +208,8 @@ class Method:
         spec = self.imputation_spec
         if spec is not None:
             keys += _IMP + spec.params
+        if self.calibration:
+            keys += CALIBRATION_KEYS
         return keys + tuple(self.adjustment_keys) + (CYCLE_KEYS if self.cycle else ())
 
     @property
@@ -198,9 +219,9 @@ class Method:
 
 
 def _m(name, label, estimator, imputation_loss, table3_row, description,
-       propensity_adjustment: Optional[str] = None) -> Method:
+       propensity_adjustment: Optional[str] = None, calibration: bool = False) -> Method:
     return Method(name, label, estimator, imputation_loss, table3_row, description,
-                  propensity_adjustment=propensity_adjustment)
+                  propensity_adjustment=propensity_adjustment, calibration=calibration)
 
 
 def _pf(name, label, table3_row, description) -> Method:
@@ -235,6 +256,12 @@ for _method in (
     Method("stabledr", "StableDR", "stabledr", "dr", "StableDR", "stabilised DR (Li et al. 2023; our reconstruction): "
            "SNIPS-type prediction step, DR-JL's imputation loss (eq. 6), propensity updated every step by the "
            "balancing loss (cycle learning), from clicks only", cycle=True),
+    # DCE-TDR: TDR-CL's estimator and imputation loss (the toolkit's one reading of TDR, above) on DCE's
+    # calibrated propensity p_bar, with DCE's calibrated imputed errors in the prediction step; trained on
+    # 90 % of each user's clicked pairs, the other 10 % calibrate (estimators.training.dce).
+    _m("dce_tdr", "DCE-TDR", "dr", "tdr_cl", "DCE-TDR", "doubly calibrated TDR (Kweon and Yu 2024 on Li et al. 2023; "
+       "our reconstruction): calibration experts for the propensity (clicks of held-out clicked pairs) and the "
+       "imputation model (their conversions), TDR-CL's DR step and targeted imputation loss", calibration=True),
     _m("badr", "BADR", "badr", "badr", "BADR", "BADR estimator (eq. 13) + BADR imputation loss, published variant"),
     _m("badr_dr", "BADR w/o BADR imp. loss", "badr", "dr", None, "Fig. 1(a): BADR estimator + DR imputation loss"),
     _m("badr_v", "BADR-V", "badr", "mrdr", None, "Fig. 1(b): BADR estimator + MRDR imputation loss"),
@@ -296,6 +323,14 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "cycle_eta": (0.1, 1e4, "log"),
     "cycle_prop_lr": (1e-4, 1e-1, "log"),
     "cycle_prop_weight_decay": (1e-7, 1.0, "log"),
+    # DCE's calibrators (CALIBRATION_KEYS): ranges unpublished; around the public DCE-DR code's tuned values
+    # (K 5 on Coat, 20 on Yahoo! R3 and KuaiRec; calibrator lr 0.01-0.08, weight decay 6e-4-0.06, 10-20 steps)
+    "dce_experts": (2, 20, "int"),
+    "dce_propcal_lr": (1e-3, 1e-1, "log"),
+    "dce_propcal_weight_decay": (1e-4, 1e-1, "log"),
+    "dce_impcal_lr": (1e-3, 1e-1, "log"),
+    "dce_impcal_weight_decay": (1e-4, 1e-1, "log"),
+    "dce_impcal_steps": (5, 50, "int"),
 }
 #: Propensity keys searched by ``tune --propensity``; the batch size stays the config's.
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")

@@ -59,6 +59,12 @@
    (:class:`estimators.training.CycleLearner`): its propensity model starts from the UNCLIPPED
    table of step 2 (fitted or cached alike) and keeps learning, every step, from the click matrix
    and the imputed errors (never a label); every propensity that weighs is clipped at ``gamma``.
+   DCE-TDR (:attr:`reproduce.methods.Method.calibration`) first holds out :data:`DCE_HOLDOUT` of
+   each user's clicked training pairs (:func:`calibration_split`, drawn by the seed): steps 2-3 see
+   only the other pairs; between them the propensity model's calibrator is fitted on the held-out
+   clicks and clips to ``[gamma, 1]`` in place of ``p_hat``, and :class:`estimators.training.DCELearner`
+   calibrates the imputation model on the held-out conversions after every epoch
+   (:mod:`estimators.training.dce`).
 4. Evaluation of the final model on the test (or, for tuning, the validation) pairs.
 
 The propensity-free methods (:attr:`reproduce.methods.Method.propensity_free`: CVIB, DIB, DAMF)
@@ -81,6 +87,7 @@ drive nothing).  The loss on the test pairs per epoch is recorded only when aske
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -95,8 +102,10 @@ import torch
 
 from cvrdata import CVRData
 from estimators import backend
-from estimators.training import (CycleConfig, CycleLearner, Diverged, EpochStats, JointConfig, JointLearner,
-                                 PropensityFreeConfig, PropensityFreeLearner, PropensityModel, fit, fit_propensity,
+from estimators.calibration import holdout_clicked
+from estimators.training import (CycleConfig, CycleLearner, DCEConfig, DCELearner, Diverged, EpochStats,
+                                 JointConfig, JointLearner, PropensityFreeConfig, PropensityFreeLearner,
+                                 PropensityModel, fit, fit_propensity, fit_propensity_calibration,
                                  propensity_table)
 
 from .config import Config
@@ -311,6 +320,24 @@ def final_val_auc(learner: Any, data: CVRData, split: str, metrics: dict[str, fl
     return auc(_scores(learner, data.x_val).numpy(), data.y_val)
 
 
+#: DCE's calibration split (:attr:`reproduce.methods.Method.calibration`): the share of each user's
+#: clicked training pairs held out to calibrate (the public DCE code's 10 %).
+DCE_HOLDOUT = 0.1
+
+
+def calibration_split(data: CVRData, seed: int) -> tuple[CVRData, tuple[np.ndarray, np.ndarray], float]:
+    """DCE's protocol: ``data`` with :data:`DCE_HOLDOUT` of each user's clicked training pairs held out
+    (:func:`estimators.calibration.holdout_clicked`, drawn by its own generator seeded with ``seed``, so
+    the split is fixed by the seed and leaves the run's draws alone), the held-out pairs and labels
+    ``(x_v, y_v)``, and their share ``rho`` of the clicked pairs.  Only training pairs move: the
+    validation and test splits are untouched and never read here."""
+    x, y = data.x_train, data.y_train
+    held = holdout_clicked(torch.from_numpy(np.ascontiguousarray(x[:, 0])).long(), DCE_HOLDOUT,
+                           torch.Generator().manual_seed(seed)).numpy()
+    fit_data = dataclasses.replace(data, x_train=x[~held], y_train=y[~held])
+    return fit_data, (x[held], y[held]), float(held.mean())
+
+
 def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], seed: int, *,
             max_epochs: Optional[int] = None, split: str = "test", label: str = "", show_progress: bool = True,
             propensity_cache: Optional[PropensityCache] = None, device: str | torch.device = "cpu",
@@ -344,16 +371,26 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     generator = torch.Generator(device).manual_seed(seed)
     progress = Progress(label or f"{data.name} {method.name} seed {seed}", max_epochs) if show_progress else None
     rows: list[dict[str, Any]] = []
+    train_data = data
+    if method.calibration:  # DCE: 10 % of each user's clicked pairs calibrate, the rest train
+        train_data, (x_v, y_v), rho = calibration_split(data, seed)
+        dce = DCEConfig(n_experts=int(params["dce_experts"]), propcal_lr=params["dce_propcal_lr"],
+                        propcal_weight_decay=params["dce_propcal_weight_decay"], impcal_lr=params["dce_impcal_lr"],
+                        impcal_weight_decay=params["dce_impcal_weight_decay"],
+                        impcal_steps=int(params["dce_impcal_steps"]))
+        xv = torch.from_numpy(x_v).to(device)
+        calibration = (xv[:, 0].contiguous(), xv[:, 1].contiguous(), torch.from_numpy(y_v).to(device))
 
     prop_epochs, cached = 0, False
     if method.uses_propensity:
         if not 0.0 < params["gamma"] <= 1.0:
             raise ValueError(f"gamma (propensity clipping floor) must lie in (0, 1]; got {params['gamma']}")
-        key = None if propensity_cache is None else propensity_cache.key(data, cfg, params, seed, device)
+        key = None if propensity_cache is None else propensity_cache.key(train_data, cfg, params, seed, device)
         hit = None if key is None else propensity_cache.load(key, generator, (data.n_users, data.n_items), device)
         if hit is None:
             try:
-                p_hat, prop_epochs, prop_losses = fit_propensities(data, cfg, params, generator, progress, device)
+                p_hat, prop_epochs, prop_losses = fit_propensities(train_data, cfg, params, generator, progress,
+                                                                   device)
             except Diverged as exc:
                 raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
             if key is not None:
@@ -363,6 +400,9 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         rows += [{"stage": "propensity", "epoch": e, "propensity_loss": loss}
                  for e, loss in enumerate(prop_losses, start=1)]
         p_fitted = p_hat  # unclipped: cycle learning (StableDR) starts its propensity model from it
+        if method.calibration:  # DCE (C3): p_bar = clip(C / rho, gamma, 1) from the held-out clicks
+            p_hat = fit_propensity_calibration(p_hat, calibration[0], calibration[1], rho, params["gamma"], dce,
+                                               generator)[0]
         p_hat = p_hat.clamp(params["gamma"], 1.0)
         adjustment = method.propensity_adjustment_spec
         if adjustment is not None:  # D-DR: f(p_hat)^alpha of the clipped table, eqs. (2), (5)
@@ -387,12 +427,14 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         if method.cycle:  # StableDR: the propensity model keeps learning, from the click matrix only
             ccfg = CycleConfig(eta=params["cycle_eta"], prop_lr=params["cycle_prop_lr"],
                                prop_weight_decay=params["cycle_prop_weight_decay"], gamma=params["gamma"])
-            learner = CycleLearner(p_fitted, torch.from_numpy(data.click_matrix()).to(device), jcfg, ccfg,
+            learner = CycleLearner(p_fitted, torch.from_numpy(train_data.click_matrix()).to(device), jcfg, ccfg,
                                    generator=generator)
+        elif method.calibration:
+            learner = DCELearner(p_hat, jcfg, dce, calibration, generator=generator)
         else:
             learner = JointLearner(p_hat, jcfg, generator=generator)
-    x = torch.from_numpy(data.x_train).to(device)
-    users, items, r = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(data.y_train).to(device)
+    x = torch.from_numpy(train_data.x_train).to(device)
+    users, items, r = x[:, 0].contiguous(), x[:, 1].contiguous(), torch.from_numpy(train_data.y_train).to(device)
 
     def on_epoch(stats: EpochStats) -> None:
         if progress is not None:

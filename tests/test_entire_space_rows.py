@@ -54,7 +54,7 @@ SIGNATURES = {
 
 
 #: Rows of the joint-learning family added after the signatures were taken (tests/test_tdr_cl.py).
-ADDED_SINCE = frozenset({"tdr_cl", "stabledr"})
+ADDED_SINCE = frozenset({"tdr_cl", "stabledr", "dce_tdr"})  # tests/test_stabledr.py, tests/test_dce_tdr.py
 
 
 def test_existing_signatures_unchanged():

@@ -2,6 +2,7 @@
 its epoch loop.  It reads the maths of :mod:`estimators` (the registry, the step forms) and reaches
 the compiled kernels only through :mod:`estimators._ext`."""
 from .cycle import AdditivePropensity, CycleConfig, CycleLearner
+from .dce import DCEConfig, DCELearner, fit_propensity_calibration
 from .early_stopping import EarlyStopping
 from .fit import Diverged, EpochStats, fit
 from .gather import gather_dot
@@ -16,7 +17,7 @@ from .propensity import PROPENSITY_LOSSES, fit_propensity, propensity_table
 from .propensity_free import PropensityFreeConfig, PropensityFreeLearner, PropensityFreeModel
 
 __all__ = [
-    "EarlyStopping", "Diverged", "EpochStats", "fit", "gather_dot", "SAMPLINGS", "JointConfig", "JointLearner",
+    "DCEConfig", "DCELearner", "fit_propensity_calibration", "EarlyStopping", "Diverged", "EpochStats", "fit", "gather_dot", "SAMPLINGS", "JointConfig", "JointLearner",
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
     "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "TDRCLImputationLoss",
     "BADRImputationLoss",

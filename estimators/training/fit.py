@@ -93,6 +93,9 @@ def fit(learner: JointLearner, users: Tensor, items: Tensor, r: Tensor, *, batch
                 monitor += out["monitor"]
                 pred_sum += out["prediction_loss"]
                 imp_sum += out.get("imputation_loss", 0.0)
+            end_epoch = getattr(learner, "end_epoch", None)  # a learner's per-epoch stage (DCE's calibration)
+            if end_epoch is not None:
+                end_epoch()
         except RuntimeError as exc:  # NaN logits reach the clamped cross-entropy's [0, 1] check
             if "between 0 and 1" not in str(exc):
                 raise

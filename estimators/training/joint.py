@@ -306,6 +306,10 @@ class JointLearner:
         self._position += n
         return pairs // self.n_items, pairs % self.n_items
 
+    def end_epoch(self) -> None:
+        """Called by :func:`~estimators.training.fit.fit` after each epoch's steps; nothing here (a
+        subclass's per-epoch stage: DCE's imputation calibration)."""
+
     # ---- one step -----------------------------------------------------------------------------
     def check_batch(self, users: Tensor, items: Tensor, r: Tensor) -> None:
         """Raise ``ValueError`` unless ``(users, items, r)`` is a clicked batch :meth:`step` takes:
