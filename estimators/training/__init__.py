@@ -4,6 +4,7 @@ the compiled kernels only through :mod:`estimators._ext`."""
 from .early_stopping import EarlyStopping
 from .fit import Diverged, EpochStats, fit
 from .gather import gather_dot
+from .gpl import GPL_SCHEDULE, GPLTrainer
 from .joint import SAMPLINGS, JointConfig, JointLearner
 from .losses import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
                      DRMSEImputationLoss, EIBLoss, EntireSpaceLoss, ESCM2Loss, ESMMLoss, ImputationLoss, IPSLoss,
@@ -22,5 +23,5 @@ __all__ = [
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
     "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
-    "PropensityFreeConfig", "PropensityFreeLearner", "PropensityFreeModel",
+    "PropensityFreeConfig", "PropensityFreeLearner", "PropensityFreeModel", "GPLTrainer", "GPL_SCHEDULE",
 ]
