@@ -2,7 +2,9 @@
 propensity fit and joint learning), with the method's ``gpl_*`` keys
 (:attr:`reproduce.methods.Method.propensity_objective_keys`); the training itself is
 :class:`estimators.training.GPLTrainer`.  The rounds read the labels of the clicked training pairs
-only and stop on the training monitor (no validation or test label)."""
+only and stop on the training monitor (no validation or test label).  ``max_epochs`` (the config's,
+or ``--max-epochs``) caps round 0's joint learning; the rounds add at most ``gpl_rounds *
+gpl_joint_epochs`` epochs, reported in the run's ``epochs``."""
 from __future__ import annotations
 
 import dataclasses
