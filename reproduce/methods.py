@@ -242,7 +242,7 @@ for _method in (
     _m("dr_mse_gpl", "DR-MSE-GPL", "dr", "dr_mse", "DR-MSE-GPL", "DR-MSE whose propensity model is refitted in "
        "rounds on GPL's loss, + lambda [beta Bias + (1 - beta) Var] of the DR estimator (eqs. 11-12; Var over "
        "|D|^2, GPL eq. 28 corrected)", propensity_objective="gpl"),
-    _m("dr_mse_gpl_published", "DR-MSE-GPL (Var/|B|^2)", "dr", "dr_mse", None, "extra row: DR-MSE-GPL with eq. 12's "
+    _m("dr_mse_gpl_published", "DR-MSE-GPL (published Var)", "dr", "dr_mse", None, "extra row: DR-MSE-GPL with eq. 12's "
        "variance term over |B|^2 per batch, as the published GPL code", propensity_objective="gpl_published"),
     _m("badr", "BADR", "badr", "badr", "BADR", "BADR estimator (eq. 13) + BADR imputation loss, published variant"),
     _m("badr_dr", "BADR w/o BADR imp. loss", "badr", "dr", None, "Fig. 1(a): BADR estimator + DR imputation loss"),
