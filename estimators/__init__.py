@@ -5,7 +5,8 @@ imputation-model losses (eqs. 6, 8, 9, 10, 32), their joint-learning step forms
 (:mod:`estimators.joint_loss`), the entire-space losses (:mod:`estimators.multitask`: ESMM,
 ESCM2-IPS / -DR / -BADR, Multi-IPS / Multi-DR, DDPO), the propensity-free losses
 (:mod:`estimators.propensity_free`: CVIB, DIB, DAMF), the propensity adjustments
-(:mod:`estimators.adjustment`: D-DR's f(p_hat)^alpha), the closed-form theory (:mod:`estimators.theory`) and the one registry that names them all
+(:mod:`estimators.adjustment`: D-DR's f(p_hat)^alpha), GPL's propensity loss
+(:mod:`estimators.propensity_loss`, eqs. 11-12), the closed-form theory (:mod:`estimators.theory`) and the one registry that names them all
 (:mod:`estimators.registry`).  Above it, the training layer (:mod:`estimators.training`: models,
 training losses as functions and modules, the propensity fit, the joint learner).  The compiled
 kernels are reached only through :mod:`estimators._ext`.  See README.md for the contract shared
@@ -19,10 +20,12 @@ from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imput
 from .loss import badr, dr, eib, ips, naive, snips
 from .multitask import ddpo_loss, escm2_loss, esmm_loss, multi_dr_loss, multi_ips_loss
 from .propensity_free import cvib_loss, damf_loss, dib_loss
+from .propensity_loss import gpl_propensity_loss
 from .registry import (ENTIRE_SPACE, ESTIMATORS, IMPUTATION_LOSSES, PROPENSITY_ADJUSTMENTS, PROPENSITY_FREE,
-                       EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, PropensityAdjustmentSpec, PropensityFreeSpec,
-                       register_entire_space, register_estimator, register_imputation_loss,
-                       register_propensity_adjustment, register_propensity_free)
+                       PROPENSITY_OBJECTIVES, EntireSpaceSpec, EstimatorSpec, ImputationLossSpec,
+                       PropensityAdjustmentSpec, PropensityFreeSpec, PropensityObjectiveSpec, register_entire_space,
+                       register_estimator, register_imputation_loss, register_propensity_adjustment,
+                       register_propensity_free, register_propensity_objective)
 from .training import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
                        DRMSEImputationLoss, EIBLoss, EntireSpaceLoss, EntireSpaceMF, ESCM2, ESCM2Loss, ESMMLoss, MF,
                        MMoE, EpochStats, ImputationLoss, IPSLoss, JointConfig, JointLearner, MRDRImputationLoss,
@@ -41,7 +44,8 @@ __all__ = [
     "ESTIMATORS", "IMPUTATION_LOSSES", "ENTIRE_SPACE", "PROPENSITY_FREE", "EstimatorSpec", "ImputationLossSpec",
     "EntireSpaceSpec", "PropensityFreeSpec", "register_estimator", "register_imputation_loss",
     "register_entire_space", "register_propensity_free", "backend", "PROPENSITY_ADJUSTMENTS",
-    "PropensityAdjustmentSpec", "register_propensity_adjustment",
+    "PropensityAdjustmentSpec", "register_propensity_adjustment", "gpl_propensity_loss", "PROPENSITY_OBJECTIVES",
+    "PropensityObjectiveSpec", "register_propensity_objective",
     # training
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",

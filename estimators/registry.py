@@ -29,6 +29,11 @@ A fourth, :data:`PROPENSITY_ADJUSTMENTS`, lists functions of the learned propens
 method applies to the clipped propensity table before training (:mod:`estimators.adjustment`:
 D-DR's ``f(p_hat)^alpha``); each entry names its scalar parameters with their defaults.
 
+A fifth, :data:`PROPENSITY_OBJECTIVES`, lists losses of the propensity model that read the CVR
+models' DR residuals (:mod:`estimators.propensity_loss`: GPL's eq. 11, in the corrected and the
+published normalisation of its variance term); a method naming one refits its propensity model
+between rounds of joint learning (:mod:`estimators.training.gpl`).
+
 A new estimator is one :func:`register_estimator` call with its two functions (see
 ``tests/test_registry.py``, which registers and trains a toy one).
 """
@@ -48,6 +53,7 @@ from .imputation import (badr_imputation_loss, dr_bias_imputation_loss, dr_imput
 from .loss import badr, dr, eib, ips, naive, snips
 from .multitask import ddpo_loss, escm2_loss, esmm_loss, multi_dr_loss, multi_ips_loss
 from .propensity_free import cvib_loss, damf_loss, dib_loss
+from .propensity_loss import VAR_NORMS, gpl_propensity_loss
 from .stabledr import stabledr, stabledr_step
 
 #: The arguments an entry's function may read, in the order it takes them.
@@ -252,6 +258,37 @@ class PropensityAdjustmentSpec:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
 
+@dataclass(frozen=True)
+class PropensityObjectiveSpec:
+    """A loss of the propensity model that reads the DR residuals ``delta = e - e_hat`` of the
+    current prediction and imputation models (GPL, BADR eq. 11).
+
+    ``function(x, o, delta, *, var_norm, eps, base, **params)`` is the batch loss from propensity
+    logits (:func:`estimators.propensity_loss.gpl_propensity_loss`); ``var_norm`` names how its
+    variance term is normalised (:data:`estimators.propensity_loss.VAR_NORMS`: ``"paper"`` divides by
+    ``|D|^2``, ``"published"`` by ``|B|^2`` per batch).  ``params``: its scalar parameters (the
+    function's keyword names: ``lam`` is eq. 11's lambda) with their defaults (the GPL code's); a
+    method's config keys for them are ``<prefix>_<param>`` (``gpl_lam``, ``gpl_beta``), one prefix for
+    the variants of one objective.
+    """
+
+    name: str
+    equation: str
+    description: str
+    function: Callable[..., Tensor]
+    var_norm: str
+    prefix: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or not self.prefix.isidentifier():
+            raise ValueError(f"registry names and prefixes are identifiers (they name config keys); got "
+                             f"{self.name!r}, {self.prefix!r}")
+        if self.var_norm not in VAR_NORMS:
+            raise ValueError(f"{self.name!r}: `var_norm` must be one of {VAR_NORMS}; got {self.var_norm!r}")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+
 Entry = TypeVar("Entry")
 
 
@@ -287,6 +324,8 @@ ENTIRE_SPACE: Registry[EntireSpaceSpec] = Registry("entire-space objective")
 PROPENSITY_FREE: Registry[PropensityFreeSpec] = Registry("propensity-free objective")
 #: Adjustments of the learned propensities, by name.
 PROPENSITY_ADJUSTMENTS: Registry[PropensityAdjustmentSpec] = Registry("propensity adjustment")
+#: Losses of the propensity model that read the CVR models' residuals, by name.
+PROPENSITY_OBJECTIVES: Registry[PropensityObjectiveSpec] = Registry("propensity objective")
 
 
 def register_estimator(entry: EstimatorSpec) -> EstimatorSpec:
@@ -314,6 +353,11 @@ def register_propensity_adjustment(entry: PropensityAdjustmentSpec) -> Propensit
     return PROPENSITY_ADJUSTMENTS.register(entry)
 
 
+def register_propensity_objective(entry: PropensityObjectiveSpec) -> PropensityObjectiveSpec:
+    """Add ``entry`` to :data:`PROPENSITY_OBJECTIVES` (a name can be registered once)."""
+    return PROPENSITY_OBJECTIVES.register(entry)
+
+
 def get_estimator(name: str) -> EstimatorSpec:
     """The entry of estimator ``name``; ``ValueError`` listing the registered names."""
     return ESTIMATORS.entry(name)
@@ -337,6 +381,11 @@ def get_propensity_free(name: str) -> PropensityFreeSpec:
 def get_propensity_adjustment(name: str) -> PropensityAdjustmentSpec:
     """The entry of propensity adjustment ``name``; ``ValueError`` listing the registered names."""
     return PROPENSITY_ADJUSTMENTS.entry(name)
+
+
+def get_propensity_objective(name: str) -> PropensityObjectiveSpec:
+    """The entry of propensity objective ``name``; ``ValueError`` listing the registered names."""
+    return PROPENSITY_OBJECTIVES.entry(name)
 
 
 for _entry in (
@@ -418,4 +467,16 @@ for _entry in (
 register_propensity_adjustment(PropensityAdjustmentSpec(
     "ddr", "Ha et al. 2024 eqs. (2), (5)", "D-DR: p_hat -> f(p_hat)^alpha, f(p) = log(1 + p) / log 2, alpha per pair "
     "in closed form with w = w2 / w1", ddr_propensity, {"w": 0.1}))
+
+# GPL (Zhou et al., CIKM 2023): defaults lambda = beta = 0.7, the authors' code's.
+_GPL = {"lam": 0.7, "beta": 0.7}
+for _entry in (
+    PropensityObjectiveSpec("gpl", "BADR eqs. (11)-(12); GPL eq. (28) with its authors' correction, Var over |D|^2",
+                            "GPL: propensity loss + lambda [beta Bias_hat + (1 - beta) Var_hat] of the DR estimator",
+                            gpl_propensity_loss, "paper", "gpl", _GPL),
+    PropensityObjectiveSpec("gpl_published", "BADR eqs. (11)-(12), Var over |B|^2 per batch (the GPL code)",
+                            "GPL as the published code normalises its variance term (per mini-batch)",
+                            gpl_propensity_loss, "published", "gpl", _GPL),
+):
+    register_propensity_objective(_entry)
 del _entry

@@ -113,6 +113,9 @@ PARAM_RULES: dict[str, Any] = {
     "dce_experts": "int", "dce_propcal_lr": (0.0, math.inf, True), "dce_propcal_weight_decay": (0.0, math.inf, False),
     "dce_impcal_lr": (0.0, math.inf, True), "dce_impcal_weight_decay": (0.0, math.inf, False),
     "dce_impcal_steps": "int",
+    # the propensity objectives' parameters and rounds (estimators.registry.PROPENSITY_OBJECTIVES), prefixed: GPL's
+    "gpl_lam": (0.0, math.inf, False), "gpl_beta": (0.0, 1.0, False), "gpl_rounds": "int",
+    "gpl_prop_epochs": "int", "gpl_joint_epochs": "int",
 }
 
 
@@ -249,6 +252,8 @@ def run_signature(cfg: Config, method: Method, params: Mapping[str, Any], max_ep
             else [method.estimator, method.imputation_loss])
     if method.propensity_adjustment is not None:  # absent otherwise: the earlier methods' signatures stay
         what = what + [method.propensity_adjustment]
+    if method.propensity_objective is not None:  # likewise
+        what = what + [method.propensity_objective]
     blob = {"fixed": fixed, "options": cfg.run_options(method), "method": what, "params": dict(params),
             "max_epochs": max_epochs}
     if extra:

@@ -39,6 +39,15 @@ the prediction step on the calibrated propensities and imputed errors
 (:mod:`estimators.calibration`, :mod:`estimators.training.dce`); the calibrators' settings are the
 keys ``CALIBRATION_KEYS``.  The same reading of TDR as TDR-CL's, not a second one.
 
+DR-MSE-GPL (Zhou et al., CIKM 2023) is DR-MSE (estimator ``dr``, imputation loss ``dr_mse``)
+whose propensity model is refitted between rounds of joint learning on a loss that reads the CVR
+models' residuals (:attr:`Method.propensity_objective`, an entry of
+:data:`estimators.registry.PROPENSITY_OBJECTIVES`: GPL's eq. 11; :mod:`estimators.training.gpl`).
+Its keys: the objective's parameters and the rounds' schedule, prefixed ``gpl_``
+(:attr:`Method.propensity_objective_keys`).  ``dr_mse_gpl`` divides eq. 12's variance term by
+``|D|^2`` (GPL eq. 28 as its authors corrected it); ``dr_mse_gpl_published`` by ``|B|^2`` per batch,
+as the published code does (not a Table 3 row).
+
 ``TABLE3_ROWS`` lists every row of the BADR paper's Table 3 in the paper's order; those without
 a registered method are printed as "not implemented".
 """
@@ -48,8 +57,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from estimators.registry import (EntireSpaceSpec, EstimatorSpec, ImputationLossSpec, PropensityAdjustmentSpec,
-                                 PropensityFreeSpec, Registry, get_entire_space, get_estimator, get_imputation_loss,
-                                 get_propensity_adjustment, get_propensity_free)
+                                 PropensityFreeSpec, PropensityObjectiveSpec, Registry, get_entire_space, get_estimator,
+                                 get_imputation_loss, get_propensity_adjustment, get_propensity_free,
+                                 get_propensity_objective)
+from estimators.training.gpl import GPL_SCHEDULE
 
 # Config keys by role.  `lr` / `weight_decay` are the prediction model's Adam settings.
 _PRED = ("lr", "weight_decay")
@@ -97,6 +108,8 @@ class Method:
     cycle: bool = False  # StableDR's cycle learning: the propensity model keeps learning (CYCLE_KEYS)
     calibration: bool = False  # DCE's calibration experts (estimators.calibration): CALIBRATION_KEYS
 
+    propensity_objective: Optional[str] = None  # an estimators.registry.PROPENSITY_OBJECTIVES name (GPL)
+
     def __post_init__(self) -> None:
         if self.cycle and (self.estimator is None or not get_estimator(self.estimator).uses_propensity
                            or self.imputation_loss is None or self.propensity_adjustment is not None):
@@ -106,6 +119,13 @@ class Method:
         if self.calibration and (self.estimator is None or not get_estimator(self.estimator).needs_imputation):
             raise ValueError(f"method {self.name!r}: DCE's calibration needs an estimator with an imputation model "
                              "(it calibrates the propensity and the imputation model)")
+        if self.propensity_objective is not None:
+            get_propensity_objective(self.propensity_objective)
+            if self.estimator is None or not get_estimator(self.estimator).uses_propensity or \
+                    self.imputation_loss is None:
+                raise ValueError(f"method {self.name!r}: a propensity objective ({self.propensity_objective!r}) reads "
+                                 "the DR residual: it needs an estimator that reads propensities and an imputation "
+                                 "loss")
         if self.propensity_adjustment is not None:
             get_propensity_adjustment(self.propensity_adjustment)
             if self.estimator is None or not get_estimator(self.estimator).uses_propensity:
@@ -156,6 +176,19 @@ class Method:
                 else get_propensity_adjustment(self.propensity_adjustment))
 
     @property
+    def propensity_objective_spec(self) -> Optional[PropensityObjectiveSpec]:
+        return (None if self.propensity_objective is None
+                else get_propensity_objective(self.propensity_objective))
+
+    @property
+    def propensity_objective_keys(self) -> dict[str, str]:
+        """The config keys of the propensity objective's parameters and of its rounds' schedule
+        (:data:`estimators.training.gpl.GPL_SCHEDULE`), each prefixed with the objective's prefix
+        (``gpl_lam``, ``gpl_rounds``), mapped to the parameter.  Empty for a method without one."""
+        spec = self.propensity_objective_spec
+        return {} if spec is None else {f"{spec.prefix}_{p}": p for p in (*spec.params, *GPL_SCHEDULE)}
+
+    @property
     def adjustment_keys(self) -> dict[str, str]:
         """The config keys of the propensity adjustment's parameters, each prefixed with the
         adjustment's name (``ddr_w`` for D-DR's ``w``, as :attr:`objective_keys` does), mapped to
@@ -177,10 +210,10 @@ class Method:
         """Whether a run can be spread over ``torchrun``'s ranks: the plain joint learner's methods
         (:mod:`estimators.distributed` takes their normalisers over the global batch).  The methods
         that train other models or schedules (entire-space, propensity-free, cycle learning, DCE's
-        calibrators) have no
+        calibrators, GPL's propensity rounds) have no
         data-parallel path yet."""
         return (self.entire_space is None and self.propensity_free is None and not self.cycle
-                and not self.calibration)
+                and not self.calibration and self.propensity_objective is None)
 
     @property
     def uses_propensity(self) -> bool:
@@ -193,8 +226,9 @@ class Method:
     def keys(self) -> tuple[str, ...]:
         """Config keys this method reads: the prediction model's, the clipping and propensity
         model's where the estimator reads propensities, the imputation model's where it has one, the
-        imputation loss's own parameters (DR-MSE's ``alpha``) and the propensity adjustment's
-        (:attr:`adjustment_keys`), and cycle learning's (:data:`CYCLE_KEYS`).  An entire-space method reads
+        imputation loss's own parameters (DR-MSE's ``alpha``), the propensity adjustment's
+        (:attr:`adjustment_keys`), the propensity objective's (:attr:`propensity_objective_keys`) and
+        cycle learning's (:data:`CYCLE_KEYS`).  An entire-space method reads
         the prediction keys (Adam's, for all its towers) and its objective's parameters; a
         propensity-free one the prediction keys (Adam's, for its whole model), ``G`` where it
         samples pairs U, and its objective's parameters."""
@@ -210,7 +244,8 @@ class Method:
             keys += _IMP + spec.params
         if self.calibration:
             keys += CALIBRATION_KEYS
-        return keys + tuple(self.adjustment_keys) + (CYCLE_KEYS if self.cycle else ())
+        return (keys + tuple(self.adjustment_keys) + tuple(self.propensity_objective_keys)
+                + (CYCLE_KEYS if self.cycle else ()))
 
     @property
     def own_keys(self) -> tuple[str, ...]:
@@ -219,9 +254,11 @@ class Method:
 
 
 def _m(name, label, estimator, imputation_loss, table3_row, description,
-       propensity_adjustment: Optional[str] = None, calibration: bool = False) -> Method:
+       propensity_adjustment: Optional[str] = None, calibration: bool = False,
+       propensity_objective: Optional[str] = None) -> Method:
     return Method(name, label, estimator, imputation_loss, table3_row, description,
-                  propensity_adjustment=propensity_adjustment, calibration=calibration)
+                  propensity_adjustment=propensity_adjustment, calibration=calibration,
+                  propensity_objective=propensity_objective)
 
 
 def _pf(name, label, table3_row, description) -> Method:
@@ -262,6 +299,11 @@ for _method in (
     _m("dce_tdr", "DCE-TDR", "dr", "tdr_cl", "DCE-TDR", "doubly calibrated TDR (Kweon and Yu 2024 on Li et al. 2023; "
        "our reconstruction): calibration experts for the propensity (clicks of held-out clicked pairs) and the "
        "imputation model (their conversions), TDR-CL's DR step and targeted imputation loss", calibration=True),
+    _m("dr_mse_gpl", "DR-MSE-GPL", "dr", "dr_mse", "DR-MSE-GPL", "DR-MSE whose propensity model is refitted in "
+       "rounds on GPL's loss, + lambda [beta Bias + (1 - beta) Var] of the DR estimator (eqs. 11-12; Var over "
+       "|D|^2, GPL eq. 28 corrected)", propensity_objective="gpl"),
+    _m("dr_mse_gpl_published", "DR-MSE-GPL (published Var)", "dr", "dr_mse", None, "extra row: DR-MSE-GPL with eq. 12's "
+       "variance term over |B|^2 per batch, as the published GPL code", propensity_objective="gpl_published"),
     _m("badr", "BADR", "badr", "badr", "BADR", "BADR estimator (eq. 13) + BADR imputation loss, published variant"),
     _m("badr_dr", "BADR w/o BADR imp. loss", "badr", "dr", None, "Fig. 1(a): BADR estimator + DR imputation loss"),
     _m("badr_v", "BADR-V", "badr", "mrdr", None, "Fig. 1(b): BADR estimator + MRDR imputation loss"),
@@ -331,6 +373,16 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "dce_impcal_lr": (1e-3, 1e-1, "log"),
     "dce_impcal_weight_decay": (1e-4, 1e-1, "log"),
     "dce_impcal_steps": (5, 50, "int"),
+    # GPL's propensity objective (estimators.registry.PROPENSITY_OBJECTIVES) and rounds, prefixed.  lambda: log
+    # scale around the GPL code's 0.7 (its range is not published); the toolkit's propensities (all pairs, the
+    # click rate, 2-8 %) make the residual terms ~1/p_hat larger than under the code's 1:4 click sample, hence
+    # the low end.  beta: the whole [0, 1] (code: 0.7).  The schedule (our choice: R <= 10 rounds of
+    # E_p <= 3 propensity and E_c <= 5 joint epochs) keeps a run within ~2x DR-MSE's epochs.
+    "gpl_lam": (1e-4, 10.0, "log"),
+    "gpl_beta": (0.0, 1.0, "linear"),
+    "gpl_rounds": (1, 10, "int"),
+    "gpl_prop_epochs": (1, 3, "int"),
+    "gpl_joint_epochs": (1, 5, "int"),
 }
 #: Propensity keys searched by ``tune --propensity``; the batch size stays the config's.
 TUNED_PROPENSITY_KEYS = ("prop_lr", "prop_weight_decay")

@@ -156,10 +156,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def fit_propensities(data: CVRData, cfg: Config, params: dict[str, Any], generator: torch.Generator,
                      progress: Optional[Progress] = None, device: torch.device = torch.device("cpu"),
-                     ) -> tuple[torch.Tensor, int, list[float]]:
+                     model: Optional[PropensityModel] = None) -> tuple[torch.Tensor, int, list[float]]:
     """Unclipped propensities ``(n_users, n_items)`` of the published LR model, its epoch count and
-    the loss of each epoch."""
-    model = PropensityModel(data.n_users, data.n_items, cfg.dim).to(device)
+    the loss of each epoch.  ``model``: the model to fit (default: a fresh one, created first, as a
+    caller that keeps the model creates it: DR-MSE-GPL refits it in its rounds)."""
+    model = PropensityModel(data.n_users, data.n_items, cfg.dim).to(device) if model is None else model
     clicks = torch.from_numpy(data.click_matrix()).to(device)
     losses: list[float] = []
 
@@ -382,15 +383,20 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         calibration = (xv[:, 0].contiguous(), xv[:, 1].contiguous(), torch.from_numpy(y_v).to(device))
 
     prop_epochs, cached = 0, False
+    # DR-MSE-GPL refits its propensity model after round 0: it keeps the model, so the cache (which
+    # stores tables, not models) does not serve it; its round-0 fit is the DR-MSE row's, draw for draw.
+    prop_model = (PropensityModel(data.n_users, data.n_items, cfg.dim).to(device)
+                  if method.propensity_objective is not None else None)
     if method.uses_propensity:
         if not 0.0 < params["gamma"] <= 1.0:
             raise ValueError(f"gamma (propensity clipping floor) must lie in (0, 1]; got {params['gamma']}")
-        key = None if propensity_cache is None else propensity_cache.key(train_data, cfg, params, seed, device)
+        key = (None if propensity_cache is None or prop_model is not None
+               else propensity_cache.key(train_data, cfg, params, seed, device))
         hit = None if key is None else propensity_cache.load(key, generator, (data.n_users, data.n_items), device)
         if hit is None:
             try:
                 p_hat, prop_epochs, prop_losses = fit_propensities(train_data, cfg, params, generator, progress,
-                                                                   device)
+                                                                   device, model=prop_model)
             except Diverged as exc:
                 raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
             if key is not None:
@@ -453,6 +459,12 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         epochs = fit(learner, users, items, r, batch_size=cfg.batch_size, max_epochs=max_epochs,
                      tol=cfg.early_stopping.tol, patience=cfg.early_stopping.patience, generator=generator,
                      on_epoch=on_epoch)
+        if prop_model is not None:  # DR-MSE-GPL: rounds of propensity refits and joint epochs after round 0
+            from .gpl import gpl_rounds
+
+            more, gpl_prop_epochs = gpl_rounds(learner, prop_model, train_data, cfg, method, params, generator, users,
+                                               items, r, epochs, rows, on_epoch, prop_epochs, prop_seconds)
+            epochs, prop_epochs = epochs + more, prop_epochs + gpl_prop_epochs
     except Diverged as exc:
         if progress is not None:
             progress.close(f"diverged: {exc}")

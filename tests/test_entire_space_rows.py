@@ -53,8 +53,9 @@ SIGNATURES = {
 }
 
 
-#: Rows of the joint-learning family added after the signatures were taken (tests/test_tdr_cl.py).
-ADDED_SINCE = frozenset({"tdr_cl", "stabledr", "dce_tdr"})  # tests/test_stabledr.py, tests/test_dce_tdr.py
+#: Rows of the joint-learning family added after the signatures were taken (tests/test_tdr_cl.py,
+#: tests/test_stabledr.py, tests/test_dce_tdr.py, tests/test_gpl.py).
+ADDED_SINCE = frozenset({"tdr_cl", "stabledr", "dce_tdr", "dr_mse_gpl", "dr_mse_gpl_published"})
 
 
 def test_existing_signatures_unchanged():

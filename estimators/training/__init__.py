@@ -6,6 +6,7 @@ from .dce import DCEConfig, DCELearner, fit_propensity_calibration
 from .early_stopping import EarlyStopping
 from .fit import Diverged, EpochStats, fit
 from .gather import gather_dot
+from .gpl import GPL_SCHEDULE, GPLTrainer
 from .joint import SAMPLINGS, JointConfig, JointLearner
 from .losses import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
                      DRMSEImputationLoss, EIBLoss, EntireSpaceLoss, ESCM2Loss, ESMMLoss, ImputationLoss, IPSLoss,
@@ -26,4 +27,5 @@ __all__ = [
     "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
     "PropensityFreeConfig", "PropensityFreeLearner", "PropensityFreeModel",
     "AdditivePropensity", "CycleConfig", "CycleLearner",
+    "GPLTrainer", "GPL_SCHEDULE",
 ]

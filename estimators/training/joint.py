@@ -287,6 +287,19 @@ class JointLearner:
                              "size (the global batch) must be at least the world size")
         return idx.tensor_split(self.world_size)[self.rank]
 
+    def set_propensities(self, propensities: Tensor) -> None:
+        """Replace the propensity table (GPL's rounds refit the propensity model between joint-learning
+        epochs, :mod:`estimators.training.gpl`): an (n_users, n_items) tensor of clipped
+        propensities in (0, 1] on the learner's device; the models and their optimisers are kept."""
+        if not isinstance(propensities, Tensor) or tuple(propensities.shape) != (self.n_users, self.n_items):
+            raise ValueError(f"`propensities` must be an ({self.n_users}, {self.n_items}) tensor; got "
+                             f"{getattr(propensities, 'shape', type(propensities).__name__)}")
+        if propensities.device != self.device:
+            raise ValueError(f"`propensities` is on {propensities.device} but the learner trains on {self.device}")
+        if not bool(((propensities > 0) & (propensities <= 1)).all()):
+            raise ValueError("`propensities` must lie in (0, 1]; clip them with propensity_table(..., gamma)")
+        self.p_hat = propensities.detach().reshape(-1).to(torch.float32)
+
     # ---- sampling -----------------------------------------------------------------------------
     def start_epoch(self) -> None:
         """Mark an epoch boundary: with ``sampling="permutation"`` the next step draws a fresh
