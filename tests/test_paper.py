@@ -213,7 +213,7 @@ def test_all_plans_the_shared_runs_once_with_the_test_loss_figure_2_needs(tmp_pa
                                                      datasets=(DataSource("coat"),), seeds=1))
     full = [run for run in first.values() if run.train_fraction == 1.0]
     assert {run.method.name for run in full if run.record_test_loss} == {"mf", "dr_jl", "mrdr", "dr_bias", "tdr_cl",
-                                                                            "dr_mse_gpl", "badr"}
+                                                                            "dr_mse_gpl", "dce_tdr", "badr"}
     assert not any(run.record_test_loss for run in full if run.method.name in ("ips", "snips", "badr_v"))
 
 
