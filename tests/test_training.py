@@ -12,7 +12,7 @@ from estimators import (BADRImputationLoss, BADRLoss, DRLoss, EIBLoss, IPSLoss, 
                         PredictionLoss, SNIPSLoss, TwoTower, badr, badr_imputation_loss, dr, eib, fit_propensity,
                         imputation_loss, ips, mrdr_imputation_loss, naive, prediction_loss, propensity_table, snips)
 from estimators.registry import ESTIMATORS
-from estimators.training import Diverged, EpochStats, JointConfig, JointLearner, fit
+from estimators.training import Diverged, EpochStats, JointConfig, JointLearner, StableDRLoss, fit
 
 F = torch.nn.functional
 
@@ -37,7 +37,8 @@ def test_prediction_modules_equal_the_functions(name):
     module = PredictionLoss(name, cross_entropy="clamped")
     args = (x, r, p, x_u, xt, xt_u) if ESTIMATORS[name].needs_u else (x, r, p)
     assert torch.equal(module(*args), prediction_loss(name, *args, cross_entropy="clamped"))
-    named = {"naive": NaiveLoss, "ips": IPSLoss, "snips": SNIPSLoss, "eib": EIBLoss, "dr": DRLoss, "badr": BADRLoss}
+    named = {"naive": NaiveLoss, "ips": IPSLoss, "snips": SNIPSLoss, "eib": EIBLoss, "dr": DRLoss, "badr": BADRLoss,
+             "stabledr": StableDRLoss}
     assert type(named[name]()).__mro__[1] is PredictionLoss and named[name]().estimator == name
 
 

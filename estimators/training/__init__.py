@@ -11,21 +11,23 @@ from .joint import SAMPLINGS, JointConfig, JointLearner
 from .losses import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLoss, DRImputationLoss, DRLoss,
                      DRMSEImputationLoss, EIBLoss, EntireSpaceLoss, ESCM2Loss, ESMMLoss, ImputationLoss, IPSLoss,
                      MRDRImputationLoss, MultiDRLoss, MultiIPSLoss, NaiveLoss, PredictionLoss, SNIPSLoss,
-                     TDRCLImputationLoss,
+                     StableDRLoss, TDRCLImputationLoss,
                      imputation_loss, imputation_loss_and_grads, prediction_loss, prediction_loss_and_grads)
 from .models import ESCM2, MF, MMoE, EntireSpaceMF, PropensityModel, TwoTower
 from .propensity import PROPENSITY_LOSSES, fit_propensity, propensity_table
 from .propensity_free import PropensityFreeConfig, PropensityFreeLearner, PropensityFreeModel
 
 __all__ = [
-    "DCEConfig", "DCELearner", "fit_propensity_calibration", "EarlyStopping", "Diverged", "EpochStats", "fit", "gather_dot", "SAMPLINGS", "JointConfig", "JointLearner",
+    "EarlyStopping", "Diverged", "EpochStats", "fit", "gather_dot", "SAMPLINGS", "JointConfig", "JointLearner",
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
-    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "TDRCLImputationLoss",
-    "BADRImputationLoss",
+    "StableDRLoss", "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss",
+    "TDRCLImputationLoss", "BADRImputationLoss",
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
-    "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower", "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
+    "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower",
+    "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
     "PropensityFreeConfig", "PropensityFreeLearner", "PropensityFreeModel",
     "AdditivePropensity", "CycleConfig", "CycleLearner",
+    "DCEConfig", "DCELearner", "fit_propensity_calibration",
     "GPLTrainer", "GPL_SCHEDULE",
 ]

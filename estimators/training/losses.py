@@ -52,7 +52,8 @@ __all__ = [
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "prediction_loss_reference", "imputation_loss_reference", "make_form",
     "PredictionLoss", "ImputationLoss", "NaiveLoss", "IPSLoss", "SNIPSLoss", "EIBLoss", "DRLoss", "BADRLoss",
-    "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss", "TDRCLImputationLoss",
+    "StableDRLoss", "DRImputationLoss", "MRDRImputationLoss", "DRBiasImputationLoss", "DRMSEImputationLoss",
+    "TDRCLImputationLoss",
     "BADRImputationLoss",
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
 ]
@@ -517,6 +518,7 @@ SNIPSLoss = _named_prediction_loss("snips", "SNIPSLoss")
 EIBLoss = _named_prediction_loss("eib", "EIBLoss")
 DRLoss = _named_prediction_loss("dr", "DRLoss")
 BADRLoss = _named_prediction_loss("badr", "BADRLoss")
+StableDRLoss = _named_prediction_loss("stabledr", "StableDRLoss")
 DRImputationLoss = _named_imputation_loss("dr", "DRImputationLoss")
 MRDRImputationLoss = _named_imputation_loss("mrdr", "MRDRImputationLoss")
 DRBiasImputationLoss = _named_imputation_loss("dr_bias", "DRBiasImputationLoss")
