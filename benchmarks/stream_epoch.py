@@ -126,8 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         base = records[0]["exposures_per_second"]
         print("throughput ratio to " + f"{records[0]['world']} rank(s): "
               + ", ".join(f"{r['world']} ranks {r['exposures_per_second'] / base:.2f}x" for r in records[1:]))
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
+    if args.json:  # atomically: a killed run leaves the old file or the new one, never half of one
+        from reproduce.files import replace
+        replace(args.json, json.dumps(records, indent=1))
     return 0
 
 

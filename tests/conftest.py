@@ -94,3 +94,24 @@ settings.register_profile("ci", derandomize=True, database=None, max_examples=15
 settings.register_profile("dev", max_examples=50, **_HYPOTHESIS_COMMON)
 settings.register_profile("long", max_examples=500, **_HYPOTHESIS_COMMON)
 settings.load_profile("ci" if os.environ.get("CI") == "true" else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def shipped_entries():
+    """``entries(method, base="dr_jl")``: per shipped config (``reproduce/configs/*.json``, sorted), the
+    tuple ``(path, entry, status, base_entry)``: ``method``'s entry and ``base``'s, both without their
+    ``status``, which is returned apart."""
+    import json
+
+    from reproduce import config as C
+
+    def entries(method: str, base: str = "dr_jl"):
+        out = []
+        for path in sorted(C.CONFIG_DIR.glob("*.json")):
+            raw = json.loads(path.read_text())["methods"]
+            entry, base_entry = dict(raw[method]), dict(raw[base])
+            status = entry.pop("status")
+            base_entry.pop("status")
+            out.append((path, entry, status, base_entry))
+        return out
+    return entries

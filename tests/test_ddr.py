@@ -3,7 +3,6 @@ a numpy transcription of eqs. (2) and (5), its limits and bounds, bad input refu
 method registered as the row, configured in every shipped config, trained end to end by ``table3``
 on the adjusted table."""
 import copy
-import json
 import math
 import warnings
 from pathlib import Path
@@ -147,17 +146,13 @@ def test_registered_as_the_d_dr_row():
         Method("bad", "Bad", "dr", "dr", None, "no such adjustment", propensity_adjustment="dddr")
 
 
-def test_every_shipped_config_starts_from_dr_jl():
+def test_every_shipped_config_starts_from_dr_jl(shipped_entries):
     """An untuned D-DR entry is DR-JL's plus the paper's w2/w1; a tuned one (Coat, Yahoo! R3,
     KuaiRec) sets the same keys and keeps DR-JL's form of the imputed error."""
-    paths = sorted(C.CONFIG_DIR.glob("*.json"))
-    assert {p.stem for p in paths} >= {"coat", "yahoo", "kuairec", "default", "kuairec@0.2", "kuairec@0.8"}
+    entries = shipped_entries("d_dr")
+    assert {p.stem for p, *_ in entries} >= {"coat", "yahoo", "kuairec", "default", "kuairec@0.2", "kuairec@0.8"}
     tuned = set()
-    for path in paths:
-        raw = json.loads(path.read_text())["methods"]
-        ddr, dr_jl = dict(raw["d_dr"]), dict(raw["dr_jl"])
-        status = ddr.pop("status")
-        dr_jl.pop("status")
+    for path, ddr, status, dr_jl in entries:
         if status.startswith("tuned on the validation split"):
             tuned.add(path.stem)
             assert set(ddr) == set(dr_jl) | {"ddr_w"} and ddr.get("imputed_error") == dr_jl.get("imputed_error"), path

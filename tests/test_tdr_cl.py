@@ -3,7 +3,6 @@ and the collaborative-learning imputation loss (C1) against a numpy transcriptio
 equation that makes DR's bias term vanish, the identity "TDR's prediction gradient = DR-JL's with
 eps_hat fixed", bad input refused by name, the pure-PyTorch path, the method registered as the row
 and configured in every shipped config, and one ``table3`` epoch end to end on Coat."""
-import json
 import math
 
 import numpy as np
@@ -244,16 +243,12 @@ def test_registered_as_the_tdr_cl_row():
     assert spec.dr_family and not spec.needs_u and spec.params == ()
 
 
-def test_every_shipped_config_starts_from_dr_jl():
+def test_every_shipped_config_starts_from_dr_jl(shipped_entries):
     """An untuned entry is DR-JL's values (imputed_error included); a tuned one sets the same keys."""
-    paths = sorted(C.CONFIG_DIR.glob("*.json"))
-    assert {p.stem for p in paths} >= {"coat", "yahoo", "kuairec", "default", "kuairec@0.2", "kuairec@0.4",
-                                       "kuairec@0.6", "kuairec@0.8"}
-    for path in paths:
-        raw = json.loads(path.read_text())["methods"]
-        tdr, dr_jl = dict(raw["tdr_cl"]), dict(raw["dr_jl"])
-        status = tdr.pop("status")
-        dr_jl.pop("status")
+    entries = shipped_entries("tdr_cl")
+    assert {p.stem for p, *_ in entries} >= {"coat", "yahoo", "kuairec", "default", "kuairec@0.2", "kuairec@0.4",
+                                            "kuairec@0.6", "kuairec@0.8"}
+    for path, tdr, status, dr_jl in entries:
         if status.startswith("tuned"):
             assert set(tdr) == set(dr_jl) and tdr.get("imputed_error") == dr_jl.get("imputed_error"), path
         else:
