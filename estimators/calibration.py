@@ -92,9 +92,14 @@ def gate_log_probs(gate_logits: Tensor, temperature: float = 1.0, gumbel: Option
 def calibrated_log_probs(s: Tensor, log_pi: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """(C1) ``(log C, log(1 - C))`` of the mixture of Platt experts for base logits ``s`` ``(n,)``,
     gate log-probabilities ``log_pi`` ``(n, K)`` and expert parameters ``a``, ``b`` ``(K,)``."""
+    return calibrated_log_prob(s, log_pi, a, b, True), calibrated_log_prob(s, log_pi, a, b, False)
+
+
+def calibrated_log_prob(s: Tensor, log_pi: Tensor, a: Tensor, b: Tensor, positive: bool) -> Tensor:
+    """(C1) one side of :func:`calibrated_log_probs`: ``log C`` if ``positive`` else ``log(1 - C)``
+    (a loss that reads one side costs half the work of both)."""
     z = s.unsqueeze(-1) * a + b
-    return (torch.logsumexp(log_pi + F.logsigmoid(z), dim=-1),
-            torch.logsumexp(log_pi + F.logsigmoid(-z), dim=-1))
+    return torch.logsumexp(log_pi + F.logsigmoid(z if positive else -z), dim=-1)
 
 
 def calibrated_logit(s: Tensor, log_pi: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -114,7 +119,29 @@ def user_logit_moments(logits: Tensor) -> Tensor:
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("`logits` must be finite (a base model's logits of all pairs)")
     x = logits.to(torch.float64)
-    f = torch.stack([x.mean(dim=1), x.std(dim=1, unbiased=False)], dim=1)
+    return _standardised(torch.stack([x.mean(dim=1), x.std(dim=1, unbiased=False)], dim=1))
+
+
+@torch.no_grad()
+def mf_logit_moments(users: Tensor, items: Tensor) -> Tensor:
+    """:func:`user_logit_moments` of the MF logit table ``users @ items.T`` without forming it:
+    the mean ``u . v_bar`` and the second moment ``u^T (V^T V / n_items) u`` per user, in float64
+    (``O(n_users d^2)`` instead of ``O(n_users n_items)``)."""
+    if not (isinstance(users, Tensor) and isinstance(items, Tensor) and users.dim() == items.dim() == 2
+            and users.shape[1] == items.shape[1] and users.numel() > 0 and items.numel() > 0):
+        raise ValueError(f"`users` and `items` must be non-empty (n, d) embedding tables of one d; got "
+                         f"{getattr(users, 'shape', type(users).__name__)}, {getattr(items, 'shape', type(items).__name__)}")
+    u, v = users.to(torch.float64), items.to(torch.float64)
+    if not bool(torch.isfinite(u).all() and torch.isfinite(v).all()):
+        raise ValueError("`users` and `items` must be finite (the MF model's embeddings)")
+    mean = u @ v.mean(dim=0)
+    second = ((u @ (v.T @ v / v.shape[0])) * u).sum(dim=1)
+    return _standardised(torch.stack([mean, (second - mean ** 2).clamp_min(0.0).sqrt()], dim=1))
+
+
+def _standardised(f: Tensor) -> Tensor:
+    """Each column of the float64 ``(n_users, 2)`` moments standardised across users (a constant
+    column left at 0), as float32."""
     sd = f.std(dim=0, unbiased=False)
     f = (f - f.mean(dim=0)) / torch.where(sd > 0, sd, torch.ones_like(sd))
     return f.to(torch.float32)
@@ -141,7 +168,17 @@ class CalibrationExperts(nn.Module):
 
     def log_probs(self, s: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(log C, log(1 - C))`` (C1)."""
-        return calibrated_log_probs(s, gate_log_probs(self.gate(features)), self.a, self.b)
+        return calibrated_log_probs(s, self.gate_log_probs(features), self.a, self.b)
+
+    def gate_log_probs(self, features: Tensor) -> Tensor:
+        """``log pi`` (C1) for the gate features ``features`` ``(n, n_features)``: ``(n, K)``.  Of
+        one row per user, it is gathered by the pairs' users instead of recomputed per pair."""
+        return gate_log_probs(self.gate(features))
+
+    def log_prob(self, s: Tensor, log_pi: Tensor, positive: bool) -> Tensor:
+        """``log C`` if ``positive`` else ``log(1 - C)`` (C1) for base logits ``s`` ``(n,)`` and
+        gate log-probabilities ``log_pi`` ``(n, K)`` (:meth:`gate_log_probs`)."""
+        return calibrated_log_prob(s, log_pi, self.a, self.b, positive)
 
     def forward(self, s: Tensor, features: Tensor) -> Tensor:
         log_c, log_1mc = self.log_probs(s, features)
@@ -156,19 +193,31 @@ def propensity_calibration_loss(logit_v: Tensor, logit_m: Tensor, z_m: Tensor, n
     ``V`` (a drawn member of ``V`` adds nothing here: ``V`` is summed exactly in the first term).
     ``N / |V|`` times an unbiased estimate of the mean cross-entropy of ``C`` against
     ``1[(u, i) in V]`` over all pairs, minimised by ``C = P((u, i) in V)``; divided by ``|V|``,
-    not ``N``, so that its gradient is of order 1 beside the calibrator's weight decay."""
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, numbers.Integral) or n_pairs < 1:
-        raise ValueError(f"`n_pairs` must be a positive integer (n_users * n_items); got {n_pairs!r}")
+    not ``N``, so that its gradient is of order 1 beside the calibrator's weight decay.
+    :func:`propensity_calibration_risk` of ``-log C = softplus(-logit)`` and
+    ``-log(1 - C) = softplus(logit)``."""
     if logit_m.shape != z_m.shape or logit_m.numel() == 0:
         raise ValueError(f"`logit_m` and `z_m` must be non-empty and of one shape; got {tuple(logit_m.shape)}, "
                          f"{tuple(z_m.shape)}")
-    if not bool(((z_m == 0) | (z_m == 1)).all()):
-        raise ValueError("`z_m` (membership of the drawn pairs in V) must hold only 0 and 1")
     if logit_v.dim() != 1 or logit_v.numel() == 0:
         raise ValueError(f"`logit_v` must be a non-empty 1-D tensor; got {tuple(logit_v.shape)}")
-    pos = F.softplus(-logit_v).sum()                      # -log C = -log sigmoid(logit)
-    neg = ((1 - z_m) * F.softplus(logit_m)).sum()         # -log(1 - C)
-    return (pos + (n_pairs / logit_m.numel()) * neg) / logit_v.numel()
+    return propensity_calibration_risk(F.softplus(-logit_v), F.softplus(logit_m), z_m, n_pairs)
+
+
+def propensity_calibration_risk(nll_v: Tensor, nll_m: Tensor, z_m: Tensor, n_pairs: int) -> Tensor:
+    """(C3) :func:`propensity_calibration_loss` from its two cross-entropy terms: ``nll_v = -log C``
+    on ``V`` and ``nll_m = -log(1 - C)`` on the ``M`` drawn pairs (the fit computes each side of
+    the mixture only where it is read, :meth:`CalibrationExperts.log_prob`)."""
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, numbers.Integral) or n_pairs < 1:
+        raise ValueError(f"`n_pairs` must be a positive integer (n_users * n_items); got {n_pairs!r}")
+    if nll_m.shape != z_m.shape or nll_m.numel() == 0:
+        raise ValueError(f"`nll_m` and `z_m` must be non-empty and of one shape; got {tuple(nll_m.shape)}, "
+                         f"{tuple(z_m.shape)}")
+    if not bool(((z_m == 0) | (z_m == 1)).all()):
+        raise ValueError("`z_m` (membership of the drawn pairs in V) must hold only 0 and 1")
+    if nll_v.dim() != 1 or nll_v.numel() == 0:
+        raise ValueError(f"`nll_v` must be a non-empty 1-D tensor; got {tuple(nll_v.shape)}")
+    return (nll_v.sum() + (n_pairs / nll_m.numel()) * ((1 - z_m) * nll_m).sum()) / nll_v.numel()
 
 
 def imputation_calibration_loss(logit_v: Tensor, r_v: Tensor, w_v: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from estimators.calibration import (CalibrationExperts, calibrated_logit, calibrated_propensity, gate_log_probs,
-                                    holdout_clicked, imputation_calibration_loss, propensity_calibration_loss,
-                                    user_logit_moments)
+                                    holdout_clicked, imputation_calibration_loss, mf_logit_moments,
+                                    propensity_calibration_loss, propensity_calibration_risk, user_logit_moments)
 from estimators.training import DCEConfig, DCELearner, JointConfig, JointLearner, fit_propensity_calibration
 from reproduce import config as C
 from reproduce.methods import CALIBRATION_KEYS, METHODS, SEARCH_SPACE, TABLE3_ROWS, Method
@@ -117,6 +117,11 @@ def test_calibration_losses_match_numpy(experts64):
     r = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.float64)
     w = 1 / torch.linspace(0.05, 1.0, 9, dtype=torch.float64)
     assert float(imputation_calibration_loss(x, r, w)) == pytest.approx(np_c4(Cn, r.numpy(), w.numpy()), rel=1e-12)
+    # the fit's form: each side of C computed alone, the gate gathered from one row per user
+    log_pi = ex.gate_log_probs(f)
+    nll_v, nll_m = -ex.log_prob(s[v], log_pi[v], True), -ex.log_prob(s[m], log_pi[m], False)
+    risk = propensity_calibration_risk(nll_v, nll_m, z_m, 1000)
+    assert float(risk) == pytest.approx(np_c3(Cn[v], Cn[m], z_m.numpy(), 1000), rel=1e-12)
 
 
 def test_c3_minimiser_is_the_membership_probability():
@@ -156,6 +161,12 @@ def test_user_logit_moments():
     raw = np.array([[1.0, 1.0], [1.0, 0.0], [5.0, 1.0]])
     want = (raw - raw.mean(0)) / raw.std(0)
     np.testing.assert_allclose(f, want, rtol=1e-6)
+
+
+def test_mf_logit_moments_equal_the_table_moments():
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(50, 8, generator=gen, dtype=torch.float64), torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(mf_logit_moments(u, v), user_logit_moments(u @ v.T), rtol=1e-6, atol=1e-6)
 
 
 # ---- propensity calibration ------------------------------------------------------------------------
@@ -330,6 +341,9 @@ def test_prediction_step_reads_the_calibrated_imputed_errors():
                                         DCEConfig()), "propensities"),
     (lambda: calibrated_propensity(torch.ones(2), 0.0, 0.1), "rho"),
     (lambda: user_logit_moments(torch.tensor([[float("inf")]])), "logits"),
+    (lambda: mf_logit_moments(torch.zeros(3, 2), torch.zeros(4, 5)), "users"),
+    (lambda: mf_logit_moments(torch.zeros(3, 2), torch.full((4, 2), float("nan"))), "finite"),
+    (lambda: propensity_calibration_risk(torch.zeros(2), torch.zeros(3), torch.zeros(2), 10), "nll_m"),
     (lambda: Method("bad", "Bad", "ips", None, None, "no imputation model", calibration=True), "calibration"),
 ])
 def test_bad_input_named(call, match):

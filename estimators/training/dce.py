@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..calibration import (CalibrationExperts, calibrated_propensity, imputation_calibration_loss,
-                           propensity_calibration_loss, user_logit_moments)
+                           mf_logit_moments, propensity_calibration_risk, user_logit_moments)
 from .joint import JointConfig, JointLearner
 from .losses import prediction_loss
 from .models import MF
@@ -118,11 +118,14 @@ def fit_propensity_calibration(propensities: Tensor, users_v: Tensor, items_v: T
     z_m = in_v[pairs_m].to(torch.float32)
     users_m, items_m = pairs_m // n_items, pairs_m % n_items
     s_v, s_m = s[users_v, items_v], s[users_m, items_m]
-    f_v, f_m = features[users_v], features[users_m]
     opt = torch.optim.Adam(experts.parameters(), lr=config.propcal_lr, weight_decay=config.propcal_weight_decay)
     losses = []
     for _ in range(config.propcal_steps):
-        loss = propensity_calibration_loss(experts(s_v, f_v), experts(s_m, f_m), z_m, n_users * n_items)
+        # the gate once per user, gathered by the pairs' users; each set reads one side of C
+        log_pi = experts.gate_log_probs(features)
+        nll_v = -experts.log_prob(s_v, log_pi[users_v], True)
+        nll_m = -experts.log_prob(s_m, log_pi[users_m], False)
+        loss = propensity_calibration_risk(nll_v, nll_m, z_m, n_users * n_items)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -130,10 +133,11 @@ def fit_propensity_calibration(propensities: Tensor, users_v: Tensor, items_v: T
     p_bar = torch.empty(n_users, n_items, device=device)
     block = max(1, (1 << 20) // n_items)  # a block of users at a time: K * block * n_items floats
     with torch.no_grad():
+        log_pi = experts.gate_log_probs(features)
         for start in range(0, n_users, block):
             rows = slice(start, min(start + block, n_users))
-            f = features[rows].repeat_interleave(n_items, dim=0)
-            c = torch.sigmoid(experts(s[rows].reshape(-1), f)).reshape(-1, n_items)
+            lp = log_pi[rows].repeat_interleave(n_items, dim=0)
+            c = experts.log_prob(s[rows].reshape(-1), lp, True).exp().reshape(-1, n_items)
             p_bar[rows] = calibrated_propensity(c, rho, gamma)
     return p_bar, experts, losses
 
@@ -170,7 +174,7 @@ class DCELearner(JointLearner):
         """The imputation calibrator's gate input (C1): the moments of each user's imputation logits
         over all items: ``U V^T`` for the MF model, else the model on every pair, by blocks of users."""
         if type(self.imputation) is MF:
-            return user_logit_moments(self.imputation.user.weight @ self.imputation.item.weight.T)
+            return mf_logit_moments(self.imputation.user.weight, self.imputation.item.weight)
         items = torch.arange(self.n_items, device=self.device)
         rows = []
         block = max(1, (1 << 22) // self.n_items)
