@@ -14,7 +14,8 @@ from .losses import (BADRImputationLoss, BADRLoss, DDPOLoss, DRBiasImputationLos
                      StableDRLoss, TDRCLImputationLoss,
                      imputation_loss, imputation_loss_and_grads, prediction_loss, prediction_loss_and_grads)
 from .models import ESCM2, MF, MMoE, EntireSpaceMF, PropensityModel, TwoTower
-from .propensity import PROPENSITY_LOSSES, fit_propensity, propensity_table
+from .propensity import (PROPENSITY_LOSSES, ModelPropensities, Propensities, fit_propensity, fit_propensity_sampled,
+                         propensity_table)
 from .propensity_free import PropensityFreeConfig, PropensityFreeLearner, PropensityFreeModel
 
 __all__ = [
@@ -25,7 +26,8 @@ __all__ = [
     "prediction_loss", "imputation_loss", "prediction_loss_and_grads", "imputation_loss_and_grads",
     "EntireSpaceLoss", "ESMMLoss", "ESCM2Loss", "MultiIPSLoss", "MultiDRLoss", "DDPOLoss",
     "ESCM2", "MF", "MMoE", "EntireSpaceMF", "PropensityModel", "TwoTower",
-    "PROPENSITY_LOSSES", "fit_propensity", "propensity_table",
+    "PROPENSITY_LOSSES", "fit_propensity", "fit_propensity_sampled", "propensity_table", "ModelPropensities",
+    "Propensities",
     "PropensityFreeConfig", "PropensityFreeLearner", "PropensityFreeModel",
     "AdditivePropensity", "CycleConfig", "CycleLearner",
     "DCEConfig", "DCELearner", "fit_propensity_calibration",

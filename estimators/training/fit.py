@@ -125,7 +125,7 @@ def _constant_monitor(learner: JointLearner, users: Tensor, items: Tensor, r: Te
     ``logit(mean r)``: ``sum w * l(c, r)``."""
     rate = r.double().mean().clamp(1e-6, 1 - 1e-6)
     c = torch.log(rate / (1 - rate)).expand(r.shape).to(torch.float32)
-    p_hat = learner.p_hat[users * learner.n_items + items]
+    p_hat = learner.propensities_of(users, items)
     return float((learner.form.l(c, r.to(torch.float32)) / p_hat).sum())
 
 

@@ -48,6 +48,7 @@ from ..registry import get_estimator, get_imputation_loss
 from .gather import gather_dot_grad, gather_dot_value, use_operator
 from .losses import imputation_loss, imputation_loss_and_grads, make_form, prediction_loss, prediction_loss_and_grads
 from .models import MF
+from .propensity import ModelPropensities, Propensities
 from .optim import Adam
 
 #: How the G * |B| pairs U of a step are drawn from all pairs: "uniform", independently with
@@ -71,6 +72,10 @@ def _real(value, name: str, low: float, high: float = math.inf, *, open_low: boo
     if not ok:
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
         raise ValueError(f"`{name}` must be a finite number in {interval}; got {value!r}")
+
+
+#: Beyond this many pairs, ``sampling="permutation"`` (a permutation of all pairs per epoch) is refused.
+_MAX_PERMUTED = 1 << 34
 
 
 def uniform_pairs(n_users: int, n_items: int, n: int, generator: Optional[torch.Generator],
@@ -190,7 +195,10 @@ class JointLearner:
 
     ``propensities`` is the (n_users, n_items) tensor of clipped learned propensities ``p_hat``
     (:func:`~estimators.training.propensity.propensity_table`), on the device the models train
-    on; it is treated as a constant.  ``prediction`` / ``imputation`` are the models (default
+    on, or, where that table would not fit, a
+    :class:`~estimators.training.propensity.ModelPropensities` that gives the same values pair by
+    pair; either is treated as a constant and read only on the clicked batch (the estimators weigh
+    the clicked pairs alone).  ``prediction`` / ``imputation`` are the models (default
     :class:`~estimators.training.models.MF` of size ``config.dim``, created on that device in that
     order); an imputation model is built or accepted only when the estimator reads imputed errors.
     ``optimizer`` is a factory ``optimizer(params, lr=..., weight_decay=...)`` for both models
@@ -200,14 +208,15 @@ class JointLearner:
     group when None) (module docstring; :func:`estimators.distributed.resolve`), read once here.
     """
 
-    def __init__(self, propensities: Tensor, config: JointConfig, *, prediction: Optional[nn.Module] = None,
+    def __init__(self, propensities: Propensities, config: JointConfig, *, prediction: Optional[nn.Module] = None,
                  imputation: Optional[nn.Module] = None, optimizer: Optional[OptimizerFactory] = None,
                  generator: Optional[torch.Generator] = None, reduction: str | Reduction = "global",
                  group=None):
-        if not isinstance(propensities, Tensor) or propensities.dim() != 2:
-            raise ValueError(f"`propensities` must be an (n_users, n_items) tensor; got "
+        by_pair = isinstance(propensities, ModelPropensities)
+        if not by_pair and (not isinstance(propensities, Tensor) or propensities.dim() != 2):
+            raise ValueError(f"`propensities` must be an (n_users, n_items) tensor or a ModelPropensities; got "
                              f"{getattr(propensities, 'shape', type(propensities).__name__)}")
-        if not bool(((propensities > 0) & (propensities <= 1)).all()):
+        if not by_pair and not bool(((propensities > 0) & (propensities <= 1)).all()):
             raise ValueError("`propensities` must lie in (0, 1]; clip them with propensity_table(..., gamma)")
         self.config = config
         self.estimator = get_estimator(config.estimator)
@@ -218,7 +227,9 @@ class JointLearner:
         self.form = make_form(config.cross_entropy, config.imputation, config.imputed_error, self.kind, self.reduction)
         self.n_users, self.n_items = propensities.shape
         self.device = propensities.device
-        self.p_hat = propensities.detach().reshape(-1).to(torch.float32)  # the MF models' dtype
+        #: The flat table of clipped propensities, or None when they come pair by pair from a model.
+        self.p_hat: Optional[Tensor] = None if by_pair else propensities.detach().reshape(-1).to(torch.float32)
+        self._by_pair: Optional[ModelPropensities] = propensities if by_pair else None
         self.generator = generator
         self._permutation: Optional[Tensor] = None
         self._position = 0
@@ -299,6 +310,13 @@ class JointLearner:
         if not bool(((propensities > 0) & (propensities <= 1)).all()):
             raise ValueError("`propensities` must lie in (0, 1]; clip them with propensity_table(..., gamma)")
         self.p_hat = propensities.detach().reshape(-1).to(torch.float32)
+        self._by_pair = None
+
+    def propensities_of(self, users: Tensor, items: Tensor) -> Tensor:
+        """The clipped propensities ``p_hat`` of the pairs ``(users, items)``, float32."""
+        if self._by_pair is not None:
+            return self._by_pair(users, items)
+        return self.p_hat[users * self.n_items + items]
 
     # ---- sampling -----------------------------------------------------------------------------
     def start_epoch(self) -> None:
@@ -311,6 +329,9 @@ class JointLearner:
         if self.config.sampling == "uniform":
             return uniform_pairs(self.n_users, self.n_items, n, self.generator, self.device)
         total = self.n_users * self.n_items
+        if total > _MAX_PERMUTED:
+            raise ValueError(f"sampling='permutation' shuffles all {total} pairs each epoch, too many to list; use "
+                             "sampling='uniform'")
         if n > total:
             raise ValueError(f"cannot draw {n} distinct pairs from {total}; lower G or the batch size")
         if self._permutation is None or self._position + n > total:  # a new epoch, or this one ran out
@@ -341,7 +362,7 @@ class JointLearner:
         if validate:
             self.check_batch(users, items, r)
         r = r.to(torch.float32)
-        p_hat = self.p_hat[users * self.n_items + items]
+        p_hat = self.propensities_of(users, items)
         if self.fast:
             return self._fast_step(users, items, r, p_hat)
         out = self._module_step(users, items, r, p_hat)

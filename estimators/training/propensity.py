@@ -6,10 +6,15 @@ the published early stopping; the BADR code's :class:`~estimators.training.model
 runs on a fast path (written-out gradients, one fused ``cvr::propensity_step_`` per batch on the
 CPU).  :func:`propensity_table` then gives the clipped propensities of all pairs, the table the
 joint learner reads.
+
+Where the users x items matrix is too large to enumerate, :func:`fit_propensity_sampled` fits the
+same loss from the clicked pairs and uniformly drawn pairs, and :class:`ModelPropensities` gives
+the joint learner the fitted model's clipped propensities pair by pair, never as a table.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -110,6 +115,176 @@ def fit_propensity(
         if stop.should_stop(total):
             return epoch
     return max_epochs
+
+
+def fit_propensity_sampled(
+    model: nn.Module,
+    users: Tensor,
+    items: Tensor,
+    n_users: int,
+    n_items: int,
+    *,
+    negatives: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    max_epochs: int = 200,
+    loss: str = "bce",
+    tol: float = 1e-4,
+    patience: int = 7,
+    generator: Optional[torch.Generator] = None,
+    on_epoch: Optional[Callable[[int, float], None]] = None,
+    optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
+) -> int:
+    """Fit the propensity model on the clicks and sampled pairs, never enumerating all pairs.
+
+    Eq. (4) averages a loss ``l(p_hat, o)`` over all ``N = n_users * n_items`` pairs, which at
+    industrial sizes cannot be listed.  Each epoch takes the ``C`` clicked pairs ``(users, items)``
+    (distinct, each with ``o = 1``) and ``M = negatives * C`` pairs drawn uniformly from all
+    pairs, with replacement (``o_j`` = whether the drawn pair is clicked), and weights them::
+
+        L = [ sum_clicked l(p, 1)  +  (N / M) sum_{j <= M} (1 - o_j) l(p_j, 0) ] / N
+
+    an unbiased estimate of the enumerated mean (a drawn click adds nothing: the clicks are
+    summed exactly; the same construction as DCE's (C3), :mod:`estimators.calibration`).  The
+    ``C + M`` weighted pairs are shuffled into batches of ``batch_size`` (the last partial batch
+    dropped), each batch's loss ``(C + M) / N * mean_B(w l)``, whose expectation is ``L``; so a
+    step has the scale of :func:`fit_propensity`'s batch mean.  Memory is ``O(C + M)`` besides
+    the model.  ``loss``, ``lr``, ``weight_decay``, ``tol``, ``patience``, ``on_epoch`` and
+    ``optimizer`` as :func:`fit_propensity` (autograd for every model); returns the epochs run.
+    """
+    if loss not in PROPENSITY_LOSSES:
+        raise ValueError(f"`loss` must be 'mse' (published code) or 'bce' (eq. 4); got {loss!r}")
+    for name, value in (("n_users", n_users), ("n_items", n_items), ("negatives", negatives),
+                        ("max_epochs", max_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
+    if not (isinstance(users, Tensor) and isinstance(items, Tensor) and users.dim() == 1
+            and users.shape == items.shape and users.numel() > 0 and not users.is_floating_point()
+            and not items.is_floating_point()):
+        raise ValueError("`users` and `items` (the clicked pairs) must be non-empty 1-D integer tensors of one "
+                         "shape")
+    if int(users.min()) < 0 or int(users.max()) >= n_users or int(items.min()) < 0 or int(items.max()) >= n_items:
+        raise ValueError(f"`users` / `items` hold ids outside [0, {n_users}) x [0, {n_items}]")
+    if not (lr > 0 and weight_decay >= 0):  # False for NaN too
+        raise ValueError(f"`lr` must be positive and `weight_decay` non-negative; got {lr}, {weight_decay}")
+    device = next(model.parameters()).device
+    n_pairs = n_users * n_items
+    clicked = torch.unique(users.to(device=device, dtype=torch.int64) * n_items + items.to(device, torch.int64))
+    if clicked.numel() != users.numel():
+        raise ValueError(f"`users` / `items` repeat {users.numel() - clicked.numel()} clicked pair(s); pass each "
+                         "clicked pair once (o is an indicator)")
+    n_c = clicked.numel()
+    m = negatives * n_c
+    n_epoch = n_c + m
+    if not (isinstance(batch_size, int) and 1 <= batch_size <= n_epoch):
+        raise ValueError(f"`batch_size` must be an integer in [1, {n_epoch}] (the clicks and their negatives); "
+                         f"got {batch_size!r}")
+    opt = (optimizer or torch.optim.Adam)(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scale = n_epoch / n_pairs
+    n_full = n_epoch - n_epoch % batch_size
+    stop = EarlyStopping(tol, patience)
+    for epoch in range(1, max_epochs + 1):
+        pairs, target, weight = sampled_pairs(clicked, n_pairs, m, generator)
+        perm = _ext.randperm(n_epoch, generator, device)[:n_full]
+        model.train()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, n_full, batch_size):
+            batch = perm[start:start + batch_size]
+            pair = pairs[batch]
+            logit = model(pair // n_items, pair % n_items)
+            t, w = target[batch].to(logit.dtype), weight[batch].to(logit.dtype)
+            per_pair = ((torch.sigmoid(logit) - t) ** 2 if loss == "mse"
+                        else F.binary_cross_entropy_with_logits(logit, t, reduction="none"))
+            value = scale * (w * per_pair).mean()
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            total += value.detach()
+        if on_epoch is not None:
+            on_epoch(epoch, float(total))
+        if not math.isfinite(float(total)):
+            raise ValueError(f"the sampled propensity fit diverged at epoch {epoch} (loss {float(total)}); lower `lr`")
+        if stop.should_stop(float(total)):
+            return epoch
+    return max_epochs
+
+
+def sampled_pairs(clicked: Tensor, n_pairs: int, m: int, generator: Optional[torch.Generator] = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """One epoch's pairs of :func:`fit_propensity_sampled`: ``(pairs, target, weight)``, the sorted
+    distinct clicked pair indices ``clicked`` (``u * n_items + i``; target 1, weight 1) followed by
+    ``m`` pairs drawn uniformly from ``range(n_pairs)`` (target 0, weight ``(1 - o) N / m``, so a
+    drawn click weighs 0).  ``sum(weight * l(p, target))`` is unbiased for ``sum over all pairs of
+    l(p, o)``."""
+    device = clicked.device
+    n_c = clicked.numel()
+    drawn = torch.randint(n_pairs, (m,), generator=generator, device=device)
+    o_drawn = clicked[torch.searchsorted(clicked, drawn).clamp_max(n_c - 1)] == drawn
+    pairs = torch.cat([clicked, drawn])
+    target = torch.cat([torch.ones(n_c, device=device), torch.zeros(m, device=device)])
+    weight = torch.cat([torch.ones(n_c, device=device), (~o_drawn).to(torch.float32) * (n_pairs / m)])
+    return pairs, target, weight
+
+
+class ModelPropensities:
+    """The clipped propensities ``clip(sigmoid(model(u, i)), gamma, 1)`` of a frozen propensity
+    model, pair by pair: what :class:`~estimators.training.joint.JointLearner` reads in place of
+    the ``(n_users, n_items)`` table where that table would not fit.
+
+    A :class:`PropensityModel` (additive, ``a_u + b_i``) is stored as its two logit vectors,
+    ``O(n_users + n_items)`` memory, and gives exactly the values of :func:`propensity_table`
+    (the same float32 ``sigmoid(a_u + b_i)``, clipped); any other model is called under
+    ``no_grad`` in evaluation mode on the pairs asked for.  ``model`` is not copied: do not train
+    it while a learner reads it."""
+
+    def __init__(self, model: nn.Module, n_users: int, n_items: int, gamma: float) -> None:
+        for name, value in (("n_users", n_users), ("n_items", n_items)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}")
+        if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0.0 < gamma <= 1.0):
+            raise ValueError(f"`gamma` (propensity clipping floor) must lie in (0, 1]; got {gamma!r}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module mapping (users, items) to logits; got "
+                             f"{type(model).__name__}")
+        self.shape = (n_users, n_items)
+        self.gamma = float(gamma)
+        self.device = next(model.parameters()).device
+        self.model = model
+        self._ab: Optional[tuple[Tensor, Tensor]] = None
+        if type(model) is PropensityModel:
+            if (model.user.num_embeddings, model.item.num_embeddings) != self.shape:
+                raise ValueError(f"the PropensityModel has {model.user.num_embeddings} users and "
+                                 f"{model.item.num_embeddings} items, not {n_users} x {n_items}")
+            with torch.no_grad():
+                self._ab = tuple(t.detach().clone() for t in model.user_item_logits())
+
+    @torch.no_grad()
+    def __call__(self, users: Tensor, items: Tensor) -> Tensor:
+        """The clipped propensities of the pairs ``(users, items)`` (1-D, float32)."""
+        if self._ab is not None:
+            a, b = self._ab
+            p = torch.sigmoid(a[users] + b[items])
+        else:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                p = torch.sigmoid(self.model(users, items).float())
+            finally:
+                self.model.train(was_training)
+        return p.clamp(self.gamma, 1.0)
+
+    def table(self) -> Tensor:
+        """All pairs' clipped propensities, ``(n_users, n_items)``: for small data and tests."""
+        n_users, n_items = self.shape
+        if self._ab is not None:
+            a, b = self._ab
+            return torch.sigmoid(a[:, None] + b[None, :]).clamp(self.gamma, 1.0)
+        return propensity_table(self.model, n_users, n_items, self.gamma)
+
+
+#: What a joint learner reads its propensities from: the (n_users, n_items) table, or a model pair by pair.
+Propensities = Union[Tensor, ModelPropensities]
 
 
 @torch.no_grad()

@@ -235,6 +235,10 @@ class PropensityFreeLearner:
         self.optimizer = torch.optim.Adam(model.param_groups(config.weight_decay), lr=config.lr)
         self._params = {k: v for k, v in config.params.items() if k not in self.spec.model_params}
 
+    def propensities_of(self, users: Tensor, items: Tensor) -> Tensor:
+        """1 for every pair (what :func:`~estimators.training.fit.fit` weighs the monitor with)."""
+        return torch.ones(users.shape, device=self.device)
+
     def _model_params(self) -> dict[str, float]:
         return {k: self.config.params[k] for k in self.spec.model_params}
 
