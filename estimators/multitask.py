@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import check_entire_space
+from .distributed import Reduction, resolve
 
 #: The counterfactual CVR regularisers of :func:`escm2_loss` (None: ESMM, no regulariser).
 REGULARISERS = (None, "ips", "dr", "badr")
@@ -71,26 +72,30 @@ def _non_click_propensity(ctr_logit: Tensor, p_hat: Optional[Tensor], gamma: flo
     return q.clamp(gamma, 1.0)
 
 
-def _entire_space_terms(a: Tensor, b: Tensor, o: Tensor, r: Tensor) -> dict[str, Tensor]:
-    return {"ctr": F.binary_cross_entropy_with_logits(a, o), "ctcvr": _bce_of_product(a, b, o * r).mean()}
+def _entire_space_terms(a: Tensor, b: Tensor, o: Tensor, r: Tensor, red: Reduction) -> dict[str, Tensor]:
+    ctr = (red.mean(F.binary_cross_entropy_with_logits(a, o, reduction="none")) if red.active
+           else F.binary_cross_entropy_with_logits(a, o))
+    return {"ctr": ctr, "ctcvr": red.mean(_bce_of_product(a, b, o * r))}
 
 
 # ---- the counterfactual CVR regularisers (internals: inputs already checked) -------------------
-def _ips_regulariser(delta: Tensor, o: Tensor, p: Tensor) -> dict[str, Tensor]:
+# ``red``: the means over D and the batch sums across data-parallel ranks (estimators.distributed);
+# inactive in one process, where each is the plain ``.mean()`` / ``.sum()``.
+def _ips_regulariser(delta: Tensor, o: Tensor, p: Tensor, red: Reduction) -> dict[str, Tensor]:
     """ESCM2 eq. (21) / BADR eq. (3): ``mean_D o * delta / p``."""
-    return {"cvr": (o * delta / p).mean()}
+    return {"cvr": red.mean(o * delta / p)}
 
 
-def _dr_regulariser(delta: Tensor, delta_hat: Tensor, o: Tensor, p: Tensor) -> dict[str, Tensor]:
+def _dr_regulariser(delta: Tensor, delta_hat: Tensor, o: Tensor, p: Tensor, red: Reduction) -> dict[str, Tensor]:
     """ESCM2 eqs. (23), (25), (26): ``R_err + R_imp``; ``delta_hat`` detached in ``R_err``,
     ``delta`` detached in ``R_imp`` (joint learning: each tower trained by its own term)."""
     fixed = delta_hat.detach()
-    err = (fixed + o * (delta - fixed) / p).mean()
-    imp = (o * (delta.detach() - delta_hat) ** 2 / p).mean()
+    err = red.mean(fixed + o * (delta - fixed) / p)
+    imp = red.mean(o * (delta.detach() - delta_hat) ** 2 / p)
     return {"cvr": err + imp, "cvr_err": err, "cvr_imp": imp}
 
 
-def _badr_regulariser(delta: Tensor, delta_hat: Tensor, o: Tensor, p: Tensor) -> dict[str, Tensor]:
+def _badr_regulariser(delta: Tensor, delta_hat: Tensor, o: Tensor, p: Tensor, red: Reduction) -> dict[str, Tensor]:
     """BADR eq. (13) as the CVR risk and eq. (32) as the imputation risk, per batch (row).
 
     With ``w = o / p`` and ``S = sum_k w`` (the sum of ``1 / p`` over the clicked exposures of
@@ -103,38 +108,45 @@ def _badr_regulariser(delta: Tensor, delta_hat: Tensor, o: Tensor, p: Tensor) ->
     reaches ``delta_hat`` through every occurrence, as eq. 32 is written).  A batch without a click
     has ``S = 0`` and eq. (13) is undefined there: it contributes 0, and the result is the mean
     over the batches with a click (0 if none), so a training step never fails on such a batch.
+    Across data-parallel ranks (each holding a part of every batch) ``S``, ``sum_k delta_hat`` and
+    the estimate are the whole batch's (the last two all-reduced with their gradient) and each
+    rank returns its share of the sums over its own exposures.
     """
     if o.dim() == 1:
         delta, delta_hat, o, p = delta[None], delta_hat[None], o[None], p[None]
     w = o / p
-    s = w.sum(dim=-1, keepdim=True)
+    s = red.total(w.sum(dim=-1, keepdim=True))  # p is detached: no gradient crosses here
     has_click = s > 0
     s_safe = torch.where(has_click, s, torch.ones_like(s))
     fixed = delta_hat.detach()
     err = (fixed + w * (delta - fixed)).sum(dim=-1, keepdim=True) / s_safe
     target = delta.detach()
-    e_hat_mean = delta_hat.sum(dim=-1, keepdim=True) / s_safe
-    estimate = (delta_hat + w * (target - delta_hat)).sum(dim=-1, keepdim=True) / s_safe
+    e_hat_sum, estimate_sum = red.total(delta_hat.sum(dim=-1, keepdim=True),
+                                        (delta_hat + w * (target - delta_hat)).sum(dim=-1, keepdim=True))
+    e_hat_mean = e_hat_sum / s_safe
+    estimate = estimate_sum / s_safe
     imp = (w**2 * (target - delta_hat + e_hat_mean - estimate) ** 2).sum(dim=-1, keepdim=True) / s_safe**2
     n = has_click.sum().clamp_min(1)
-    err = torch.where(has_click, err, torch.zeros_like(err)).sum() / n
-    imp = torch.where(has_click, imp, torch.zeros_like(imp)).sum() / n
+    err = red.share(torch.where(has_click, err, torch.zeros_like(err)).sum() / n)
+    imp = red.share(torch.where(has_click, imp, torch.zeros_like(imp)).sum() / n)
     return {"cvr": err + imp, "cvr_err": err, "cvr_imp": imp}
 
 
 # ---- public losses ------------------------------------------------------------------------------
-def esmm_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, lambda_g: float = 1.0) -> dict[str, Tensor]:
+def esmm_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, lambda_g: float = 1.0,
+              reduction: str | Reduction = "global") -> dict[str, Tensor]:
     """ESMM (Ma et al. 2018), ESCM2 paper eq. (5): ``L = L_CTR + lambda_g * L_CTCVR``.
 
     ``L_CTR = mean_D l(a, o)`` is the CTR cross-entropy over the exposures and ``L_CTCVR =
     mean_D BCE(sigmoid(a) * sigmoid(b), o * r)`` the CTCVR cross-entropy of the product over the
     exposures; the CVR tower is trained only through the product (no CVR term: ``cvr`` is 0).
     ``lambda_g = 1`` is eq. (5) as written.  Returns ``{"loss", "ctr", "ctcvr", "cvr"}``.
+    ``reduction`` as :func:`escm2_loss`.
     """
     tensors, o_t, r_t, _, _, lam = check_entire_space(ctr_logit, cvr_logit, o, r, gamma=1.0,
                                                       lambdas={"lambda_g": lambda_g})
     a, b = tensors["ctr_logit"], tensors["cvr_logit"]
-    out = _entire_space_terms(a, b, o_t, r_t)
+    out = _entire_space_terms(a, b, o_t, r_t, resolve(reduction))
     out["cvr"] = torch.zeros((), dtype=a.dtype, device=a.device)
     out["loss"] = out["ctr"] + lam["lambda_g"] * out["ctcvr"]
     return out
@@ -152,6 +164,7 @@ def escm2_loss(
     gamma: float = 0.05,
     lambda_c: float = 0.1,
     lambda_g: float = 1.0,
+    reduction: str | Reduction = "global",
 ) -> dict[str, Tensor]:
     """ESCM2 training loss, eq. (34): ``L = L_CTR + lambda_c * R + lambda_g * L_CTCVR``.
 
@@ -181,7 +194,11 @@ def escm2_loss(
     the logits and ``delta_hat`` are finite, ``o`` is 0/1 and ``r`` is 0/1 where ``o = 1`` (anything
     where ``o = 0``).  ``gamma`` lies in (0, 1] (at least 2.2e-16 in float32, 1e-146 in float64),
     ``lambda_c`` and ``lambda_g`` are finite and >= 0.  Bad input raises ``ValueError`` naming the
-    argument.
+    argument.  ``reduction``: under ``torch.distributed`` with the exposures split across the ranks,
+    ``"global"`` (the default) takes every mean over D and BADR's batch sums over all ranks' exposures
+    and returns this rank's share (DDP's mean of the gradients is then the whole batch's, the values'
+    mean over the ranks its loss); ``"local"`` each rank's own batch (:mod:`estimators.distributed`).
+    Outside ``torch.distributed`` it changes nothing.
     """
     if regulariser not in REGULARISERS:
         raise ValueError(f"`regulariser` must be one of {REGULARISERS}; got {regulariser!r}")
@@ -193,24 +210,26 @@ def escm2_loss(
         p_hat=p_hat if regulariser is not None else None, gamma=gamma,
         lambdas={"lambda_c": lambda_c, "lambda_g": lambda_g})
     a, b = tensors["ctr_logit"], tensors["cvr_logit"]
-    out = _entire_space_terms(a, b, o_t, r_t)
+    red = resolve(reduction)
+    out = _entire_space_terms(a, b, o_t, r_t, red)
     if regulariser is None:
         out["cvr"] = torch.zeros((), dtype=a.dtype, device=a.device)
     else:
         p = _propensity(a, p_ext, gamma)
         delta = _l(b, r_t)  # r_t is 0 where o = 0, and o multiplies every use of delta
         if regulariser == "ips":
-            out.update(_ips_regulariser(delta, o_t, p))
+            out.update(_ips_regulariser(delta, o_t, p, red))
         elif regulariser == "dr":
-            out.update(_dr_regulariser(delta, tensors["delta_hat"], o_t, p))
+            out.update(_dr_regulariser(delta, tensors["delta_hat"], o_t, p, red))
         else:
-            out.update(_badr_regulariser(delta, tensors["delta_hat"], o_t, p))
+            out.update(_badr_regulariser(delta, tensors["delta_hat"], o_t, p, red))
     out["loss"] = out["ctr"] + lam["lambda_c"] * out["cvr"] + lam["lambda_g"] * out["ctcvr"]
     return out
 
 
 def multi_ips_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, p_hat: Optional[Tensor] = None,
-                   gamma: float = 0.05, lambda_c: float = 1.0) -> dict[str, Tensor]:
+                   gamma: float = 0.05, lambda_c: float = 1.0, reduction: str | Reduction = "global"
+                   ) -> dict[str, Tensor]:
     """Multi-IPS (Zhang et al., WWW 2020, "Large-scale causal approaches to debiasing post-click
     conversion rate estimation with multi-task learning"): ``L = L_CTR + lambda_c * R_IPS``.
 
@@ -224,11 +243,12 @@ def multi_ips_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, p_hat: Optiona
     ``{"loss", "ctr", "ctcvr", "cvr"}`` (``ctcvr`` reported, not trained).
     """
     return escm2_loss(ctr_logit, cvr_logit, o, r, regulariser="ips", p_hat=p_hat, gamma=gamma,
-                      lambda_c=lambda_c, lambda_g=0.0)
+                      lambda_c=lambda_c, lambda_g=0.0, reduction=reduction)
 
 
 def multi_dr_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, delta_hat: Tensor, p_hat: Optional[Tensor] = None,
-                  gamma: float = 0.05, lambda_c: float = 1.0) -> dict[str, Tensor]:
+                  gamma: float = 0.05, lambda_c: float = 1.0, reduction: str | Reduction = "global"
+                  ) -> dict[str, Tensor]:
     """Multi-DR (Zhang et al., WWW 2020): ``L = L_CTR + lambda_c * (R_DR_err + R_DR_imp)``.
 
     The CTR task as in :func:`multi_ips_loss`; the CVR task by the DR estimator over the
@@ -240,7 +260,7 @@ def multi_dr_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, delta_hat: Tens
     :func:`escm2_loss` with ``regulariser="dr"`` and ``lambda_g = 0``.
     """
     return escm2_loss(ctr_logit, cvr_logit, o, r, regulariser="dr", delta_hat=delta_hat, p_hat=p_hat, gamma=gamma,
-                      lambda_c=lambda_c, lambda_g=0.0)
+                      lambda_c=lambda_c, lambda_g=0.0, reduction=reduction)
 
 
 def ddpo_loss(
@@ -255,6 +275,7 @@ def ddpo_loss(
     lambda_c: float = 1.0,
     lambda_p: float = 1.0,
     lambda_g: float = 0.0,
+    reduction: str | Reduction = "global",
 ) -> dict[str, Tensor]:
     """DDPO (Su et al., SIGIR 2024, "DDPO: Direct Dual Propensity Optimization for Post-Click
     Conversion Rate Estimation"), its debiasing components, as READ from the paper's abstract.
@@ -282,8 +303,8 @@ def ddpo_loss(
     the ideal CVR loss plus the pseudo-label loss over all exposures, each weighted back from
     the space it is observed in (the dual propensities ``o_hat`` and ``1 - o_hat``).  The CTCVR
     term is off by default (``lambda_g = 0``).  Returns ``{"loss", "ctr", "ctcvr", "cvr", "conv",
-    "cvr_click", "cvr_unclick"}``.  Input contract as :func:`escm2_loss` (``conv_logit`` finite,
-    of ``o``'s shape).
+    "cvr_click", "cvr_unclick"}``.  Input contract and ``reduction`` as :func:`escm2_loss`
+    (``conv_logit`` finite, of ``o``'s shape).
     """
     if conv_logit is None:
         raise ValueError("DDPO needs `conv_logit`, the conversion propensity network's logits")
@@ -291,13 +312,14 @@ def ddpo_loss(
         ctr_logit, cvr_logit, o, r, conv_logit=conv_logit, p_hat=p_hat, gamma=gamma,
         lambdas={"lambda_c": lambda_c, "lambda_p": lambda_p, "lambda_g": lambda_g})
     a, b, c = tensors["ctr_logit"], tensors["cvr_logit"], tensors["conv_logit"]
-    out = _entire_space_terms(a, b, o_t, r_t)
+    red = resolve(reduction)
+    out = _entire_space_terms(a, b, o_t, r_t, red)
     p = _propensity(a, p_ext, gamma)
     q = _non_click_propensity(a, p_ext, gamma)
     pseudo = torch.sigmoid(c.detach())
-    out["conv"] = (o_t * _l(c, r_t) / p).mean()
-    out["cvr_click"] = (o_t * _l(b, r_t) / p).mean()
-    out["cvr_unclick"] = ((1 - o_t) * _l(b, pseudo) / q).mean()
+    out["conv"] = red.mean(o_t * _l(c, r_t) / p)
+    out["cvr_click"] = red.mean(o_t * _l(b, r_t) / p)
+    out["cvr_unclick"] = red.mean((1 - o_t) * _l(b, pseudo) / q)
     out["cvr"] = out["cvr_click"] + out["cvr_unclick"]
     out["loss"] = (out["ctr"] + lam["lambda_c"] * out["cvr"] + lam["lambda_p"] * out["conv"]
                    + lam["lambda_g"] * out["ctcvr"])

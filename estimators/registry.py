@@ -185,9 +185,10 @@ class EntireSpaceSpec:
                              f"'ctr' and 'cvr'; got {self.towers}")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
-    def __call__(self, outputs: Mapping[str, Any], o, r, *, p_hat=None, **params) -> dict:
+    def __call__(self, outputs: Mapping[str, Any], o, r, *, p_hat=None, reduction="global", **params) -> dict:
         """The objective from a model's ``outputs`` (a dict by tower name, as :class:`~estimators.
-        training.models.MMoE` returns); ``params`` override the defaults."""
+        training.models.MMoE` returns); ``params`` override the defaults; ``reduction`` across
+        data-parallel ranks (:mod:`estimators.distributed`)."""
         unknown = set(params) - set(self.params)
         if unknown:
             raise ValueError(f"entire-space objective {self.name!r} takes the parameters {tuple(self.params)}; "
@@ -201,7 +202,8 @@ class EntireSpaceSpec:
             extra["p_hat"] = p_hat
         elif p_hat is not None:
             raise ValueError(f"entire-space objective {self.name!r} weighs by no propensity; `p_hat` must be None")
-        return self.function(outputs["ctr"], outputs["cvr"], o, r, **extra, **{**self.params, **params})
+        return self.function(outputs["ctr"], outputs["cvr"], o, r, **extra, **{**self.params, **params},
+                             reduction=reduction)
 
 
 @dataclass(frozen=True)

@@ -553,12 +553,15 @@ class EntireSpaceLoss(nn.Module):
     weights are the CTR tower's probabilities clipped to ``[gamma, 1]`` and DETACHED (see
     :mod:`estimators.multitask`).  ``loss.from_outputs(outputs, click, conversion)`` takes the dict
     a :class:`~estimators.training.models.MMoE` / :class:`~estimators.training.models.EntireSpaceMF`
-    returns.  ``params`` override the entry's defaults (``gamma``, ``lambda_c``, ...).
+    returns.  ``params`` override the entry's defaults (``gamma``, ``lambda_c``, ...);
+    ``reduction`` across data-parallel ranks (:mod:`estimators.distributed`).
     """
 
-    def __init__(self, name: str, **params) -> None:
+    def __init__(self, name: str, *, reduction: str = "global", **params) -> None:
         super().__init__()
         self.spec = get_entire_space(name)
+        resolve(reduction)  # a bad mode is refused here, not at the first call
+        self.reduction = reduction
         unknown = set(params) - set(self.spec.params)
         if unknown:
             raise ValueError(f"entire-space objective {name!r} takes the parameters {tuple(self.spec.params)}; "
@@ -575,7 +578,7 @@ class EntireSpaceLoss(nn.Module):
         return self.spec.towers
 
     def from_outputs(self, outputs: dict, click, conversion, p_hat: Optional[Tensor] = None) -> Tensor:
-        out = self.spec(outputs, click, conversion, p_hat=p_hat, **self.params)
+        out = self.spec(outputs, click, conversion, p_hat=p_hat, reduction=self.reduction, **self.params)
         self.last_parts = {k: v.detach() for k, v in out.items()}
         return out["loss"]
 
@@ -597,8 +600,8 @@ class EntireSpaceLoss(nn.Module):
 class ESMMLoss(EntireSpaceLoss):
     """ESMM, ESCM2 eq. (5): ``L_CTR + lambda_g * L_CTCVR`` (:func:`estimators.multitask.esmm_loss`)."""
 
-    def __init__(self, *, lambda_g: float = 1.0) -> None:
-        super().__init__("esmm", lambda_g=lambda_g)
+    def __init__(self, *, lambda_g: float = 1.0, reduction: str = "global") -> None:
+        super().__init__("esmm", lambda_g=lambda_g, reduction=reduction)
 
 
 class ESCM2Loss(EntireSpaceLoss):
@@ -608,27 +611,28 @@ class ESCM2Loss(EntireSpaceLoss):
     detached (:func:`estimators.multitask.escm2_loss`)."""
 
     def __init__(self, regularizer: str = "ips", *, lambda_c: float = 0.1, lambda_g: float = 1.0,
-                 gamma: float = 0.05) -> None:
+                 gamma: float = 0.05, reduction: str = "global") -> None:
         if regularizer not in ("ips", "dr", "badr"):
             raise ValueError(f"`regularizer` must be one of ('ips', 'dr', 'badr'); got {regularizer!r} "
                              "(ESMM, without regulariser, is ESMMLoss)")
-        super().__init__(f"escm2_{regularizer}", lambda_c=lambda_c, lambda_g=lambda_g, gamma=gamma)
+        super().__init__(f"escm2_{regularizer}", lambda_c=lambda_c, lambda_g=lambda_g, gamma=gamma,
+                         reduction=reduction)
         self.regularizer = regularizer
 
 
 class MultiIPSLoss(EntireSpaceLoss):
     """Multi-IPS (Zhang et al. 2020): ``L_CTR + lambda_c * R_IPS`` (:func:`estimators.multitask.multi_ips_loss`)."""
 
-    def __init__(self, *, lambda_c: float = 1.0, gamma: float = 0.05) -> None:
-        super().__init__("multi_ips", lambda_c=lambda_c, gamma=gamma)
+    def __init__(self, *, lambda_c: float = 1.0, gamma: float = 0.05, reduction: str = "global") -> None:
+        super().__init__("multi_ips", lambda_c=lambda_c, gamma=gamma, reduction=reduction)
 
 
 class MultiDRLoss(EntireSpaceLoss):
     """Multi-DR (Zhang et al. 2020): ``L_CTR + lambda_c * (R_DR_err + R_DR_imp)``
     (:func:`estimators.multitask.multi_dr_loss`; needs ``delta_hat``)."""
 
-    def __init__(self, *, lambda_c: float = 1.0, gamma: float = 0.05) -> None:
-        super().__init__("multi_dr", lambda_c=lambda_c, gamma=gamma)
+    def __init__(self, *, lambda_c: float = 1.0, gamma: float = 0.05, reduction: str = "global") -> None:
+        super().__init__("multi_dr", lambda_c=lambda_c, gamma=gamma, reduction=reduction)
 
 
 class DDPOLoss(EntireSpaceLoss):
@@ -636,5 +640,6 @@ class DDPOLoss(EntireSpaceLoss):
     needs ``conv_logit``)."""
 
     def __init__(self, *, lambda_c: float = 1.0, lambda_p: float = 1.0, lambda_g: float = 0.0,
-                 gamma: float = 0.05) -> None:
-        super().__init__("ddpo", lambda_c=lambda_c, lambda_p=lambda_p, lambda_g=lambda_g, gamma=gamma)
+                 gamma: float = 0.05, reduction: str = "global") -> None:
+        super().__init__("ddpo", lambda_c=lambda_c, lambda_p=lambda_p, lambda_g=lambda_g, gamma=gamma,
+                         reduction=reduction)
