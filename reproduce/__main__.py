@@ -367,9 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     joined = False
     try:
         joined = launch(args.device)  # under torchrun: one process group, each run trained by all
-        if world_size() > 1 and args.command in ("tune", "escm2"):
-            raise ValueError(f"{args.command} does not run under torchrun (its runs train in one process each); "
-                             "launch table3 or a paper experiment, or run it without torchrun")
+        if world_size() > 1 and args.command == "tune":
+            raise ValueError("tune does not run under torchrun (its trials train in one process each); launch "
+                             "table3, escm2 or a paper experiment, or run it without torchrun")
         if args.command == "table3":
             return cmd_table3(args)
         if args.command == "escm2":

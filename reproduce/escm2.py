@@ -87,10 +87,12 @@ import torch
 import torch.nn.functional as F
 
 from cvrdata.stream import CHUNK as STREAM_CHUNK, ChunkedBatches
+from estimators.distributed import Reduction, resolve
 from estimators.registry import get_entire_space
 from estimators.training.models import MMoE
 from simulate import ctcvr
 
+from .distributed import is_writer, world_size
 from .files import check_folder, locked, remove_stale_temporaries, replace
 from .metrics import auc
 from .progress import Progress
@@ -101,18 +103,27 @@ from .table import append_result, mean_std, read_results, run_key, write_history
 
 
 def naive_loss(outputs: Mapping[str, torch.Tensor], o: torch.Tensor, r: torch.Tensor, *,
-               lambda_c: float = 1.0) -> dict[str, torch.Tensor]:
+               lambda_c: float = 1.0, reduction: str | Reduction = "global") -> dict[str, torch.Tensor]:
     """Naive (ESCM2 Section V-A2): ``L = L_CTR + lambda_c * mean_O l(b, r)``, the CTR tower by the
     cross-entropy over all exposures (eq. 35), the CVR tower by the cross-entropy over the clicked
     exposures of the batch only (eq. 3, biased by the selection of clicks); a batch without a
-    click contributes no CVR term.  ``r`` is read only where ``o = 1``."""
+    click contributes no CVR term.  ``r`` is read only where ``o = 1``.  ``reduction``: across
+    data-parallel ranks, both means are the whole batch's and each rank returns its share
+    (:mod:`estimators.distributed`); in one process it changes nothing."""
+    red = resolve(reduction)
     a, b = outputs["ctr"], outputs["cvr"]
-    ctr = F.binary_cross_entropy_with_logits(a, o)
     clicked = o > 0
-    if bool(clicked.any()):
-        cvr = F.binary_cross_entropy_with_logits(b[clicked], r[clicked])
-    else:
-        cvr = b.sum() * 0.0
+    if not red.active:
+        ctr = F.binary_cross_entropy_with_logits(a, o)
+        if bool(clicked.any()):
+            cvr = F.binary_cross_entropy_with_logits(b[clicked], r[clicked])
+        else:
+            cvr = b.sum() * 0.0
+        return {"loss": ctr + lambda_c * cvr, "ctr": ctr, "cvr": cvr}
+    ctr = red.mean(F.binary_cross_entropy_with_logits(a, o, reduction="none"))
+    n_clicked = red.total(int(clicked.sum()), like=b)
+    per_click = F.binary_cross_entropy_with_logits(b[clicked], r[clicked], reduction="none")
+    cvr = red.share(per_click.sum() / n_clicked) if float(n_clicked) > 0 else b.sum() * 0.0
     return {"loss": ctr + lambda_c * cvr, "ctr": ctr, "cvr": cvr}
 
 
@@ -134,10 +145,10 @@ class Method:
         base = {"lambda_c": 1.0} if self.objective is None else dict(get_entire_space(self.objective).params)
         return {**base, **self.params}
 
-    def loss(self, outputs, o, r, params: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def loss(self, outputs, o, r, params: Mapping[str, float], reduction: str = "global") -> dict[str, torch.Tensor]:
         if self.objective is None:
-            return naive_loss(outputs, o, r, **params)
-        return get_entire_space(self.objective)(outputs, o, r, **params)
+            return naive_loss(outputs, o, r, **params, reduction=reduction)
+        return get_entire_space(self.objective)(outputs, o, r, **params, reduction=reduction)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -256,13 +267,14 @@ def data_folder(out: Path, exposures: Optional[int], data: Optional[str],
     return folder
 
 
-def batches(log: ctcvr.CTCVRLog, batch_size: int, rng: np.random.Generator) -> ChunkedBatches:
+def batches(log: ctcvr.CTCVRLog, batch_size: int, rng: np.random.Generator, rank: int = 0,
+            world: int = 1) -> ChunkedBatches:
     """``(users, items, o, r)`` mini-batches of one epoch over ``log``, streamed from its memory maps
     (:class:`cvrdata.stream.ChunkedBatches`): chunks of :data:`CHUNK` rows in a random order, rows
-    shuffled in each, drawn from ``rng``."""
+    shuffled in each, drawn from ``rng``; on ``world`` ranks, rank ``rank``'s part of each."""
     return ChunkedBatches({"user": log.user, "item": log.item, "click": log.click, "conversion": log.conversion},
                           {"user": torch.int64, "item": torch.int64, "click": torch.float32,
-                           "conversion": torch.float32}, batch_size, rng, chunk=CHUNK)
+                           "conversion": torch.float32}, batch_size, rng, chunk=CHUNK, rank=rank, world_size=world)
 
 
 @torch.no_grad()
@@ -320,11 +332,15 @@ class Run:
     protocol: Protocol
     dataset: str  # the data folder's name
     data_id: str  # its settings' fingerprint
+    world_size: int = 1  # the torchrun ranks that train it together (their float sums round otherwise)
 
     @property
     def signature(self) -> str:
-        blob = json.dumps({"method": self.method.name, "params": dict(self.params), "protocol": self.protocol.__dict__,
-                           "data": self.data_id}, sort_keys=True, default=list)
+        what = {"method": self.method.name, "params": dict(self.params), "protocol": self.protocol.__dict__,
+                "data": self.data_id}
+        if self.world_size > 1:  # one process's signatures stay as they were
+            what["world_size"] = self.world_size
+        blob = json.dumps(what, sort_keys=True, default=list)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     @property
@@ -337,7 +353,7 @@ def make_run(method: Method, seed: int, protocol: Protocol, folder: Path, **over
     data_id = hashlib.sha1(json.dumps([summary["n_exposures"], summary["settings"]], sort_keys=True).encode()
                            ).hexdigest()[:12]
     params = {**method.defaults(), **override}
-    return Run(method, tuple(sorted(params.items())), seed, protocol, folder.name, data_id)
+    return Run(method, tuple(sorted(params.items())), seed, protocol, folder.name, data_id, world_size())
 
 
 LOSS_PARTS = ("loss", "ctr", "ctcvr", "cvr", "cvr_err", "cvr_imp")
@@ -348,7 +364,7 @@ RESULT_COLUMNS = (
     "dataset", "method", "seed", "signature", "status", "lambda_c", "lambda_g", "params",
     "cvr_auc", "cvr_ks", "cvr_f1", "cvr_recall", "ctcvr_auc", "ctcvr_ks", "ctcvr_f1", "ctcvr_recall", "ctr_auc",
     "cvr_auc_exposures", "val_score", "select", "best_epoch", "epochs", "seconds", "seconds_per_epoch",
-    "exposures_per_second", "threads", "batch_size", "lr", "weight_decay",
+    "exposures_per_second", "threads", "batch_size", "lr", "weight_decay", "world_size",
     *(f"ieb_{s}_{k}" for s in ("train", "test") for k in ("exposures", "clicks", "label", "true_clicks", "true",
                                                          "estimate", "bias")))
 #: Columns of history.csv: the run key, then one row per epoch.
@@ -359,20 +375,34 @@ REQUIRED = ("dataset", "method", "seed", "signature", "status")
 
 def train_run(folder: Path, run: Run, show_progress: bool = True) -> dict[str, Any]:
     """Train ``run`` on ``folder``'s train split, choose its epoch on the validation split, score it on
-    the test split (and its IEB on train and test); return its results row with "history"."""
+    the test split (and its IEB on train and test); return its results row with "history".
+
+    Under ``torchrun`` (``run.world_size`` ranks) every rank trains the run together: the model in
+    ``DistributedDataParallel``, each rank its part of every global batch
+    (:class:`cvrdata.stream.ChunkedBatches`), the objective's means and ESCM2-BADR's normaliser over
+    the global batch (``reduction="global"``), so each step is one process's step on the global batch
+    up to float rounding; every rank scores the same model on validation and test (the same
+    choices), and the caller writes rank 0's row."""
+    import torch.distributed as dist
+
+    world = world_size()
+    if world != run.world_size:
+        raise ValueError(f"run planned for {run.world_size} rank(s) but {world} are training it")
+    rank = dist.get_rank() if world > 1 else 0
     train, val, test = (ctcvr.load_ctcvr(folder, split=s) for s in ctcvr.SPLITS)
     p, params = run.protocol, dict(run.params)
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the same initial model on every rank
     rng = np.random.default_rng([run.seed, 1])
     model = MMoE(len(train.user_fields), len(train.item_fields), tasks=run.method.towers, dim=p.dim,
                  n_experts=p.n_experts, expert_hidden=p.expert_hidden, expert_dim=p.expert_dim,
                  tower_hidden=p.tower_hidden, user_fields=np.array(train.user_fields),
                  item_fields=np.array(train.item_fields))  # copies: small tables, writable
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimiser = torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     steps = -(-len(train) // p.batch_size)
     swept = {k: v for k, v in params.items() if run.method.defaults().get(k) != v}
     label = f"{run.method.label} seed {run.seed}" + "".join(f" {k}={v:g}" for k, v in swept.items())
-    progress = Progress(label, p.max_epochs * steps) if show_progress else None
+    progress = Progress(label, p.max_epochs * steps) if show_progress and rank == 0 else None
     history: list[dict[str, Any]] = []
     best_score, best_epoch, best_state = -math.inf, 0, None
     status, start, train_seconds = "ok", time.perf_counter(), 0.0
@@ -380,10 +410,13 @@ def train_run(folder: Path, run: Run, show_progress: bool = True) -> dict[str, A
         t0 = time.perf_counter()
         sums = dict.fromkeys(LOSS_PARTS, 0.0)
         seen = dict.fromkeys(LOSS_PARTS, 0)
-        for step, (users, items, o, r) in enumerate(batches(train, p.batch_size, rng), 1):
-            parts = run.method.loss(model(users, items), o, r, params)
+        for step, (users, items, o, r) in enumerate(batches(train, p.batch_size, rng, rank, world), 1):
+            parts = run.method.loss(net(users, items), o, r, params)
             loss = parts["loss"]
-            if not bool(torch.isfinite(loss)):
+            finite = torch.isfinite(loss.detach()).to(torch.float64)
+            if world > 1:  # every rank stops together
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
                 status = "diverged"
                 break
             optimiser.zero_grad(set_to_none=True)
@@ -398,6 +431,10 @@ def train_run(folder: Path, run: Run, show_progress: bool = True) -> dict[str, A
         train_seconds += time.perf_counter() - t0
         if status != "ok":
             break
+        if world > 1:  # the ranks' shares: their mean is the global batch's loss
+            total = torch.tensor([sums[k] for k in LOSS_PARTS], dtype=torch.float64)
+            dist.all_reduce(total)
+            sums = dict(zip(LOSS_PARTS, (total / world).tolist()))
         scores = observed_metrics(val, *predict(model, val))
         score = scores[f"{p.select}_auc"]
         better = not math.isnan(score) and score > best_score
@@ -415,7 +452,7 @@ def train_run(folder: Path, run: Run, show_progress: bool = True) -> dict[str, A
                            "lambda_g": params.get("lambda_g"), "params": json.dumps(params, sort_keys=True),
                            "select": p.select, "best_epoch": best_epoch, "epochs": len(history),
                            "threads": torch.get_num_threads(), "batch_size": p.batch_size, "lr": p.lr,
-                           "weight_decay": p.weight_decay, "history": history}
+                           "weight_decay": p.weight_decay, "world_size": world, "history": history}
     epochs_run = max(1, len(history))
     row["seconds_per_epoch"] = train_seconds / epochs_run
     row["exposures_per_second"] = len(train) * len(history) / train_seconds if history and train_seconds else None
@@ -487,11 +524,15 @@ def execute(folder: Path, runs: list[Run], out: Path, jobs: int = 1, threads: Op
         print(f"{len(runs) - len(todo)} of {len(runs)} run(s) already in {results}: skipped", file=sys.stderr)
 
     def record(row: dict[str, Any]) -> None:
+        if not is_writer():  # under torchrun: rank 0 writes each run's one row
+            return
         hist = row.pop("history")
         write_history(history, row, hist, columns=HISTORY_COLUMNS)
         append_result(results, row, columns=RESULT_COLUMNS)
         on_row(row)
 
+    if world_size() > 1 and jobs != 1:
+        raise ValueError("under torchrun the launched processes train each run together: use --jobs 1")
     if jobs == 1 or len(todo) < 2:
         for run in todo:
             record(train_run(folder, run))
@@ -791,10 +832,17 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: escm2 trains on the CPU only")
     out_root = check_folder(args.out, "--out")
     out = check_folder(out_root / "escm2", "--out's escm2 folder")
-    remove_stale_temporaries(out)
+    if is_writer():
+        remove_stale_temporaries(out)
     parts = ["tables", "ieb"] if args.no_sweeps else args.parts
     exposures = args.exposures if args.exposures is not None or args.data else DEFAULT_EXPOSURES
-    folder = data_folder(out_root, exposures, args.data, log=lambda line: print(line, file=sys.stderr))
+    writer = is_writer()
+    if writer:  # under torchrun rank 0 simulates a missing log while the others wait
+        folder = data_folder(out_root, exposures, args.data, log=lambda line: print(line, file=sys.stderr))
+    if world_size() > 1:
+        torch.distributed.barrier()
+        if not writer:
+            folder = data_folder(out_root, exposures, args.data)
     protocol = Protocol(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                         max_epochs=args.max_epochs or Protocol.max_epochs, patience=args.patience, select=args.select)
     the_plan = plan(folder, args.methods, args.seeds, protocol, parts, args.lambda_c_grid, args.lambda_g_grid,
@@ -802,9 +850,13 @@ def run_command(args: argparse.Namespace) -> int:
     runs = the_plan.runs()
     trained = 0
     if not args.table_only:
-        print(f"escm2: {len(runs)} run(s) on {folder} ({', '.join(parts)})", file=sys.stderr)
-        trained = execute(folder, runs, out, jobs=args.jobs, threads=args.threads,
+        if writer:
+            print(f"escm2: {len(runs)} run(s) on {folder} ({', '.join(parts)})"
+                  + (f", each on {world_size()} ranks" if world_size() > 1 else ""), file=sys.stderr)
+        trained = execute(folder, runs, out, jobs=1 if world_size() > 1 else args.jobs, threads=args.threads,
                           on_row=lambda row: render(out, the_plan, folder, [t for t in parts if t in ("tables", "ieb")]))
+    if not writer:  # rank 0 renders, from the rows it wrote
+        return 0
     written = render(out, the_plan, folder, parts)
     for path in written:
         if path.suffix == ".md":

@@ -316,3 +316,39 @@ def test_joint_learner_on_two_ranks(two_ranks):
     assert not all(torch.equal(x, y) for x, y in zip(a["draws"][0], b["draws"][0]))  # other ranks: others
     assert a["steps"] == b["steps"] and set(a["steps"][0]) == {"prediction_loss", "imputation_loss", "monitor"}
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+
+
+def test_torchrun_escm2_equals_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m reproduce escm2``: every run trained by both ranks on their parts
+    of each global batch, one row each (world_size 2, another signature), and the same training as
+    one process up to float32 rounding: per-epoch losses, validation choices and Table VI's estimates."""
+    import csv
+
+    argv = ["escm2", "--exposures", "20000", "--methods", "escm2_badr,naive", "--seeds", "1", "--no-sweeps",
+            "--max-epochs", "2", "--threads", "1"]
+    env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "reproduce", *argv, "--jobs", "1", "--out", str(tmp_path / "one")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), "-m", "reproduce", *argv, "--out", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def read(name: str, world: str) -> list[dict]:
+        with open(tmp_path / world / "escm2" / name) as f:
+            return list(csv.DictReader(f))
+
+    rows = {w: {r["method"]: r for r in read("results.csv", w)} for w in ("one", "two")}
+    assert set(rows["one"]) == set(rows["two"]) == {"escm2_badr", "naive", "esmm", "escm2_ips", "escm2_dr"}
+    for method, r1 in rows["one"].items():
+        r2 = rows["two"][method]
+        assert (r1["world_size"], r2["world_size"]) == ("1", "2") and r1["signature"] != r2["signature"]
+        assert r1["best_epoch"] == r2["best_epoch"] and r1["status"] == r2["status"] == "ok"
+        for key in ("val_score", "ieb_test_estimate", "ctr_auc"):
+            assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-4), (method, key)
+    hist = {w: {(r["method"], r["epoch"]): r for r in read("history.csv", w)} for w in ("one", "two")}
+    assert set(hist["one"]) == set(hist["two"])
+    for key, h1 in hist["one"].items():
+        for col in ("train_loss", "train_ctr", "train_cvr"):
+            assert float(hist["two"][key][col]) == pytest.approx(float(h1[col]), rel=1e-4), (key, col)
