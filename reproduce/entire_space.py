@@ -34,6 +34,12 @@ the config's ``tol`` and ``patience``) on the epoch sum of the steps' objective,
 and AUC per epoch are recorded in the history (``history``) and drive nothing.  A loss or a
 parameter that stops being finite raises :class:`estimators.training.Diverged`.
 
+Data parallel.  Under ``torchrun`` every rank walks the same permutation and trains its
+``tensor_split`` part of each step's exposures, the towers in ``DistributedDataParallel`` and the
+objective's means (and ESCM2-BADR's normaliser) over the global step (``reduction="global"``,
+:mod:`estimators.distributed`), so a step is one process's step on the whole batch up to float
+rounding; the epoch's monitor is the ranks' shares summed, the same on every rank.
+
 Evaluation.  The CVR tower's ``sigmoid`` on the test (or, for tuning, validation) pairs, by
 :func:`reproduce.train.evaluate`, exactly as the other rows.
 
@@ -71,6 +77,7 @@ from cvrdata import CVRData
 from estimators.training import Diverged, EarlyStopping, EntireSpaceLoss, EntireSpaceMF
 
 from .config import Config
+from .distributed import world_size
 from .methods import Method
 from .metrics import auc
 from .progress import Progress
@@ -129,6 +136,9 @@ def run_entire_space(data: CVRData, cfg: Config, method: Method, params: dict[st
 
     model, objective = build(method, params, data.n_users, data.n_items, cfg.dim)
     model = model.to(device)
+    world = world_size()
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimiser = torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     o, r = exposure_space(data, device)
     n_pairs = data.n_pairs
@@ -146,12 +156,18 @@ def run_entire_space(data: CVRData, cfg: Config, method: Method, params: dict[st
         monitor = 0.0
         for j in range(n_steps):
             idx = perm[j * b:(j + 1) * b]
+            if world > 1:  # this rank's part of the step's exposures
+                idx = idx.tensor_split(world)[rank]
             users, items = idx // data.n_items, idx % data.n_items
-            loss = objective.from_outputs(model(users, items), o[idx], r[idx])
+            loss = objective.from_outputs(net(users, items), o[idx], r[idx])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             monitor += float(loss.detach())
+        if world > 1:  # each rank's share of every step's loss: their mean is the global monitor
+            total = torch.tensor(monitor, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            monitor = float(total) / world
         if not math.isfinite(monitor):
             _diverged(progress, f"{data.name} {method.name} seed {seed}: training loss is {monitor} at epoch "
                                 f"{epoch}; lower the learning rate")

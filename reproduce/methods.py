@@ -208,12 +208,11 @@ class Method:
     @property
     def data_parallel(self) -> bool:
         """Whether a run can be spread over ``torchrun``'s ranks: the plain joint learner's methods
-        (:mod:`estimators.distributed` takes their normalisers over the global batch).  The methods
-        that train other models or schedules (entire-space, propensity-free, cycle learning, DCE's
-        calibrators, GPL's propensity rounds) have no
-        data-parallel path yet."""
-        return (self.entire_space is None and self.propensity_free is None and not self.cycle
-                and not self.calibration and self.propensity_objective is None)
+        and the entire-space ones (:mod:`estimators.distributed` takes their normalisers and means
+        over the global batch).  The methods that train other models or schedules (propensity-free,
+        cycle learning, DCE's calibrators, GPL's propensity rounds) have no data-parallel path yet."""
+        return (self.propensity_free is None and not self.cycle and not self.calibration
+                and self.propensity_objective is None)
 
     @property
     def uses_propensity(self) -> bool:

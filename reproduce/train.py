@@ -360,7 +360,7 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     if not method.data_parallel and world_size() > 1:
         raise ValueError(f"method {method.name!r} trains models or schedules of its own outside the joint learner "
                          "and does not run under torchrun yet; launch the joint-learning methods (mf, ips, snips, "
-                         "dr_jl, ..., badr)")
+                         "dr_jl, ..., badr) or the entire-space ones (esmm, escm2_*, multi_*, ddpo)")
     if method.entire_space is not None:  # the multi-task rows: their own loop over the exposures
         from .entire_space import run_entire_space
 

@@ -352,3 +352,36 @@ def test_torchrun_escm2_equals_one_process(tmp_path):
     for key, h1 in hist["one"].items():
         for col in ("train_loss", "train_ctr", "train_cvr"):
             assert float(hist["two"][key][col]) == pytest.approx(float(h1[col]), rel=1e-4), (key, col)
+
+
+def test_torchrun_entire_space_rows_equal_one_process(tmp_path):
+    """``torchrun ... table3`` with entire-space rows (ESCM2-BADR, DDPO): both ranks walk the same
+    permutation of D and train their halves of every step, one row each with world_size 2, and the
+    same training as one process up to float32 rounding (epoch losses, epochs, test AUC)."""
+    from reproduce.table import read_results
+
+    data = _toy_folder(tmp_path / "toy")
+    argv = ["--datasets", str(data), "--methods", "escm2_badr,ddpo", "--seeds", "1", "--max-epochs", "3",
+            "--threads", "1"]
+    env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "reproduce", "table3", *argv, "--jobs", "1", "--out",
+                          str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), "-m", "reproduce", "table3", *argv, "--out", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = {w: {r["method"]: r for r in read_results(tmp_path / w / "results.csv")} for w in ("one", "two")}
+    assert set(rows["one"]) == set(rows["two"]) == {"escm2_badr", "ddpo"}
+    for method, r1 in rows["one"].items():
+        r2 = rows["two"][method]
+        assert r2["world_size"] == 2 and r1["epochs"] == r2["epochs"]
+        assert r2["auc"] == pytest.approx(r1["auc"], abs=1e-4), method
+    hist = {}
+    for w in ("one", "two"):
+        lines = (tmp_path / w / "history.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        hist[w] = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    assert len(hist["one"]) == len(hist["two"]) > 0
+    for h1, h2 in zip(hist["one"], hist["two"]):
+        assert float(h2["monitor"]) == pytest.approx(float(h1["monitor"]), rel=1e-4)
