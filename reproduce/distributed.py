@@ -58,3 +58,17 @@ def finish() -> None:
     """Leave the process group (when :func:`launch` joined one)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_ranks_agree(what: str, *tensors: torch.Tensor) -> None:
+    """Under ``torchrun``: raise ``RuntimeError`` unless every rank holds the same ``tensors`` (their
+    float64 sums and sums of squares, all-gathered), e.g. a run's models after training, which DDP
+    and the ranks' identical replicated steps must keep alike.  One process: nothing."""
+    if world_size() <= 1:
+        return
+    mine = torch.tensor([v for t in tensors for v in (float(t.double().sum()), float(t.double().square().sum()))],
+                        dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(every, mine)
+    if not all(torch.equal(every[0], other) for other in every[1:]):
+        raise RuntimeError(f"the ranks' {what} differ after training: a step ran outside the data-parallel path")

@@ -207,12 +207,12 @@ class Method:
 
     @property
     def data_parallel(self) -> bool:
-        """Whether a run can be spread over ``torchrun``'s ranks: the plain joint learner's methods
-        and the entire-space ones (:mod:`estimators.distributed` takes their normalisers and means
-        over the global batch).  The methods that train other models or schedules (propensity-free,
-        cycle learning, DCE's calibrators, GPL's propensity rounds) have no data-parallel path yet."""
-        return (self.propensity_free is None and not self.cycle and not self.calibration
-                and self.propensity_objective is None)
+        """Whether a run can be spread over ``torchrun``'s ranks: the joint learner's methods (DCE's
+        calibrators and GPL's propensity rounds are fitted alike on every rank, from the models DDP
+        keeps alike) and the entire-space ones (:mod:`estimators.distributed` takes their normalisers
+        and means over the global batch).  The propensity-free models and StableDR's cycle learning
+        (a propensity model trained on each rank's own pairs U) have no data-parallel path yet."""
+        return self.propensity_free is None and not self.cycle
 
     @property
     def uses_propensity(self) -> bool:

@@ -109,7 +109,7 @@ from estimators.training import (CycleConfig, CycleLearner, DCEConfig, DCELearne
                                  propensity_table)
 
 from .config import Config
-from .distributed import world_size
+from .distributed import check_ranks_agree, world_size
 from .files import replace_with
 from .methods import Method
 from .metrics import auc, ranking_at_k
@@ -470,6 +470,9 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
             progress.close(f"diverged: {exc}")
         raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
     epoch = len(epochs)
+    models = [m for m in (learner.prediction, getattr(learner, "imputation", None)) if m is not None]
+    check_ranks_agree(f"{method.name} models and propensities", *(p.detach() for m in models for p in m.parameters()),
+                      *([] if getattr(learner, "p_hat", None) is None else [learner.p_hat]))
     fit_seconds = time.perf_counter() - start - prop_seconds
     x_eval, y_eval = (data.x_test, data.y_test) if split == "test" else (data.x_val, data.y_val)
     metrics = evaluate(learner, x_eval, y_eval, cfg.k)

@@ -385,3 +385,22 @@ def test_torchrun_entire_space_rows_equal_one_process(tmp_path):
     assert len(hist["one"]) == len(hist["two"]) > 0
     for h1, h2 in zip(hist["one"], hist["two"]):
         assert float(h2["monitor"]) == pytest.approx(float(h1["monitor"]), rel=1e-4)
+
+
+def test_torchrun_trains_dce_and_gpl_rows_alike_on_every_rank(tmp_path):
+    """DCE-TDR (calibrators fitted on every rank) and DR-MSE-GPL (propensity rounds on every rank)
+    under ``torchrun``: one row each with world_size 2; the run checks that the ranks' models and
+    propensity tables agree after training (``reproduce.distributed.check_ranks_agree``)."""
+    from reproduce.table import read_results
+
+    data, out = _toy_folder(tmp_path / "toy"), tmp_path / "out"
+    argv = ["--datasets", str(data), "--methods", "dce_tdr,dr_mse_gpl", "--seeds", "1", "--max-epochs", "2",
+            "--threads", "1", "--batch-size", "64", "--out", str(out)]
+    env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), "-m", "reproduce", "table3", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["method"]: r for r in read_results(out / "results.csv")}
+    assert set(rows) == {"dce_tdr", "dr_mse_gpl"} and all(r["world_size"] == 2 for r in rows.values())
+    assert all(r["status"] in ("ok", "chance") for r in rows.values())

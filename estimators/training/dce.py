@@ -148,7 +148,9 @@ class DCELearner(JointLearner):
     clicked pairs ``(users_v, items_v, r_v)`` with their conversion labels, which only the
     imputation calibrator reads (C4).  ``config`` names an estimator that reads imputed errors
     (DCE-TDR: ``dr`` with the imputation loss ``tdr_cl``).  Trains on the module path (autograd,
-    ``torch.optim.Adam``): the calibrated imputed errors have no fused kernel.
+    ``torch.optim.Adam``): the calibrated imputed errors have no fused kernel.  Under data
+    parallelism the models train through their DDP wrappers and the calibrators, fitted on ``V``
+    from the (identical) models of every rank, are the same on every rank.
     """
 
     def __init__(self, propensities: Tensor, config: JointConfig, dce: DCEConfig,
@@ -194,10 +196,10 @@ class DCELearner(JointLearner):
         """The prediction step: DR (eq. 7; TDR's step, see the module docstring) with ``p_bar`` and
         the calibrated imputed errors ``l(x, C(x_t, u))`` on B and U (detached)."""
         cfg = self.config
-        x = self.prediction(rows, cols)
+        x = self._train_modules[id(self.prediction)](rows, cols)  # its DDP wrapper under data parallelism
         xt = self.calibrated_imputation_logits(rows, cols)
         loss = prediction_loss(cfg.estimator, x[:b], r, p_hat, x[b:], xt[:b], xt[b:], cfg.imputation,
-                               cfg.cross_entropy, validate=False)
+                               cfg.cross_entropy, validate=False, reduction=self.reduction)
         self._descend(self.pred_opt, loss)
         return float(loss.detach()), x[:b].detach()
 
