@@ -81,7 +81,7 @@ def stabledr_step(x_b, r_b, p_hat_b, x_u, xt_b, xt_u, form) -> Tensor:
 
 
 def stabledr_propensity_loss(z_u: Tensor, o_u: Tensor, e_hat_u: Tensor, *, eta: float, gamma: float,
-                             reduction: str = "sum") -> Tensor:
+                             reduction: str = "sum", across: str | Reduction = "global") -> Tensor:
     """SDR-prop: the propensity model's loss in cycle learning, from its logits ``z_u`` on the pairs U.
 
     ``z_u``: propensity logits on U (pairs drawn uniformly from ALL user-item pairs); ``o_u``:
@@ -97,6 +97,13 @@ def stabledr_propensity_loss(z_u: Tensor, o_u: Tensor, e_hat_u: Tensor, *, eta: 
     propensities only where they weigh).  The clip is applied on the logit,
     ``z_c = max(z, logit(gamma))``, and ``1 / p_hat = 1 + exp(-z_c) <= 1 / gamma``: finite for any
     finite ``z``; below the floor the balancing term has no gradient in ``z``.
+
+    ``across``: under ``torch.distributed`` with U split across the ranks, ``"global"`` (the
+    default) takes ``mean_U e_hat``, the sums (or means) and the balancing sum inside the square
+    over all ranks' pairs (the last through the differentiable all-reduce, as eq. 32's) and returns
+    this rank's share, written ``sum_{U_r} l + eta B_r S`` for ``S = sum_U b`` and ``B_r`` the
+    rank's part of it, times the world size; ``"local"`` each rank's own U
+    (:mod:`estimators.distributed`).  In one process it changes nothing.
     """
     for name, t in (("z_u", z_u), ("o_u", o_u), ("e_hat_u", e_hat_u)):
         if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
@@ -116,11 +123,18 @@ def stabledr_propensity_loss(z_u: Tensor, o_u: Tensor, e_hat_u: Tensor, *, eta: 
         raise ValueError(f"`gamma` (propensity clipping floor) must lie in (0, 1); got {gamma!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}; got {reduction!r}")
+    red = resolve(across)
     e_hat_u = e_hat_u.detach()
     z_c = torch.clamp(z_u, min=math.log(gamma / (1.0 - gamma)))
     inv_p = 1.0 + torch.exp(-z_c)
-    balance = (1.0 - o_u * inv_p) * (e_hat_u - e_hat_u.mean())
     cross_entropy = torch.nn.functional.softplus(z_u) - o_u * z_u
-    if reduction == "sum":
-        return cross_entropy.sum() + eta * balance.sum() ** 2
-    return cross_entropy.mean() + eta * balance.mean() ** 2
+    if not red.active:  # one process: the expressions above, term for term
+        balance = (1.0 - o_u * inv_p) * (e_hat_u - e_hat_u.mean())
+        if reduction == "sum":
+            return cross_entropy.sum() + eta * balance.sum() ** 2
+        return cross_entropy.mean() + eta * balance.mean() ** 2
+    n_u, e_sum = red.total(z_u.numel(), e_hat_u.sum(), like=z_u)
+    balance = ((1.0 - o_u * inv_p) * (e_hat_u - e_sum / n_u)).sum()
+    total = red.total(balance)  # carries the gradient of every rank's part of the square
+    scale = 1.0 if reduction == "sum" else 1.0 / n_u
+    return red.share((cross_entropy.sum() + eta * balance * total * scale) * scale)

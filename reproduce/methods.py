@@ -209,10 +209,10 @@ class Method:
     def data_parallel(self) -> bool:
         """Whether a run can be spread over ``torchrun``'s ranks: the joint learner's methods (DCE's
         calibrators and GPL's propensity rounds are fitted alike on every rank, from the models DDP
-        keeps alike) and the entire-space ones (:mod:`estimators.distributed` takes their normalisers
-        and means over the global batch).  The propensity-free models and StableDR's cycle learning
-        (a propensity model trained on each rank's own pairs U) have no data-parallel path yet."""
-        return self.propensity_free is None and not self.cycle
+        keeps alike; StableDR's propensity model trains through DDP on SDR-prop's global sums) and
+        the entire-space ones (:mod:`estimators.distributed` takes their normalisers and means over
+        the global batch).  The propensity-free models have no data-parallel path yet."""
+        return self.propensity_free is None
 
     @property
     def uses_propensity(self) -> bool:

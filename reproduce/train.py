@@ -358,9 +358,10 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         raise ValueError(f"max_epochs must be a positive integer; got {max_epochs}")
     device = resolve_device(device)
     if not method.data_parallel and world_size() > 1:
-        raise ValueError(f"method {method.name!r} trains models or schedules of its own outside the joint learner "
-                         "and does not run under torchrun yet; launch the joint-learning methods (mf, ips, snips, "
-                         "dr_jl, ..., badr) or the entire-space ones (esmm, escm2_*, multi_*, ddpo)")
+        raise ValueError(f"method {method.name!r} trains a propensity-free model of its own and does not run "
+                         "under torchrun yet; launch the joint-learning methods (mf, ips, snips, "
+                         "dr_jl, ..., badr, stabledr, dce_tdr, dr_mse_gpl) or the entire-space ones (esmm, escm2_*, "
+                         "multi_*, ddpo)")
     if method.entire_space is not None:  # the multi-task rows: their own loop over the exposures
         from .entire_space import run_entire_space
 
@@ -470,7 +471,8 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
             progress.close(f"diverged: {exc}")
         raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
     epoch = len(epochs)
-    models = [m for m in (learner.prediction, getattr(learner, "imputation", None)) if m is not None]
+    models = [m for m in (learner.prediction, getattr(learner, "imputation", None), getattr(learner, "propensity", None))
+              if m is not None]
     check_ranks_agree(f"{method.name} models and propensities", *(p.detach() for m in models for p in m.parameters()),
                       *([] if getattr(learner, "p_hat", None) is None else [learner.p_hat]))
     fit_seconds = time.perf_counter() - start - prop_seconds

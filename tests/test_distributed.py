@@ -27,6 +27,7 @@ from torch import nn
 
 from estimators import distributed as D
 from estimators.registry import ENTIRE_SPACE, ESTIMATORS, IMPUTATION_LOSSES
+from estimators.stabledr import stabledr_propensity_loss
 from estimators.training.losses import imputation_loss, prediction_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,7 @@ def cases() -> list[tuple[str, str, str, dict]]:
         out += [(f"function/imputation/{name}/{dim}d", "imputation_function", name, {"dim": dim}) for dim in (1, 2)]
     for name in ENTIRE_SPACE:
         out += [(f"entire_space/{name}/{dim}d", "entire_space", name, {"dim": dim}) for dim in (1, 2)]
+    out += [(f"propensity/stabledr/{form}", "propensity", "stabledr", form) for form in ("sum", "mean")]
     return out
 
 
@@ -115,6 +117,11 @@ def _loss(kind: str, name: str, option, data: dict, tables, rank: int, world: in
             return prediction_loss(name, t["x_b"], r, p, t["x_u"], t["xt_b"], t["xt_u"], reduction=reduction, **form)
         return imputation_loss(name, t["xt_b"], t["x_b"], r, p, t["xt_u"], t["x_u"], alpha=0.3, reduction=reduction,
                                **form)
+    if kind == "propensity":  # StableDR's SDR-prop on U: logits x, imputed errors xt, clicks every third pair
+        t = tables({"z_u": ("x", B + u), "e_hat_u": ("xt", B + u)})
+        o_u = (torch.arange(G * B)[u] % 3 == 0).to(torch.float64)
+        return stabledr_propensity_loss(t["z_u"], o_u, t["e_hat_u"], eta=0.7, gamma=0.05, reduction=option,
+                                        across=reduction)
     cols = torch.arange(B).tensor_split(world)[rank]
     rows = slice(None) if option["dim"] == 2 else 0
     if kind == "entire_space":
@@ -135,7 +142,7 @@ ENTIRE_SPACE_TOWERS = {"ctr": "a", "cvr": "b", "imputation": "dh", "conversion":
 
 
 def _table(kind: str, data: dict) -> Table:
-    if kind in ("prediction", "imputation"):
+    if kind in ("prediction", "imputation", "propensity"):
         return Table(x=data["x"], xt=data["xt"])
     if kind == "entire_space":
         return Table(**{key: data[key] for key in ENTIRE_SPACE_TOWERS.values()})
@@ -155,9 +162,10 @@ def _run(kind, name, option, data, rank, world, reduction, ddp: bool):
 #: The losses that divide by a batch sum (the registry's self-normalised estimators: SNIPS eq. 37,
 #: BADR eq. 13) or hold batch sums inside their square (eq. 32 in both forms).
 SELF_NORMALISED = [("prediction", n) for n, s in ESTIMATORS.items() if s.self_normalised and s.step is not None] + [
-    ("imputation", "badr"), ("imputation", "badr_paper"), ("entire_space", "escm2_badr")]
+    ("imputation", "badr"), ("imputation", "badr_paper"), ("entire_space", "escm2_badr"), ("propensity", "stabledr")]
 #: Each self-normalised case's option and the logits table whose gradient shows the normaliser.
-_NORMALISED_AT = {"prediction": ("0", "x"), "imputation": ("0", "xt"), "entire_space": ({"dim": 1}, "b")}
+_NORMALISED_AT = {"prediction": ("0", "x"), "imputation": ("0", "xt"), "entire_space": ({"dim": 1}, "b"),
+                  "propensity": ("sum", "x")}
 
 #: gloo's transport on Linux: the loopback interface (a container's hostname may resolve elsewhere).
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if sys.platform.startswith("linux") else {}
@@ -387,14 +395,15 @@ def test_torchrun_entire_space_rows_equal_one_process(tmp_path):
         assert float(h2["monitor"]) == pytest.approx(float(h1["monitor"]), rel=1e-4)
 
 
-def test_torchrun_trains_dce_and_gpl_rows_alike_on_every_rank(tmp_path):
-    """DCE-TDR (calibrators fitted on every rank) and DR-MSE-GPL (propensity rounds on every rank)
-    under ``torchrun``: one row each with world_size 2; the run checks that the ranks' models and
+def test_torchrun_trains_own_schedules_alike_on_every_rank(tmp_path):
+    """DCE-TDR (calibrators fitted on every rank), DR-MSE-GPL (propensity rounds on every rank) and
+    StableDR (its propensity model in DDP on SDR-prop's global sums) under ``torchrun``: one row each
+    with world_size 2; the run checks that the ranks' models (StableDR's propensity model too) and
     propensity tables agree after training (``reproduce.distributed.check_ranks_agree``)."""
     from reproduce.table import read_results
 
     data, out = _toy_folder(tmp_path / "toy"), tmp_path / "out"
-    argv = ["--datasets", str(data), "--methods", "dce_tdr,dr_mse_gpl", "--seeds", "1", "--max-epochs", "2",
+    argv = ["--datasets", str(data), "--methods", "dce_tdr,dr_mse_gpl,stabledr", "--seeds", "1", "--max-epochs", "2",
             "--threads", "1", "--batch-size", "64", "--out", str(out)]
     env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -402,5 +411,5 @@ def test_torchrun_trains_dce_and_gpl_rows_alike_on_every_rank(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["method"]: r for r in read_results(out / "results.csv")}
-    assert set(rows) == {"dce_tdr", "dr_mse_gpl"} and all(r["world_size"] == 2 for r in rows.values())
+    assert set(rows) == {"dce_tdr", "dr_mse_gpl", "stabledr"} and all(r["world_size"] == 2 for r in rows.values())
     assert all(r["status"] in ("ok", "chance") for r in rows.values())

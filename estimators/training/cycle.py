@@ -31,7 +31,9 @@ learns one smoothing scalar of a Naive Bayes propensity fed with 5 % of the TEST
 toolkit never lets a label reach the propensity.)
 
 Runs on the module path (autograd, ``torch.optim.Adam`` for the three models): the fast path's
-fused kernels assume a frozen propensity table.  ``imputation_first`` is not read: the order
+fused kernels assume a frozen propensity table.  Under data parallelism all three models train
+through DDP wrappers, SDR-prop's sums over U span the ranks (``across``), and the step's losses
+and monitor are the global batch's.  ``imputation_first`` is not read: the order
 above is the cycle's.
 """
 from __future__ import annotations
@@ -159,6 +161,14 @@ class CycleLearner(JointLearner):
         self.cycle = cycle
         self.prop_opt = torch.optim.Adam(self.propensity.parameters(), lr=cycle.prop_lr,
                                          weight_decay=cycle.prop_weight_decay)
+        # Data parallel: the propensity model learns from every rank's pairs U through its DDP wrapper.
+        self._train_modules[id(self.propensity)] = self.propensity
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            self._train_modules[id(self.propensity)] = DistributedDataParallel(self.propensity, device_ids=ids,
+                                                                                process_group=self.group)
 
     @torch.no_grad()
     def current_propensities(self, users: Tensor, items: Tensor) -> Tensor:
@@ -194,11 +204,14 @@ class CycleLearner(JointLearner):
                                                                    self.current_propensities(users, items))
         # 2. propensity, on U: click indicators and imputed errors only
         o_u = self.o[users_u * self.n_items + items_u]
-        z_u = self.propensity(users_u, items_u)
-        if not bool(torch.isfinite(z_u.detach()).all()):  # fit reads a NaN monitor as divergence
+        z_u = self._train_modules[id(self.propensity)](users_u, items_u)
+        finite = torch.isfinite(z_u.detach()).all().to(torch.float64)
+        if self.world_size > 1:  # every rank stops together
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        if not bool(finite):  # fit reads a NaN monitor as divergence
             return {**out, "propensity_loss": math.nan, "prediction_loss": math.nan, "monitor": math.nan}
         loss = stabledr_propensity_loss(z_u, o_u, self._imputed_on(users_u, items_u), eta=self.cycle.eta,
-                                        gamma=self.cycle.gamma, reduction=self.cycle.reduction)
+                                        gamma=self.cycle.gamma, reduction=self.cycle.reduction, across=self.reduction)
         self._descend(self.prop_opt, loss)
         out["propensity_loss"] = float(loss.detach())
         # 3. prediction, on the updated propensities
@@ -206,8 +219,16 @@ class CycleLearner(JointLearner):
         out["prediction_loss"], _ = self._module_prediction_update(rows, cols, b, r, p_b)
         with torch.no_grad():
             x_b = self.prediction(users, items)
-            scale = (1.0 / self.p_hat[users * self.n_items + items]).sum() / (1.0 / p_b).sum()
-            out["monitor"] = float(monitor(x_b, r, p_b.to(x_b.dtype), self.form) * scale)
+            m_b = monitor(x_b, r, p_b.to(x_b.dtype), self.form)
+            w0, w = (1.0 / self.p_hat[users * self.n_items + items]).sum(), (1.0 / p_b).sum()
+        if self.world_size == 1:
+            out["monitor"] = float(m_b * (w0 / w))
+            return out
+        # the global batch's sums: the losses' mean over the ranks, one monitor
+        parts = torch.stack([m_b, w0, w]).double()
+        torch.distributed.all_reduce(parts, group=self.group)
+        out = self._global_values(out)
+        out["monitor"] = float(parts[0] * parts[1] / parts[2])
         return out
 
     def propensity_table(self) -> Tensor:
