@@ -109,7 +109,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--log {args.log}: not a folder of python -m simulate ctcvr (no summary.json)")
     from reproduce.methods import METHODS
     m = METHODS.get(args.method)
-    if m is None or not (m.data_parallel and m.uses_propensity and m.propensity_adjustment is None):
+    if m is None or not (m.uses_propensity and m.propensity_adjustment is None and not m.cycle and not m.calibration
+                         and m.propensity_objective is None):
         parser.error(f"--method {args.method!r}: expected a method of the plain joint learner on a frozen propensity "
                      "(e.g. ips, snips, dr_jl, mrdr, badr)")
     for name in ("negatives", "prop_epochs", "batch_size", "dim"):

@@ -113,6 +113,27 @@ class Reduction:
             start += t.numel()
         return out[0] if len(out) == 1 else tuple(out)
 
+    def maximum(self, value: Tensor) -> Tensor:
+        """The elementwise maximum of ``value`` over the ranks, detached (a shift that keeps a sum of
+        exponentials in range: :func:`logsumexp`).  Inactive: ``value`` detached."""
+        value = value.detach()
+        if not self.active:
+            return value
+        import torch.distributed as dist
+        out = value.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        TRAFFIC.calls += 1
+        TRAFFIC.bytes += out.numel() * out.element_size()
+        return out
+
+    def logsumexp(self, values: Tensor) -> Tensor:
+        """``log sum exp(values)`` over the global batch (all ranks' ``values``, 1-D), with its
+        gradient; inactive: ``torch.logsumexp(values, 0)``."""
+        if not self.active:
+            return torch.logsumexp(values, 0)
+        shift = self.maximum(torch.logsumexp(values, 0))
+        return torch.log(self.total(torch.exp(values - shift).sum())) + shift
+
     def share(self, value: Tensor) -> Tensor:
         """This rank's share of a global-batch loss whose part on its own pairs is ``value``
         (already over the global normaliser), scaled by the world size so that DDP's mean of

@@ -6,7 +6,11 @@ pairs (ids only: no label of an unclicked pair exists or is read).  ``l(x, t)`` 
 cross-entropy of ``sigmoid(x)`` against ``t`` (:func:`estimators.joint_loss.bce_with_logits` by
 default; the configs' published ``bce_clamped`` where a run asks for it).  Each function returns a
 dict: ``loss`` (to minimise; L2 regularisation is the optimiser's weight decay, not included) and
-its parts.  Bad input raises ``ValueError`` naming the argument.
+its parts.  Bad input raises ``ValueError`` naming the argument.  ``reduction`` (every function):
+under ``torch.distributed`` with B and U split across the ranks, ``"global"`` (the default) takes
+every mean, and CVIB's batch means inside its logarithms, over all ranks' pairs and returns this
+rank's share; ``"local"`` each rank's own pairs (:mod:`estimators.distributed`).  In one process it
+changes nothing.
 
 Sources.  The full texts of the three papers could not be read here; each docstring says what
 the form rests on (the paper's stated objective, the authors' code read to understand it, and the
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributed import Reduction, resolve
 from .joint_loss import bce_with_logits
 
 CrossEntropy = Callable[[Tensor, Tensor], Tensor]
@@ -60,7 +65,7 @@ def _check(labels: Tensor, **logits: Tensor) -> None:
 
 
 def cvib_loss(x_b: Tensor, r: Tensor, x_u: Tensor, *, alpha: float = 1.0, gamma: float = 1e-5,
-              l: CrossEntropy = bce_with_logits) -> dict[str, Tensor]:
+              l: CrossEntropy = bce_with_logits, reduction: str | Reduction = "global") -> dict[str, Tensor]:
     """CVIB (Wang et al., NeurIPS 2020): factual risk + contrastive information loss + output
     confidence penalty.  With ``p+ = sigmoid(x_b)`` on B, ``p- = sigmoid(x_u)`` on U and the batch
     means ``m+ = mean_B p+``, ``m- = mean_U p-``::
@@ -83,17 +88,25 @@ def cvib_loss(x_b: Tensor, r: Tensor, x_u: Tensor, *, alpha: float = 1.0, gamma:
     """
     _check(r, x_b=x_b, x_u=x_u)
     alpha, gamma = _weight(alpha, "alpha"), _weight(gamma, "gamma")
-    fact = l(x_b, r.to(x_b.dtype)).mean()
-    m_plus, log_m_minus = torch.sigmoid(x_b).mean(), torch.logsumexp(F.logsigmoid(x_u), 0) - math.log(x_u.numel())
-    log_not_m_minus = torch.logsumexp(F.logsigmoid(-x_u), 0) - math.log(x_u.numel())
+    red = resolve(reduction)
+    fact = red.mean(l(x_b, r.to(x_b.dtype)))
+    if not red.active:
+        m_plus = torch.sigmoid(x_b).mean()
+        log_m_minus = torch.logsumexp(F.logsigmoid(x_u), 0) - math.log(x_u.numel())
+        log_not_m_minus = torch.logsumexp(F.logsigmoid(-x_u), 0) - math.log(x_u.numel())
+    else:  # the global batch's means; L_CI is a function of them alone, so no share is taken of it
+        n_b, n_u = red.total(x_b.numel(), x_u.numel(), like=x_b)
+        m_plus = red.total(torch.sigmoid(x_b).sum()) / n_b
+        log_m_minus = red.logsumexp(F.logsigmoid(x_u)) - torch.log(n_u)
+        log_not_m_minus = red.logsumexp(F.logsigmoid(-x_u)) - torch.log(n_u)
     ci = -(m_plus * log_m_minus + (1 - m_plus) * log_not_m_minus)
     p, log_p, log_not_p = torch.sigmoid(x_b), F.logsigmoid(x_b), F.logsigmoid(-x_b)
-    ocp = (p * log_p + (1 - p) * log_not_p).mean()
+    ocp = red.mean(p * log_p + (1 - p) * log_not_p)
     return {"loss": fact + alpha * ci + gamma * ocp, "factual": fact, "contrastive": ci, "confidence": ocp}
 
 
 def dib_loss(x_z: Tensor, x_r: Tensor, r: Tensor, *, alpha: float = 0.09, gamma: float = 0.11,
-             l: CrossEntropy = bce_with_logits) -> dict[str, Tensor]:
+             l: CrossEntropy = bce_with_logits, reduction: str | Reduction = "global") -> dict[str, Tensor]:
     """DIB (Liu et al., RecSys 2021), its eq. (3) in the tractable form of its Section 5.
 
     Eq. (3): ``min beta I(z; x) - I(z; y) + gamma I(z; r) - alpha I(r; y)`` over an unbiased
@@ -114,8 +127,8 @@ def dib_loss(x_z: Tensor, x_r: Tensor, r: Tensor, *, alpha: float = 0.09, gamma:
     """
     _check(r, x_z_b=x_z, x_r_b=x_r)
     gamma, alpha = _weight(gamma, "gamma", 1.0), _weight(alpha, "alpha")
-    t = r.to(x_z.dtype)
-    unbiased, biased, joint = l(x_z, t).mean(), l(x_r, t).mean(), l(x_z + x_r, t).mean()
+    t, red = r.to(x_z.dtype), resolve(reduction)
+    unbiased, biased, joint = red.mean(l(x_z, t)), red.mean(l(x_r, t)), red.mean(l(x_z + x_r, t))
     loss = (1 - gamma) * unbiased - (gamma - alpha) * biased + gamma * joint
     return {"loss": loss, "unbiased": unbiased, "biased": biased, "joint": joint}
 
@@ -132,7 +145,8 @@ def pair_loss(x: Tensor, x_d: Tensor, kind: str = "sq_prob") -> Tensor:
 
 
 def damf_loss(x_b: Tensor, r: Tensor, x_u: Tensor, xd_b: Tensor, xd_u: Tensor, *, beta: float = 0.05,
-              kind: str = "sq_prob", l: CrossEntropy = bce_with_logits) -> dict[str, Tensor]:
+              kind: str = "sq_prob", l: CrossEntropy = bce_with_logits, reduction: str | Reduction = "global"
+              ) -> dict[str, Tensor]:
     """DAMF (Saito and Nomura, IJCAI 2022): the naive risk plus the propensity matrix divergence.
 
     The paper's bound (propensity-independent): ideal risk <= naive risk on the observed pairs +
@@ -153,7 +167,7 @@ def damf_loss(x_b: Tensor, r: Tensor, x_u: Tensor, xd_b: Tensor, xd_u: Tensor, *
     _check(r, x_b=x_b, xd_b=xd_b, x_u=x_u, xd_u=xd_u)
     if x_u.shape != xd_u.shape:
         raise ValueError(f"`x_u` and `xd_u` must cover the same pairs U; got {tuple(x_u.shape)}, {tuple(xd_u.shape)}")
-    beta = _weight(beta, "beta")
-    fact = l(x_b, r.to(x_b.dtype)).mean()
-    pmd = pair_loss(x_u, xd_u, kind).mean() - pair_loss(x_b, xd_b, kind).mean()
+    beta, red = _weight(beta, "beta"), resolve(reduction)
+    fact = red.mean(l(x_b, r.to(x_b.dtype)))
+    pmd = red.mean(pair_loss(x_u, xd_u, kind)) - red.mean(pair_loss(x_b, xd_b, kind))
     return {"loss": fact + beta * pmd, "factual": fact, "pmd": pmd}

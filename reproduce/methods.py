@@ -206,15 +206,6 @@ class Method:
         return {} if spec is None else {f"{spec.name}_{p}": p for p in spec.params}
 
     @property
-    def data_parallel(self) -> bool:
-        """Whether a run can be spread over ``torchrun``'s ranks: the joint learner's methods (DCE's
-        calibrators and GPL's propensity rounds are fitted alike on every rank, from the models DDP
-        keeps alike; StableDR's propensity model trains through DDP on SDR-prop's global sums) and
-        the entire-space ones (:mod:`estimators.distributed` takes their normalisers and means over
-        the global batch).  The propensity-free models have no data-parallel path yet."""
-        return self.propensity_free is None
-
-    @property
     def uses_propensity(self) -> bool:
         """Whether the estimator reads propensities (so a run fits a propensity model).  False for
         the entire-space methods (their CTR tower is the propensity, no model is fitted before)

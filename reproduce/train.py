@@ -109,7 +109,7 @@ from estimators.training import (CycleConfig, CycleLearner, DCEConfig, DCELearne
                                  propensity_table)
 
 from .config import Config
-from .distributed import check_ranks_agree, world_size
+from .distributed import check_ranks_agree
 from .files import replace_with
 from .methods import Method
 from .metrics import auc, ranking_at_k
@@ -357,11 +357,6 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be a positive integer; got {max_epochs}")
     device = resolve_device(device)
-    if not method.data_parallel and world_size() > 1:
-        raise ValueError(f"method {method.name!r} trains a propensity-free model of its own and does not run "
-                         "under torchrun yet; launch the joint-learning methods (mf, ips, snips, "
-                         "dr_jl, ..., badr, stabledr, dce_tdr, dr_mse_gpl) or the entire-space ones (esmm, escm2_*, "
-                         "multi_*, ddpo)")
     if method.entire_space is not None:  # the multi-task rows: their own loop over the exposures
         from .entire_space import run_entire_space
 

@@ -1,7 +1,8 @@
 """Data parallel (:mod:`estimators.distributed`): 2 gloo processes on CPU give, through
 ``DistributedDataParallel``, the loss and the gradients of ONE process on the concatenated batch,
-for every registered estimator and imputation loss (the registries are iterated, so a new entry
-is covered at once), float64, rtol 1e-10; per-rank normalisers ("local", what wrapping the losses
+for every registered estimator, imputation loss, entire-space objective and propensity-free
+objective and for StableDR's SDR-prop (the registries are iterated, so a new entry is covered at
+once), float64, rtol 1e-10; per-rank normalisers ("local", what wrapping the losses
 in DDP gives without the reduction) differ for BADR; and ``torchrun`` trains one ``table3`` run on
 2 ranks and writes exactly one row, with ``world_size`` 2.
 
@@ -26,7 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from estimators import distributed as D
-from estimators.registry import ENTIRE_SPACE, ESTIMATORS, IMPUTATION_LOSSES
+from estimators.registry import ENTIRE_SPACE, ESTIMATORS, IMPUTATION_LOSSES, PROPENSITY_FREE
 from estimators.stabledr import stabledr_propensity_loss
 from estimators.training.losses import imputation_loss, prediction_loss
 
@@ -101,6 +102,7 @@ def cases() -> list[tuple[str, str, str, dict]]:
     for name in ENTIRE_SPACE:
         out += [(f"entire_space/{name}/{dim}d", "entire_space", name, {"dim": dim}) for dim in (1, 2)]
     out += [(f"propensity/stabledr/{form}", "propensity", "stabledr", form) for form in ("sum", "mean")]
+    out += [(f"propensity_free/{name}", "propensity_free", name, None) for name in PROPENSITY_FREE]
     return out
 
 
@@ -117,6 +119,11 @@ def _loss(kind: str, name: str, option, data: dict, tables, rank: int, world: in
             return prediction_loss(name, t["x_b"], r, p, t["x_u"], t["xt_b"], t["xt_u"], reduction=reduction, **form)
         return imputation_loss(name, t["xt_b"], t["x_b"], r, p, t["xt_u"], t["x_u"], alpha=0.3, reduction=reduction,
                                **form)
+    if kind == "propensity_free":  # logits x on B then U; xt: DIB's biased logits, DAMF's second hypothesis
+        t = tables({"x_b": ("x", b), "x_u": ("x", B + u), "xt_b": ("xt", b), "xt_u": ("xt", B + u)})
+        inputs = {"cvib": (t["x_b"], r, t["x_u"]), "dib": (t["x_b"], t["xt_b"], r),
+                  "damf": (t["x_b"], r, t["x_u"], t["xt_b"], t["xt_u"])}[name]
+        return PROPENSITY_FREE[name].function(*inputs, reduction=reduction)["loss"]
     if kind == "propensity":  # StableDR's SDR-prop on U: logits x, imputed errors xt, clicks every third pair
         t = tables({"z_u": ("x", B + u), "e_hat_u": ("xt", B + u)})
         o_u = (torch.arange(G * B)[u] % 3 == 0).to(torch.float64)
@@ -142,7 +149,7 @@ ENTIRE_SPACE_TOWERS = {"ctr": "a", "cvr": "b", "imputation": "dh", "conversion":
 
 
 def _table(kind: str, data: dict) -> Table:
-    if kind in ("prediction", "imputation", "propensity"):
+    if kind in ("prediction", "imputation", "propensity", "propensity_free"):
         return Table(x=data["x"], xt=data["xt"])
     if kind == "entire_space":
         return Table(**{key: data[key] for key in ENTIRE_SPACE_TOWERS.values()})
@@ -253,6 +260,7 @@ def test_every_entry_is_covered():
     assert names == set(ESTIMATORS)
     assert {c[2] for c in cases() if c[1] == "imputation"} == set(IMPUTATION_LOSSES)
     assert {c[2] for c in cases() if c[1] == "entire_space"} == set(ENTIRE_SPACE)
+    assert {c[2] for c in cases() if c[1] == "propensity_free"} == set(PROPENSITY_FREE)
 
 
 def test_single_process_is_inactive_and_untouched():
@@ -396,14 +404,15 @@ def test_torchrun_entire_space_rows_equal_one_process(tmp_path):
 
 
 def test_torchrun_trains_own_schedules_alike_on_every_rank(tmp_path):
-    """DCE-TDR (calibrators fitted on every rank), DR-MSE-GPL (propensity rounds on every rank) and
-    StableDR (its propensity model in DDP on SDR-prop's global sums) under ``torchrun``: one row each
-    with world_size 2; the run checks that the ranks' models (StableDR's propensity model too) and
+    """DCE-TDR (calibrators fitted on every rank), DR-MSE-GPL (propensity rounds on every rank),
+    StableDR (its propensity model in DDP on SDR-prop's global sums) and the propensity-free rows
+    (their objective in DDP) under ``torchrun``: one row each with world_size 2; the run checks that the ranks' models (StableDR's propensity model too) and
     propensity tables agree after training (``reproduce.distributed.check_ranks_agree``)."""
     from reproduce.table import read_results
 
     data, out = _toy_folder(tmp_path / "toy"), tmp_path / "out"
-    argv = ["--datasets", str(data), "--methods", "dce_tdr,dr_mse_gpl,stabledr", "--seeds", "1", "--max-epochs", "2",
+    argv = ["--datasets", str(data), "--methods", "dce_tdr,dr_mse_gpl,stabledr,cvib,dib,damf", "--seeds", "1",
+            "--max-epochs", "2",
             "--threads", "1", "--batch-size", "64", "--out", str(out)]
     env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -411,5 +420,6 @@ def test_torchrun_trains_own_schedules_alike_on_every_rank(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["method"]: r for r in read_results(out / "results.csv")}
-    assert set(rows) == {"dce_tdr", "dr_mse_gpl", "stabledr"} and all(r["world_size"] == 2 for r in rows.values())
+    assert set(rows) == {"dce_tdr", "dr_mse_gpl", "stabledr", "cvib", "dib", "damf"}
+    assert all(r["world_size"] == 2 for r in rows.values())
     assert all(r["status"] in ("ok", "chance") for r in rows.values())

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import propensity_free as P
+from ..distributed import Reduction, rank, resolve, world_size
 from ..joint_loss import CROSS_ENTROPIES
 from ..registry import PropensityFreeSpec, get_propensity_free
 from .gather import gather_dot
@@ -46,8 +47,8 @@ class PropensityFreeModel(nn.Module):
     prediction logits on B, for the monitor), plus the loss's parts."""
 
     def objective(self, users_b: Tensor, items_b: Tensor, r: Tensor, users_u: Optional[Tensor],
-                  items_u: Optional[Tensor], l: Callable[[Tensor, Tensor], Tensor], **params: float
-                  ) -> dict[str, Tensor]:
+                  items_u: Optional[Tensor], l: Callable[[Tensor, Tensor], Tensor], *,
+                  reduction: str | Reduction = "global", **params: float) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
@@ -72,10 +73,10 @@ class CVIBMF(PropensityFreeModel):
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         return gather_dot(self.user.weight, self.item.weight, users, items)
 
-    def objective(self, users_b, items_b, r, users_u, items_u, l, **params):
+    def objective(self, users_b, items_b, r, users_u, items_u, l, *, reduction="global", **params):
         x = self(torch.cat([users_b, users_u]), torch.cat([items_b, items_u]))
         b = users_b.numel()
-        return {**P.cvib_loss(x[:b], r, x[b:], l=l, **params), "x_b": x[:b]}
+        return {**P.cvib_loss(x[:b], r, x[b:], l=l, reduction=reduction, **params), "x_b": x[:b]}
 
 
 class DIBMF(PropensityFreeModel):
@@ -91,10 +92,10 @@ class DIBMF(PropensityFreeModel):
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         return gather_dot(self.user.weight, self.item.weight, users, items)
 
-    def objective(self, users_b, items_b, r, users_u, items_u, l, **params):
+    def objective(self, users_b, items_b, r, users_u, items_u, l, *, reduction="global", **params):
         x_z = self(users_b, items_b)
         x_r = gather_dot(self.user_biased.weight, self.item_biased.weight, users_b, items_b)
-        return {**P.dib_loss(x_z, x_r, r, l=l, **params), "x_b": x_z}
+        return {**P.dib_loss(x_z, x_r, r, l=l, reduction=reduction, **params), "x_b": x_z}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": [self.user.weight, self.item.weight], "weight_decay": weight_decay},
@@ -139,14 +140,14 @@ class DAMFMF(PropensityFreeModel):
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         return gather_dot(self.user.weight, self.item.weight, users, items)
 
-    def objective(self, users_b, items_b, r, users_u, items_u, l, **params):
+    def objective(self, users_b, items_b, r, users_u, items_u, l, *, reduction="global", **params):
         users, items = torch.cat([users_b, users_u]), torch.cat([items_b, items_u])
         b = users_b.numel()
         x = self(users, items)
         beta = params.get("beta", 0.05)
         xd = reverse_gradient(gather_dot(self.user_d.weight, self.item_d.weight, users, items),
                               1.0 / beta if beta > 0 else 0.0)
-        return {**P.damf_loss(x[:b], r, x[b:], xd[:b], xd[b:], l=l, **params), "x_b": x[:b]}
+        return {**P.damf_loss(x[:b], r, x[b:], xd[:b], xd[b:], l=l, reduction=reduction, **params), "x_b": x[:b]}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return [{"params": [self.user.weight, self.item.weight], "weight_decay": weight_decay},
@@ -211,11 +212,17 @@ class PropensityFreeLearner:
     :func:`~estimators.training.fit.fit` drives: :meth:`check_batch`, :meth:`start_epoch`,
     :meth:`step`, :meth:`predict`, ``prediction`` (the model), ``imputation`` (None), ``form``
     and ``p_hat`` (1 for every pair: the monitor is unweighted).
+
+    ``reduction`` and ``group``: under ``torch.distributed``, the model trains through a
+    ``DistributedDataParallel`` wrapper of its objective, each rank on its :meth:`shard` of every
+    clicked batch with its own pairs U (a stream seeded by one draw of ``generator`` plus its rank),
+    the objective's means over all ranks (``"global"``) or each rank's own (``"local"``); the step's
+    losses and monitor are the global batch's.
     """
 
     def __init__(self, n_users: int, n_items: int, config: PropensityFreeConfig, *,
                  model: Optional[PropensityFreeModel] = None, generator: Optional[torch.Generator] = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", reduction: str | Reduction = "global", group=None) -> None:
         if not isinstance(config, PropensityFreeConfig):
             raise ValueError(f"`config` must be a PropensityFreeConfig; got {type(config).__name__}")
         self.config, self.spec = config, config.spec
@@ -234,6 +241,25 @@ class PropensityFreeLearner:
         self.p_hat = torch.ones(1, device=self.device).expand(self.n_users * self.n_items)
         self.optimizer = torch.optim.Adam(model.param_groups(config.weight_decay), lr=config.lr)
         self._params = {k: v for k, v in config.params.items() if k not in self.spec.model_params}
+        self.reduction = resolve(reduction, group)
+        self.group, self.world_size, self.rank = group, world_size(group), rank(group)
+        self._objective: nn.Module = _Objective(model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            self._objective = DistributedDataParallel(self._objective, device_ids=ids, process_group=group)
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device))
+            self.generator = torch.Generator(self.device).manual_seed(seed + self.rank)
+
+    def shard(self, idx: Tensor) -> Tensor:
+        """This rank's part of a global batch's indices (the whole batch in one process), as
+        :meth:`JointLearner.shard <estimators.training.joint.JointLearner.shard>` cuts it."""
+        if self.world_size == 1:
+            return idx
+        if idx.numel() < self.world_size:
+            raise ValueError(f"a batch of {idx.numel()} pairs cannot be shared by {self.world_size} ranks")
+        return idx.tensor_split(self.world_size)[self.rank]
 
     def propensities_of(self, users: Tensor, items: Tensor) -> Tensor:
         """1 for every pair (what :func:`~estimators.training.fit.fit` weighs the monitor with)."""
@@ -259,7 +285,7 @@ class PropensityFreeLearner:
             users_u, items_u = uniform_pairs(self.n_users, self.n_items, self.config.G * users.numel(),
                                              self.generator, self.device)
         self.prediction.train()
-        out = self.prediction.objective(users, items, r, users_u, items_u, self.form.l, **self._params)
+        out = self._objective(users, items, r, users_u, items_u, self.form.l, self.reduction, self._params)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.optimizer.step()
@@ -267,11 +293,30 @@ class PropensityFreeLearner:
             monitor = float(self.form.l(out["x_b"].detach(), r).sum())
         stats = {"prediction_loss": float(out["loss"].detach()), "monitor": monitor}
         stats.update({k: float(v.detach()) for k, v in out.items() if k not in ("loss", "x_b")})
+        if self.world_size > 1:  # the ranks' shares averaged (the global loss), their monitors summed
+            import torch.distributed as dist
+
+            keys = sorted(stats)
+            values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(values, group=self.group)
+            stats = {k: float(v) if k == "monitor" else float(v) / self.world_size for k, v in zip(keys, values.tolist())}
         return stats
 
     def predict(self, users: Tensor, items: Tensor) -> Tensor:
         """Predicted CVR ``sigmoid(logit)`` of the model (in evaluation mode)."""
         return predict_probabilities(self.prediction, users, items)
+
+
+class _Objective(nn.Module):
+    """A model's objective as a module's forward, so that ``DistributedDataParallel`` (which hooks
+    ``forward``) can wrap it."""
+
+    def __init__(self, model: PropensityFreeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, users_b, items_b, r, users_u, items_u, l, reduction, params) -> dict[str, Tensor]:
+        return self.model.objective(users_b, items_b, r, users_u, items_u, l, reduction=reduction, **params)
 
 
 #: The model class of each objective, by the name its entry gives (``PropensityFreeSpec.model``).
