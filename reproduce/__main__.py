@@ -307,8 +307,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         extra["device"] = device
     if args.train_fraction < 1:
         extra["train_fraction"] = args.train_fraction
+    if world_size() > 1:  # under torchrun: other U draws than one process, other runs
+        extra["world_size"] = world_size()
     earlier = sum(r["dataset"] == source.name and r["method"] == method.name for r in read_results(log))
-    if earlier:
+    if earlier and is_writer():
         print(f"{log}: {earlier} earlier validation run(s) of {method.name} on {source.name}; "
               "those with the same settings are reused", file=sys.stderr)
     start = time.perf_counter()
@@ -321,6 +323,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 train_fraction=args.train_fraction,
                 propensity_cache=None if args.no_propensity_cache else PropensityCache(
                     args.propensity_cache or out / "propensity-cache"))
+    if not is_writer():  # under torchrun: rank 0 reports and writes the config
+        return 0
     print(f"best validation AUC {best.auc:.4f} with {best.params} ({time.perf_counter() - start:.0f}s; "
           f"runs in {log}, trials in {study})")
     if not args.dry_run:
@@ -367,9 +371,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     joined = False
     try:
         joined = launch(args.device)  # under torchrun: one process group, each run trained by all
-        if world_size() > 1 and args.command == "tune":
-            raise ValueError("tune does not run under torchrun (its trials train in one process each); launch "
-                             "table3, escm2 or a paper experiment, or run it without torchrun")
         if args.command == "table3":
             return cmd_table3(args)
         if args.command == "escm2":

@@ -34,6 +34,12 @@ With a ``log``, every run is appended to that CSV as soon as it finishes, and a 
 (same data set, method, seed and run signature) is read back instead of retrained: the runs of
 a killed trial, and those of overlapping searches (two grids, a grid around TPE's best), are
 trained once.  The log is the record of every run; the study is the record of the proposals.
+
+Under ``torchrun`` (``--jobs 1``) every validation run is trained by all ranks together, as a
+``table3`` run is (:mod:`reproduce.distributed`): rank 0 alone holds the study, its lock and the
+log, proposes each trial and broadcasts its values (``torch.distributed.broadcast_object_list``)
+to the other ranks, which train it with rank 0 and wait for the next; every rank reads the log
+once at the start and keeps the same record of the runs, so they agree on which runs to reuse.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from optuna.trial import TrialState
 from cvrdata import CVRData
 
 from .config import Config, run_signature
+from .distributed import is_writer, world_size
 from .files import locked
 from .methods import SEARCH_SPACE, TUNED_PROPENSITY_KEYS, Method
 from .runs import WorkerPool
@@ -252,6 +259,9 @@ def tune(data: CVRData, cfg: Config, search: Search, study: str | os.PathLike, *
     """
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer; got {jobs}")
+    world, writer = world_size(), is_writer()
+    if world > 1 and jobs != 1:
+        raise ValueError("under torchrun the launched processes train each validation run together: use --jobs 1")
     if n_seeds < 1:
         raise ValueError(f"--tune-seeds must be a positive integer; got {n_seeds}")
     method = search.method
@@ -261,7 +271,7 @@ def tune(data: CVRData, cfg: Config, search: Search, study: str | os.PathLike, *
 
     def record(row: dict[str, Any]) -> None:
         done[run_key(row)] = row
-        if log is not None:
+        if log is not None and writer:
             append_result(log, row, TUNE_COLUMNS)
 
     def score(params: dict[str, Any], trial: int) -> float:
@@ -281,6 +291,10 @@ def tune(data: CVRData, cfg: Config, search: Search, study: str | os.PathLike, *
     study = Path(study)
     name = study_name(search, data.name, train_fraction,
                       run_signature(cfg, method, search.base, max_epochs, extra), n_seeds)
+    if not writer:  # under torchrun: train the trials rank 0 proposes, until it says the search is over
+        while (proposal := _broadcast(None)) is not None:
+            score(*proposal)
+        return Best({}, math.nan, 0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trials' lines below are the progress
     with contextlib.ExitStack() as stack:
         try:
@@ -307,15 +321,26 @@ def tune(data: CVRData, cfg: Config, search: Search, study: str | os.PathLike, *
                 _train_batch(pool, batch, seeds, done, record, data.name, cfg, method, max_epochs, extra,
                              train_fraction)
             for trial, params in batch:
+                if world > 1:
+                    _broadcast((params, trial.number))
                 value = score(params, trial.number)
                 runner.tell(trial, value)
                 if on_trial is not None:
                     on_trial(trial.number, params, value)
         trials = _finished(runner)
+        if world > 1:
+            _broadcast(None)
     best = max(trials, key=lambda t: t.value)  # the first of equals, in trial order
     if best.value == -math.inf:
         raise RuntimeError(f"every trial of {method.name} on {data.name} diverged (study {name!r} in {study})")
     return Best(json.loads(best.user_attrs["params"]), best.value, len(trials))
+
+
+def _broadcast(proposal: Optional[tuple[dict[str, Any], int]]) -> Optional[tuple[dict[str, Any], int]]:
+    """Rank 0's next trial (its values and number; None: the search is over), on every rank."""
+    box = [proposal]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

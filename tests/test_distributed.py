@@ -423,3 +423,29 @@ def test_torchrun_trains_own_schedules_alike_on_every_rank(tmp_path):
     assert set(rows) == {"dce_tdr", "dr_mse_gpl", "stabledr", "cvib", "dib", "damf"}
     assert all(r["world_size"] == 2 for r in rows.values())
     assert all(r["status"] in ("ok", "chance") for r in rows.values())
+
+
+def test_torchrun_tune_trains_each_trial_on_every_rank(tmp_path):
+    """``torchrun ... tune``: rank 0 runs the Optuna study and broadcasts each trial; both ranks train
+    it; the log holds one row per run and the config is written once, from rank 0."""
+    import json
+
+    from reproduce.table import read_results
+
+    data, out = _toy_folder(tmp_path / "toy"), tmp_path / "out"
+    config = json.loads((REPO / "reproduce" / "configs" / "default.json").read_text())
+    config["batch_size"] = 64  # the toy data's 800 clicked pairs
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "toy.json").write_text(json.dumps(config))
+    argv = ["tune", "badr", str(data), "--trials", "3", "--max-epochs", "1", "--threads", "1", "--out", str(out),
+            "--config-dir", str(tmp_path / "configs"), "--force"]
+    env = {**LOOPBACK, **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), "-m", "reproduce", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_results(out / "tune" / "toy-badr.csv", required=("dataset", "method", "seed", "signature"))
+    assert len(rows) == 3 and len({r["signature"] for r in rows}) == 3  # three trials, each trained once
+    entry = json.loads((out / "configs" / "toy.json").read_text())["methods"]["badr"]
+    assert entry["status"].startswith("tuned: 3 Optuna TPE trials")
+    assert done.stdout.count("best validation AUC") == 1  # rank 0 reports
