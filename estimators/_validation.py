@@ -137,6 +137,7 @@ def check_batch(
     p_hat=None,
     need_click: bool = False,
     p_hat_power: Optional[int] = None,
+    across=None,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Validate one call's tensors and return ``(o, e, e_hat, p_hat)`` ready for the formulas.
 
@@ -149,7 +150,9 @@ def check_batch(
       replaced by 0 with ``torch.where`` so it reaches neither the value nor the gradient;
     - ``e_hat`` is finite everywhere (it is used on every pair);
     - with ``need_click``, every batch has at least one click (self-normalised estimators divide
-      by ``sum(o / p_hat)`` over the batch);
+      by ``sum(o / p_hat)`` over the batch); with ``across``, an active
+      :class:`~estimators.distributed.Reduction`, over the ranks' parts of the batch together, so
+      a rank whose part has no click goes on (and every rank raises alike when none has);
     - with ``p_hat_power = k`` (for formulas that use ``p_hat`` only in terms multiplied by ``o``
       and form powers of ``1 / p_hat`` up to ``k``): ``p_hat >= p_hat_floor(dtype, k)`` where ``o = 1``,
       and ``p_hat`` is replaced by 1 where ``o = 0`` with ``torch.where``, so an unclicked pair's
@@ -184,7 +187,10 @@ def check_batch(
         _check_finite(imp, "e_hat", "imputed errors")
 
     if need_click:
-        per_batch = clicked.reshape(-1, clicked.shape[-1]).any(dim=-1)
+        counts = clicked.reshape(-1, clicked.shape[-1]).sum(dim=-1)
+        if across is not None and across.active:  # the global batch's clicks, the same on every rank
+            counts = across.total(counts.to(torch.float64))
+        per_batch = counts > 0
         if not bool(per_batch.all()):
             k = int((~per_batch).nonzero()[0, 0])
             where = "the batch" if clicked.dim() == 1 else f"batch {k} (row {k} of the 2-D input)"

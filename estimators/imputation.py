@@ -117,8 +117,8 @@ def badr_imputation_loss(e, e_hat, o, p_hat, *, reduction: str | Reduction = "gl
     where ``o = 1`` (5.8e-11 in float32, 5.9e-98 in float64: ``w^2`` is ``1 / p_hat^2``).  Raises
     ``ValueError`` for a batch without clicks.
     """
-    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=2)
     red = resolve(reduction)
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=2, across=red)
     w = o / p_hat
     # The three per-batch sums, global across ranks (the last two carry the gradient in e_hat).
     sum_w, sum_e_hat, sum_dr = red.total(w.sum(dim=-1, keepdim=True), e_hat.sum(dim=-1, keepdim=True),

@@ -81,8 +81,9 @@ def ips(e, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
 
 def snips(e, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor:
     """Self-normalised IPS, eq. (37): ``sum o * e / p_hat  /  sum o / p_hat`` per batch."""
-    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, need_click=True, p_hat_power=1)
-    return _self_normalised(o * e / p_hat, o, p_hat, resolve(reduction))
+    red = resolve(reduction)
+    o, e, _, p_hat = check_batch(o, e=e, p_hat=p_hat, need_click=True, p_hat_power=1, across=red)
+    return _self_normalised(o * e / p_hat, o, p_hat, red)
 
 
 def eib(e, e_hat, o, *, reduction: str | Reduction = "global") -> Tensor:
@@ -109,5 +110,6 @@ def badr(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Tensor
     mean over the K batches.  Equals :func:`dr` times ``|D^(k)| / sum(o / p_hat)`` within a batch
     and :func:`snips` when ``e_hat = 0`` (Section 3.6).
     """
-    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=1)
-    return _self_normalised(_dr_terms(e, e_hat, o, p_hat), o, p_hat, resolve(reduction))
+    red = resolve(reduction)
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=1, across=red)
+    return _self_normalised(_dr_terms(e, e_hat, o, p_hat), o, p_hat, red)

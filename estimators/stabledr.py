@@ -56,8 +56,9 @@ def stabledr(e, e_hat, o, p_hat, *, reduction: str | Reduction = "global") -> Te
     is the mean of the K per-batch values).  ``reduction``: both sums over the global batch under
     ``torch.distributed`` (:mod:`estimators.distributed`).
     """
-    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=1)
-    red, w = resolve(reduction), o / p_hat
+    red = resolve(reduction)
+    o, e, e_hat, p_hat = check_batch(o, e=e, e_hat=e_hat, p_hat=p_hat, need_click=True, p_hat_power=1, across=red)
+    w = o / p_hat
     correction = red.share(((w * (e - e_hat)).sum(dim=-1) / red.total(w.sum(dim=-1))).mean())
     return red.batch_mean(e_hat) + correction
 

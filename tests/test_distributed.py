@@ -191,8 +191,35 @@ def _worker(rank: int, store: str, out: str) -> None:
         results[f"local/{kind}/{name}"] = _run(kind, name, _NORMALISED_AT[kind][0], data, rank, WORLD, "local",
                                                ddp=True)
     results["learner"] = _learner_steps()
+    results["no_click"] = _no_click_shard(data, rank, WORLD)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
+
+
+#: The self-normalised registry functions (they need a click in every batch).
+_NEEDS_CLICK = [("estimator", n) for n, sp in ESTIMATORS.items() if sp.self_normalised] + [
+    ("imputation", n) for n in ("badr", "badr_paper")]
+
+
+def _no_click_shard(data: dict, rank: int, world: int) -> dict:
+    """The self-normalised functions on a 1-D batch whose clicks all lie in rank 0's part (rank 1's
+    part has none): each value; and, on a batch without any click, the error each rank raises."""
+    cols = torch.arange(B).tensor_split(world)[rank]
+    o = data["o"][0].clone()
+    o[torch.arange(B).tensor_split(2)[1]] = 0.0  # the second half of the batch: no click
+    out = {}
+    for kind, name in _NEEDS_CLICK:
+        args = (data["e"][0, cols], data["e_hat"][0, cols])
+        fn = ESTIMATORS[name].function if kind == "estimator" else IMPUTATION_LOSSES[name].function
+        reads = ESTIMATORS[name].reads if kind == "estimator" else ("e", "e_hat", "o", "p_hat")
+        inputs = {"e": args[0], "e_hat": args[1], "o": o[cols], "p_hat": data["p_d"][0, cols]}
+        out[(kind, name)] = float(fn(*(inputs[k] for k in reads), reduction="global"))
+        try:
+            fn(*(({**inputs, "o": torch.zeros_like(o[cols])})[k] for k in reads), reduction="global")
+            out[(kind, name, "none")] = "no error"
+        except ValueError as exc:
+            out[(kind, name, "none")] = str(exc)
+    return out
 
 
 def _learner_steps() -> dict:
@@ -318,6 +345,24 @@ def test_torchrun_writes_one_row_with_its_world_size(tmp_path):
     assert rows[0]["status"] in ("ok", "chance")
     history = (out / "history.csv").read_text().splitlines()
     assert sum(",fit," in line for line in history) == rows[0]["epochs"]  # one rank's epochs, once
+
+
+def test_a_rank_without_clicks_in_a_self_normalised_batch(two_ranks):
+    """A rank whose part of the batch has no click goes on (the click check is the global batch's):
+    the ranks' shares average to one process's value on the whole batch; a batch without any click
+    raises the same ValueError on every rank (no rank waits for another)."""
+    data = _batch()
+    o = data["o"][0].clone()
+    o[torch.arange(B).tensor_split(2)[1]] = 0.0
+    for kind, name in _NEEDS_CLICK:
+        fn = ESTIMATORS[name].function if kind == "estimator" else IMPUTATION_LOSSES[name].function
+        reads = ESTIMATORS[name].reads if kind == "estimator" else ("e", "e_hat", "o", "p_hat")
+        inputs = {"e": data["e"][0], "e_hat": data["e_hat"][0], "o": o, "p_hat": data["p_d"][0]}
+        want = float(fn(*(inputs[k] for k in reads)))
+        shares = [ranks["no_click"][(kind, name)] for ranks in two_ranks]
+        assert np.mean(shares) == pytest.approx(want, rel=RTOL), (kind, name)
+        errors = {ranks["no_click"][(kind, name, "none")] for ranks in two_ranks}
+        assert len(errors) == 1 and "no clicked pair" in errors.pop(), (kind, name)
 
 
 def test_joint_learner_on_two_ranks(two_ranks):
