@@ -14,6 +14,7 @@ nothing here does anything.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -55,8 +56,12 @@ def is_writer() -> bool:
 
 
 def finish() -> None:
-    """Leave the process group (when :func:`launch` joined one)."""
+    """Leave the process group (when :func:`launch` joined one).  The runs' DDP wrappers, which a
+    learner may hold in reference cycles, are collected first: destroyed after their process group,
+    at interpreter exit, their reducer can abort the process ("terminate called without an active
+    exception") after every row is written."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
