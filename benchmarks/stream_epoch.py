@@ -38,6 +38,7 @@ def epoch(folder: Path, method: str, batch_size: int, seed: int, max_steps: Opti
     from torch.utils.data import DataLoader
 
     from cvrdata.stream import ChunkedBatches
+    from estimators.training.optim import fused_adam
     from reproduce import escm2
     from simulate import ctcvr
 
@@ -48,7 +49,7 @@ def epoch(folder: Path, method: str, batch_size: int, seed: int, max_steps: Opti
                        expert_hidden=p.expert_hidden, expert_dim=p.expert_dim, tower_hidden=p.tower_hidden,
                        user_fields=np.array(log.user_fields), item_fields=np.array(log.item_fields))
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimiser = torch.optim.Adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    optimiser = fused_adam(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     stream = escm2.batches(log, batch_size, np.random.default_rng([seed, 1]))
     if world > 1:  # the same stream, this rank's part of each global batch
         stream = ChunkedBatches(stream.columns, stream.dtypes, batch_size, np.random.default_rng([seed, 1]),

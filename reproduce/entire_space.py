@@ -74,7 +74,9 @@ import numpy as np
 import torch
 
 from cvrdata import CVRData
+from estimators import _ext
 from estimators.training import Diverged, EarlyStopping, EntireSpaceLoss, EntireSpaceMF
+from estimators.training.optim import fused_adam
 
 from .config import Config
 from .distributed import world_size
@@ -139,7 +141,7 @@ def run_entire_space(data: CVRData, cfg: Config, method: Method, params: dict[st
     world = world_size()
     rank = torch.distributed.get_rank() if world > 1 else 0
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimiser = torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    optimiser = fused_adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
     o, r = exposure_space(data, device)
     n_pairs = data.n_pairs
     per_epoch = min(cfg.entire_space.exposures_per_epoch or n_pairs, n_pairs)
@@ -152,7 +154,8 @@ def run_entire_space(data: CVRData, cfg: Config, method: Method, params: dict[st
     rows: list[dict[str, Any]] = []
     epoch = 0
     for epoch in range(1, max_epochs + 1):
-        perm = torch.randperm(n_pairs, generator=generator, device=device)[:per_epoch]
+        # the extension's cache-friendly shuffle: torch.randperm of Yahoo! R3's 15.4M pairs took a sixth of an epoch
+        perm = _ext.randperm(n_pairs, generator, device)[:per_epoch]
         monitor = 0.0
         for j in range(n_steps):
             idx = perm[j * b:(j + 1) * b]

@@ -90,6 +90,7 @@ from cvrdata.stream import CHUNK as STREAM_CHUNK, ChunkedBatches
 from estimators.distributed import Reduction, resolve
 from estimators.registry import get_entire_space
 from estimators.training.models import MMoE
+from estimators.training.optim import fused_adam
 from simulate import ctcvr
 
 from .distributed import is_writer, world_size
@@ -398,7 +399,7 @@ def train_run(folder: Path, run: Run, show_progress: bool = True) -> dict[str, A
                  tower_hidden=p.tower_hidden, user_fields=np.array(train.user_fields),
                  item_fields=np.array(train.item_fields))  # copies: small tables, writable
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimiser = torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    optimiser = fused_adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     steps = -(-len(train) // p.batch_size)
     swept = {k: v for k, v in params.items() if run.method.defaults().get(k) != v}
     label = f"{run.method.label} seed {run.seed}" + "".join(f" {k}={v:g}" for k, v in swept.items())

@@ -213,3 +213,32 @@ def test_propensity_fit_and_randperm_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_fused_adam_is_torch_adam_on_the_fused_kernel():
+    """The module-path trainers' optimiser (estimators.training.optim.fused_adam): Adam with the given
+    lr and weight decay, over tensors or parameter groups, fused where torch has the kernel."""
+    from estimators.training.optim import fused_adam
+
+    torch.manual_seed(0)
+    start = [torch.randn(50, 8), torch.randn(7)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(20)]
+
+    def trajectory(make):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make(params)
+        for g in grads:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+        return opt, params
+
+    ref_opt, ref = trajectory(lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.3))
+    opt, ours = trajectory(lambda ps: fused_adam(ps, lr=0.05, weight_decay=0.3))
+    assert opt.defaults["fused"] is True and not ref_opt.defaults["fused"]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    groups, _ = trajectory(lambda ps: fused_adam([{"params": ps[:1], "weight_decay": 0.3}, {"params": ps[1:]}],
+                                                 lr=0.05))
+    assert groups.param_groups[0]["weight_decay"] == 0.3 and groups.param_groups[1]["weight_decay"] == 0.0
+    assert not fused_adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64).to("meta"))], lr=0.1).defaults["fused"]

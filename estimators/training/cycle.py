@@ -30,7 +30,7 @@ sharing the propensity cache, which stores tables, not models.  (The public Stab
 learns one smoothing scalar of a Naive Bayes propensity fed with 5 % of the TEST labels; the
 toolkit never lets a label reach the propensity.)
 
-Runs on the module path (autograd, ``torch.optim.Adam`` for the three models): the fast path's
+Runs on the module path (autograd, torch's fused Adam for the three models): the fast path's
 fused kernels assume a frozen propensity table.  Under data parallelism all three models train
 through DDP wrappers, SDR-prop's sums over U span the ranks (``across``), and the step's losses
 and monitor are the global batch's.  ``imputation_first`` is not read: the order
@@ -49,6 +49,7 @@ from ..joint_loss import monitor
 from ..registry import get_estimator
 from ..stabledr import REDUCTIONS, stabledr_propensity_loss
 from .joint import JointConfig, JointLearner, OptimizerFactory, _real
+from .optim import fused_adam
 
 
 class AdditivePropensity(nn.Module):
@@ -133,7 +134,7 @@ class CycleLearner(JointLearner):
     data the propensity step reads; ``config``: the joint-learning settings (an estimator that
     reads propensities and imputed errors, e.g. ``"stabledr"`` with imputation loss ``"dr"``);
     ``cycle``: :class:`CycleConfig`.  ``prediction``, ``imputation``, ``optimizer`` (for the
-    prediction and imputation models; default ``torch.optim.Adam``) and ``generator`` as for
+    prediction and imputation models; default :func:`~estimators.training.optim.fused_adam`) and ``generator`` as for
     :class:`JointLearner`.  ``self.p_hat`` keeps the pre-fit's clipped table (what :func:`fit`'s
     divergence check weighs a constant predictor with).
     """
@@ -149,7 +150,7 @@ class CycleLearner(JointLearner):
             raise ValueError(f"`cycle` must be a CycleConfig; got {type(cycle).__name__}")
         self.propensity = AdditivePropensity.from_propensities(propensities)
         super().__init__(self.propensity.propensities(cycle.gamma), config, prediction=prediction,
-                         imputation=imputation, optimizer=optimizer or torch.optim.Adam, generator=generator)
+                         imputation=imputation, optimizer=optimizer or fused_adam, generator=generator)
         n_pairs = self.n_users * self.n_items
         if not isinstance(clicks, Tensor) or clicks.numel() != n_pairs or clicks.dim() not in (1, 2) or (
                 clicks.dim() == 2 and tuple(clicks.shape) != (self.n_users, self.n_items)):
@@ -159,8 +160,8 @@ class CycleLearner(JointLearner):
             raise ValueError("`clicks` must hold 0/1 click indicators (1 for the clicked training pairs)")
         self.o = clicks.detach().reshape(-1).to(device=self.device, dtype=torch.float32)
         self.cycle = cycle
-        self.prop_opt = torch.optim.Adam(self.propensity.parameters(), lr=cycle.prop_lr,
-                                         weight_decay=cycle.prop_weight_decay)
+        self.prop_opt = fused_adam(self.propensity.parameters(), lr=cycle.prop_lr,
+                                   weight_decay=cycle.prop_weight_decay)
         # Data parallel: the propensity model learns from every rank's pairs U through its DDP wrapper.
         self._train_modules[id(self.propensity)] = self.propensity
         if self.world_size > 1:

@@ -41,6 +41,7 @@ from ..calibration import (CalibrationExperts, calibrated_propensity, imputation
 from .joint import JointConfig, JointLearner
 from .losses import prediction_loss
 from .models import MF
+from .optim import fused_adam
 
 
 def _positive_int(value, name: str) -> None:
@@ -118,7 +119,7 @@ def fit_propensity_calibration(propensities: Tensor, users_v: Tensor, items_v: T
     z_m = in_v[pairs_m].to(torch.float32)
     users_m, items_m = pairs_m // n_items, pairs_m % n_items
     s_v, s_m = s[users_v, items_v], s[users_m, items_m]
-    opt = torch.optim.Adam(experts.parameters(), lr=config.propcal_lr, weight_decay=config.propcal_weight_decay)
+    opt = fused_adam(experts.parameters(), lr=config.propcal_lr, weight_decay=config.propcal_weight_decay)
     losses = []
     for _ in range(config.propcal_steps):
         # the gate once per user, gathered by the pairs' users; each set reads one side of C
@@ -148,14 +149,14 @@ class DCELearner(JointLearner):
     clicked pairs ``(users_v, items_v, r_v)`` with their conversion labels, which only the
     imputation calibrator reads (C4).  ``config`` names an estimator that reads imputed errors
     (DCE-TDR: ``dr`` with the imputation loss ``tdr_cl``).  Trains on the module path (autograd,
-    ``torch.optim.Adam``): the calibrated imputed errors have no fused kernel.  Under data
+    torch's fused Adam): the calibrated imputed errors have no fused kernel.  Under data
     parallelism the models train through their DDP wrappers and the calibrators, fitted on ``V``
     from the (identical) models of every rank, are the same on every rank.
     """
 
     def __init__(self, propensities: Tensor, config: JointConfig, dce: DCEConfig,
                  calibration: tuple[Tensor, Tensor, Tensor], *, generator: Optional[torch.Generator] = None):
-        super().__init__(propensities, config, optimizer=torch.optim.Adam, generator=generator)
+        super().__init__(propensities, config, optimizer=fused_adam, generator=generator)
         if self.imputation is None:
             raise ValueError(f"DCE calibrates an imputation model: estimator {config.estimator!r} has none; use one "
                              "that reads imputed errors (e.g. 'dr' with imputation_loss 'tdr_cl')")
@@ -166,8 +167,8 @@ class DCELearner(JointLearner):
         self.dce = dce
         self.users_v, self.items_v, self.r_v = users_v, items_v, r_v.to(torch.float32)
         self.imp_experts = CalibrationExperts(2, dce.n_experts).to(self.device)
-        self.impcal_opt = torch.optim.Adam(self.imp_experts.parameters(), lr=dce.impcal_lr,
-                                           weight_decay=dce.impcal_weight_decay)
+        self.impcal_opt = fused_adam(self.imp_experts.parameters(), lr=dce.impcal_lr,
+                                     weight_decay=dce.impcal_weight_decay)
         self.imp_features = self._imputation_features()
         self.impcal_losses: list[float] = []
 

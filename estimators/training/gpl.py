@@ -34,6 +34,7 @@ from ..registry import get_propensity_objective
 from .early_stopping import EarlyStopping
 from .fit import Diverged, EpochStats, fit
 from .joint import JointLearner
+from .optim import fused_adam
 from .propensity import propensity_table
 
 #: The schedule of the rounds, as config keys ``<prefix>_<name>`` (``gpl_rounds``): R, the propensity
@@ -89,7 +90,7 @@ class GPLTrainer:
         self.var_norm = float(n if self.spec.var_norm == "paper" else prop_batch_size)
         self.generator = generator
         # One optimiser for all rounds: each round continues the previous one's Adam state.
-        self.optimizer = torch.optim.Adam(prop_model.parameters(), lr=prop_lr, weight_decay=prop_weight_decay)
+        self.optimizer = fused_adam(prop_model.parameters(), lr=prop_lr, weight_decay=prop_weight_decay)
 
     @torch.no_grad()
     def residuals(self, users: Tensor, items: Tensor, r: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ with respect to the logits from one fused call, the embedding gradients scattere
 the compiled Adam, with the parameters following the plain ``nn.Embedding`` +
 ``torch.optim.Adam`` trajectory up to float rounding.  Any other model (or an explicit
 ``optimizer``) runs on autograd with ``optimizer(params, lr=..., weight_decay=...)``
-(``torch.optim.Adam`` by default).
+(torch's fused Adam by default, :func:`~estimators.training.optim.fused_adam`).
 
 Data parallel (``torchrun``; :mod:`estimators.distributed`): constructed with
 ``torch.distributed`` initialised on more than one rank, the learner trains on the module path
@@ -49,7 +49,7 @@ from .gather import gather_dot_grad, gather_dot_value, use_operator
 from .losses import imputation_loss, imputation_loss_and_grads, make_form, prediction_loss, prediction_loss_and_grads
 from .models import MF
 from .propensity import ModelPropensities, Propensities
-from .optim import Adam
+from .optim import Adam, fused_adam
 
 #: How the G * |B| pairs U of a step are drawn from all pairs: "uniform", independently with
 #: replacement (returned in ascending user order); "permutation", as consecutive slices of one
@@ -202,7 +202,7 @@ class JointLearner:
     :class:`~estimators.training.models.MF` of size ``config.dim``, created on that device in that
     order); an imputation model is built or accepted only when the estimator reads imputed errors.
     ``optimizer`` is a factory ``optimizer(params, lr=..., weight_decay=...)`` for both models
-    (default: the fast path's compiled Adam for MF, ``torch.optim.Adam`` for other models).
+    (default: the fast path's compiled Adam for MF, :func:`~estimators.training.optim.fused_adam` for other models).
     ``generator`` (on the same device) drives the sampled pairs U.  ``reduction`` and ``group``:
     under ``torch.distributed``, how the losses normalise across the ranks of ``group`` (the default
     group when None) (module docstring; :func:`estimators.distributed.resolve`), read once here.
@@ -262,7 +262,7 @@ class JointLearner:
             # per use would cost more than a Coat-sized kernel).
             self._tables = {id(m): (m.user.weight.detach(), m.item.weight.detach()) for m in models}
         else:
-            factory = optimizer or torch.optim.Adam
+            factory = optimizer or fused_adam
             self.pred_opt = factory(self.prediction.parameters(), lr=config.lr, weight_decay=config.weight_decay)
             if self.imputation is not None:
                 self.imp_opt = factory(self.imputation.parameters(), lr=config.imp_lr,

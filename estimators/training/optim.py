@@ -53,3 +53,17 @@ class Adam:
                 torch._fused_adam_([p], [g], [self.exp_avg[k]], [self.exp_avg_sq[k]], [], [step], lr=self.lr,
                                    beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
                                    eps=self.eps, amsgrad=False, maximize=False)
+
+
+def fused_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)`` on torch's fused kernel
+    (``fused=True``: one pass per tensor) when every parameter is a floating tensor on the CPU or
+    a CUDA device, else on its default kernel.  The optimiser of every module-path trainer: the
+    default single-tensor Adam makes six passes over each tensor, which on the dense embedding
+    tables of an MF (Yahoo! R3's users x 64 per tower) cost seven times the fused pass and most of
+    a step.  Both compute Adam; they differ by float rounding.  ``params`` is an iterable of
+    tensors or of parameter groups (dicts with ``"params"``), as ``torch.optim.Adam`` takes."""
+    params = list(params)
+    tensors = [p for g in params for p in (list(g["params"]) if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)

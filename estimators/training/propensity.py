@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import _ext
 from .early_stopping import EarlyStopping
 from .models import PropensityModel
-from .optim import Adam
+from .optim import Adam, fused_adam
 
 #: The propensity fit's losses: "mse", the published BADR code's squared error on sigmoid(logit),
 #: and "bce", eq. (4).
@@ -61,7 +61,7 @@ def fit_propensity(
     is called after each epoch with its summed batch losses.
 
     Any model runs on autograd with ``optimizer(model.parameters(), lr=lr,
-    weight_decay=weight_decay)`` (default ``torch.optim.Adam``), the squared error on
+    weight_decay=weight_decay)`` (default :func:`~estimators.training.optim.fused_adam`), the squared error on
     ``sigmoid(logit)`` or the cross-entropy from logits.  A :class:`PropensityModel` with the
     default optimizer takes the fast path: the model is additive, ``logit(u, i) = a_u + b_i`` with
     ``a = P w_1 + c`` and ``b = Q w_2``, so the gradients are written out instead of taped: with
@@ -105,7 +105,7 @@ def fit_propensity(
         epoch_fn = (_fused_epoch if fused else _reference_epoch)(model, clicks, lr, weight_decay, batch_size, loss)
     else:
         epoch_fn = _module_epoch(model, clicks, n_items, lr, weight_decay, batch_size, loss,
-                                 optimizer or torch.optim.Adam)
+                                 optimizer or fused_adam)
     n_full = n - n % batch_size  # the last partial batch is dropped
     stop = EarlyStopping(tol, patience)
     for epoch in range(1, max_epochs + 1):
@@ -180,7 +180,7 @@ def fit_propensity_sampled(
     if not (isinstance(batch_size, int) and 1 <= batch_size <= n_epoch):
         raise ValueError(f"`batch_size` must be an integer in [1, {n_epoch}] (the clicks and their negatives); "
                          f"got {batch_size!r}")
-    opt = (optimizer or torch.optim.Adam)(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = (optimizer or fused_adam)(model.parameters(), lr=lr, weight_decay=weight_decay)
     scale = n_epoch / n_pairs
     n_full = n_epoch - n_epoch % batch_size
     stop = EarlyStopping(tol, patience)

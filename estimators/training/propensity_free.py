@@ -37,6 +37,7 @@ from ..registry import PropensityFreeSpec, get_propensity_free
 from .gather import gather_dot
 from .joint import check_clicked_batch, predict_probabilities, uniform_pairs
 from .losses import make_form
+from .optim import fused_adam
 
 
 class PropensityFreeModel(nn.Module):
@@ -239,7 +240,7 @@ class PropensityFreeLearner:
         self.imputation = None
         self.form = make_form(config.cross_entropy)
         self.p_hat = torch.ones(1, device=self.device).expand(self.n_users * self.n_items)
-        self.optimizer = torch.optim.Adam(model.param_groups(config.weight_decay), lr=config.lr)
+        self.optimizer = fused_adam(model.param_groups(config.weight_decay), lr=config.lr)
         self._params = {k: v for k, v in config.params.items() if k not in self.spec.model_params}
         self.reduction = resolve(reduction, group)
         self.group, self.world_size, self.rank = group, world_size(group), rank(group)
