@@ -195,8 +195,9 @@ class PropensityCache:
     The fit depends only on the data, the seed, the propensity settings, the thread count and the
     device, and every baseline of a data set shares one propensity block (BADR and its ablations
     share the authors'), so a table of 12 methods needs 2 fits per data set and seed, not 11.  An
-    entry stores the unclipped propensities with their shape and digest, the key they were fitted
-    for, the epochs' losses and the states of the seeded generator and of torch's global generator
+    entry stores the unclipped propensities with their shape and digest, the fitted model's
+    parameters (DR-MSE-GPL continues the model in its rounds), the key they were fitted for, the
+    epochs' losses and the states of the seeded generator and of torch's global generator
     after the fit, which a hit restores: the run then makes exactly the draws it would have made
     after fitting (same parameters, bitwise).  Entries are written whole or not at all
     (:func:`reproduce.files.replace_with`: a unique temporary file, fsynced, renamed; never through
@@ -223,24 +224,30 @@ class PropensityCache:
         return f"{data.name}-{seed}-{digest}"
 
     def load(self, key: str, generator: torch.Generator, shape: tuple[int, int],
-             device: torch.device = torch.device("cpu")) -> Optional[tuple[torch.Tensor, int, list[float]]]:
+             device: torch.device = torch.device("cpu"),
+             model: Optional[torch.nn.Module] = None) -> Optional[tuple[torch.Tensor, int, list[float]]]:
         """The entry of ``key`` (propensities of ``shape`` on ``device``, epochs, losses), the
-        generators' states restored; None when there is none or it fails its checks (warned)."""
+        generators' states restored and, given ``model``, the fitted parameters loaded into it; None
+        when there is none or it fails its checks (warned)."""
         path = self.root / f"{key}.pt"
         if not path.exists() and not path.is_symlink():
             return None
         try:
-            propensities, epochs, losses, states = self._checked(path, key, shape, generator)
+            propensities, epochs, losses, states, saved = self._checked(path, key, shape, generator)
+            if model is not None:
+                _check_state(saved, model)
         except ValueError as exc:
             warnings.warn(f"propensity cache: {path} is unusable ({exc}); the propensity model is refitted")
             return None
+        if model is not None:
+            model.load_state_dict(saved)
         generator.set_state(states[0])
         torch.set_rng_state(states[1])
         return propensities.to(device), epochs, losses
 
     @staticmethod
     def _checked(path: Path, key: str, shape: tuple[int, int],
-                 generator: torch.Generator) -> tuple[torch.Tensor, int, list[float], tuple]:
+                 generator: torch.Generator) -> tuple[torch.Tensor, int, list[float], tuple, Any]:
         if path.is_symlink() or not path.is_file():
             raise ValueError("not a regular file")
         try:
@@ -266,15 +273,33 @@ class PropensityCache:
             torch.Generator().set_state(states[1])
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"its generator states are unusable ({exc})") from None
-        return p, epochs, [float(v) for v in losses], states
+        return p, epochs, [float(v) for v in losses], states, entry.get("model")
 
     def save(self, key: str, propensities: torch.Tensor, epochs: int, losses: list[float],
-             generator: torch.Generator) -> None:
+             generator: torch.Generator, model: Optional[torch.nn.Module] = None) -> None:
+        """Write the entry of ``key``: the fit's unclipped ``propensities``, ``epochs`` and
+        ``losses``, the generators' states now and the fitted ``model``'s parameters."""
         self.root.mkdir(parents=True, exist_ok=True)
         p = propensities.detach().cpu().contiguous()
         entry = {"key": key, "propensities": p, "digest": _digest(p), "epochs": epochs, "losses": list(losses),
                  "generator": generator.get_state(), "global_rng": torch.get_rng_state()}
+        if model is not None:
+            entry["model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         replace_with(self.root / f"{key}.pt", lambda f: torch.save(entry, f))
+
+
+def _check_state(saved: Any, model: torch.nn.Module) -> None:
+    """That ``saved`` holds a finite parameter of the right shape for each of ``model``'s."""
+    if not isinstance(saved, dict):
+        raise ValueError("it holds no model parameters (written by a version that kept the table only)")
+    expected = model.state_dict()
+    if set(saved) != set(expected):
+        raise ValueError(f"its model parameters are {sorted(saved)}, not {sorted(expected)}")
+    for name, value in saved.items():
+        if not (isinstance(value, torch.Tensor) and value.shape == expected[name].shape
+                and bool(torch.isfinite(value).all())):
+            raise ValueError(f"its model parameter {name!r} is not a finite tensor of shape "
+                             f"{tuple(expected[name].shape)}")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -379,24 +404,26 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
         calibration = (xv[:, 0].contiguous(), xv[:, 1].contiguous(), torch.from_numpy(y_v).to(device))
 
     prop_epochs, cached = 0, False
-    # DR-MSE-GPL refits its propensity model after round 0: it keeps the model, so the cache (which
-    # stores tables, not models) does not serve it; its round-0 fit is the DR-MSE row's, draw for draw.
+    # DR-MSE-GPL refits its propensity model after round 0: it keeps the model, which a cache hit
+    # loads from the entry; its round-0 fit is the DR-MSE row's, draw for draw.
     prop_model = (PropensityModel(data.n_users, data.n_items, cfg.dim).to(device)
                   if method.propensity_objective is not None else None)
     if method.uses_propensity:
         if not 0.0 < params["gamma"] <= 1.0:
             raise ValueError(f"gamma (propensity clipping floor) must lie in (0, 1]; got {params['gamma']}")
-        key = (None if propensity_cache is None or prop_model is not None
-               else propensity_cache.key(train_data, cfg, params, seed, device))
-        hit = None if key is None else propensity_cache.load(key, generator, (data.n_users, data.n_items), device)
+        key = None if propensity_cache is None else propensity_cache.key(train_data, cfg, params, seed, device)
+        hit = (None if key is None
+               else propensity_cache.load(key, generator, (data.n_users, data.n_items), device, model=prop_model))
         if hit is None:
+            # created first, as fit_propensities would: a cache entry then holds the fitted model too
+            model = prop_model or PropensityModel(train_data.n_users, train_data.n_items, cfg.dim).to(device)
             try:
                 p_hat, prop_epochs, prop_losses = fit_propensities(train_data, cfg, params, generator, progress,
-                                                                   device, model=prop_model)
+                                                                   device, model=model)
             except Diverged as exc:
                 raise Diverged(f"{data.name} {method.name} seed {seed}: {exc}") from None
             if key is not None:
-                propensity_cache.save(key, p_hat, prop_epochs, prop_losses, generator)
+                propensity_cache.save(key, p_hat, prop_epochs, prop_losses, generator, model=model)
         else:
             (p_hat, prop_epochs, prop_losses), cached = hit, True
         rows += [{"stage": "propensity", "epoch": e, "propensity_loss": loss}

@@ -320,3 +320,27 @@ def test_repeated_datasets_and_methods_are_trained_once(data_dir, tmp_path):
     assert main(["table3", "--datasets", "coat,coat", "--methods", "mf,mf", "--seeds", "1", "--max-epochs", "1",
                  "--jobs", "1", "--data-dir", str(data_dir), "--out", str(tmp_path)]) == 0
     assert [(r["dataset"], r["method"]) for r in read_results(tmp_path / "results.csv")] == [("coat", "mf")]
+
+
+def test_an_entry_without_the_fitted_model_is_refitted_for_gpl_and_serves_the_table_rows(coat, tmp_path):
+    """An entry written before the cache kept the fitted model (or with a damaged one) still serves
+    the rows that read the table; DR-MSE-GPL, which continues the model, refits with a warning."""
+    cfg = C.load_config("coat")
+    cache = PropensityCache(tmp_path)
+    _ips_run(coat, cache)
+    (entry,) = tmp_path.glob("*.pt")
+    saved = torch.load(entry, weights_only=True)
+    gpl = METHODS["dr_mse_gpl"]
+    params = cfg.method_params(gpl) | {"gpl_rounds": 1, "gpl_prop_epochs": 1, "gpl_joint_epochs": 1}
+    plain = run_one(coat, cfg, gpl, params, 2024, max_epochs=1, show_progress=False)
+    for damage, message in (("missing", "holds no model parameters"), ("shape", "not a finite tensor of shape")):
+        if damage == "missing":
+            del saved["model"]
+        else:
+            saved["model"] = {k: v[:1] for k, v in saved_model.items()}
+        torch.save(saved, entry)
+        assert _ips_run(coat, cache)["propensity_cached"]
+        with pytest.warns(UserWarning, match=message):
+            run = run_one(coat, cfg, gpl, params, 2024, max_epochs=1, show_progress=False, propensity_cache=cache)
+        assert not run["propensity_cached"] and run["auc"] == plain["auc"]
+        saved_model = torch.load(entry, weights_only=True)["model"]  # the refit wrote it back

@@ -255,10 +255,14 @@ def test_zero_rounds_reproduce_dr_mse_and_the_cache_serves_no_refit(coat_one_thr
                   propensity_cache=cache)
     assert got["auc"] == ref["auc"] and got["epochs"] == ref["epochs"] == 3
     assert got["propensity_epochs"] == ref["propensity_epochs"] and not got["propensity_cached"]
-    assert not (tmp_path / "cache").exists()  # a GPL run keeps its model: no table is cached for it
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # the entry holds the fitted model too
     params = params | {"gpl_rounds": 2, "gpl_prop_epochs": 1, "gpl_joint_epochs": 2, "gpl_lam": 1.0}
     one = run_one(data, cfg, method, params, 2024, max_epochs=3, split="val", show_progress=False, history=True)
     two = run_one(data, cfg, method, params, 2024, max_epochs=3, split="val", show_progress=False)
+    # the rounds continue the cached model: the run equals a fit of its own, bitwise
+    hit = run_one(data, cfg, method, params, 2024, max_epochs=3, split="val", show_progress=False,
+                  propensity_cache=cache)
+    assert hit["propensity_cached"] and hit["auc"] == one["auc"] and hit["epochs"] == one["epochs"]
     assert one["auc"] == two["auc"] != ref["auc"] and one["epochs"] == 3 + 2 * 2
     assert one["propensity_epochs"] == ref["propensity_epochs"] + 2
     fit_rows = [h["epoch"] for h in one["history"] if h["stage"] == "fit"]
