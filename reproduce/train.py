@@ -416,7 +416,8 @@ def run_one(data: CVRData, cfg: Config, method: Method, params: dict[str, Any], 
                else propensity_cache.load(key, generator, (data.n_users, data.n_items), device, model=prop_model))
         if hit is None:
             # created first, as fit_propensities would: a cache entry then holds the fitted model too
-            model = prop_model or PropensityModel(train_data.n_users, train_data.n_items, cfg.dim).to(device)
+            model = (prop_model if prop_model is not None
+                     else PropensityModel(train_data.n_users, train_data.n_items, cfg.dim).to(device))
             try:
                 p_hat, prop_epochs, prop_losses = fit_propensities(train_data, cfg, params, generator, progress,
                                                                    device, model=model)

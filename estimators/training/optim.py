@@ -63,7 +63,8 @@ def fused_adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Opti
     tables of an MF (Yahoo! R3's users x 64 per tower) cost seven times the fused pass and most of
     a step.  Both compute Adam; they differ by float rounding.  ``params`` is an iterable of
     tensors or of parameter groups (dicts with ``"params"``), as ``torch.optim.Adam`` takes."""
-    params = list(params)
-    tensors = [p for g in params for p in (list(g["params"]) if isinstance(g, dict) else [g])]
+    # groups' "params" listed once: an iterator read here would reach torch.optim.Adam empty
+    params = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in params]
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
