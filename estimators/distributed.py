@@ -160,14 +160,16 @@ SINGLE = Reduction()
 LOCAL = Reduction("local")
 
 
-def resolve(reduction: Union[str, Reduction] = "global", group: Optional[Any] = None) -> Reduction:
+def resolve(reduction: Union[str, Reduction] = "global", group: Optional[Any] = None,
+            name: str = "reduction") -> Reduction:
     """The :class:`Reduction` of mode ``reduction`` (:data:`REDUCTIONS`) over ``group`` (the
     default process group when None), read from ``torch.distributed`` now: inactive when it is
-    not initialised or ``group`` has one rank.  A :class:`Reduction` is returned as it is."""
+    not initialised or ``group`` has one rank.  A :class:`Reduction` is returned as it is.
+    ``name``: the caller's argument, which a bad value's ``ValueError`` names."""
     if isinstance(reduction, Reduction):
         return reduction
     if reduction not in REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {REDUCTIONS} (the global batch's normalisers across ranks, "
+        raise ValueError(f"`{name}` must be one of {REDUCTIONS} (the global batch's normalisers across ranks, "
                          f"or each rank's own); got {reduction!r}")
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return SINGLE if reduction == "global" else LOCAL
@@ -186,3 +188,49 @@ def world_size(group: Optional[Any] = None) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(group)
     return 1
+
+
+# The data-parallel plumbing the learners share (JointLearner and its subclasses,
+# PropensityFreeLearner): which part of a global batch a rank trains, its own stream of sampled
+# pairs, the DDP wrapper and the step's global statistics.
+
+def shard(idx: Tensor, group: Optional[Any] = None) -> Tensor:
+    """This rank's part of a global batch's indices ``idx``: consecutive, of sizes differing by at
+    most one (``tensor_split``); the whole batch in one process."""
+    world = world_size(group)
+    if world == 1:
+        return idx
+    if idx.numel() < world:
+        raise ValueError(f"a batch of {idx.numel()} pairs cannot be shared by {world} ranks; the batch size (the "
+                         "global batch) must be at least the world size")
+    return idx.tensor_split(world)[rank(group)]
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device, group: Optional[Any] = None) -> torch.nn.Module:
+    """``module`` wrapped in ``DistributedDataParallel`` over ``group`` (which broadcasts rank 0's
+    parameters and averages the gradients), on ``device``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, process_group=group)
+
+
+def rank_generator(generator: Optional[torch.Generator], device: torch.device,
+                   group: Optional[Any] = None) -> torch.Generator:
+    """This rank's own generator for the sampled pairs U: seeded by one draw of the shared
+    ``generator`` (alike on every rank) plus the rank, so that the ranks draw different pairs."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    return torch.Generator(device).manual_seed(seed + rank(group))
+
+
+def global_stats(stats: dict[str, float], device: torch.device, group: Optional[Any] = None) -> dict[str, float]:
+    """A step's statistics for the global batch, in one all-reduce: the losses are the mean of the
+    ranks' shares (under ``"local"``, of the ranks' own losses), ``"monitor"`` the sum of the ranks'."""
+    world = world_size(group)
+    if world == 1:
+        return stats
+    keys = sorted(stats)
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values, group=group)
+    TRAFFIC.calls, TRAFFIC.bytes = TRAFFIC.calls + 1, TRAFFIC.bytes + values.numel() * values.element_size()
+    return {k: float(v) if k == "monitor" else float(v) / world for k, v in zip(keys, values.tolist())}

@@ -124,7 +124,7 @@ def stabledr_propensity_loss(z_u: Tensor, o_u: Tensor, e_hat_u: Tensor, *, eta: 
         raise ValueError(f"`gamma` (propensity clipping floor) must lie in (0, 1); got {gamma!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}; got {reduction!r}")
-    red = resolve(across)
+    red = resolve(across, name="across")
     e_hat_u = e_hat_u.detach()
     z_c = torch.clamp(z_u, min=math.log(gamma / (1.0 - gamma)))
     inv_p = 1.0 + torch.exp(-z_c)

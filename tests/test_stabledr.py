@@ -196,14 +196,16 @@ def test_propensity_loss_balances_and_reduces_to_bce():
     (dict(eta=-1.0), "`eta`"), (dict(eta=float("nan")), "`eta`"), (dict(gamma=0.0), "`gamma`"),
     (dict(gamma=1.0), "`gamma`"), (dict(reduction="max"), "`reduction`"), (dict(o=[1.0, 2.0, 0.0]), "`o_u`"),
     (dict(z=[0.0, float("inf"), 1.0]), "`z_u`"), (dict(e_hat=[0.1, 0.2]), "one shape"),
-    (dict(e_hat=[0.1, float("nan"), 0.3]), "`e_hat_u`"),
+    (dict(e_hat=[0.1, float("nan"), 0.3]), "`e_hat_u`"), (dict(across="all"), "`across`"),
 ])
 def test_propensity_loss_rejects_bad_input_by_name(kwargs, match):
-    args = dict(z=[0.0, 1.0, -1.0], o=[1.0, 0.0, 0.0], e_hat=[0.1, 0.2, 0.3], eta=1.0, gamma=0.05, reduction="sum")
+    args = dict(z=[0.0, 1.0, -1.0], o=[1.0, 0.0, 0.0], e_hat=[0.1, 0.2, 0.3], eta=1.0, gamma=0.05, reduction="sum",
+                across="global")
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         stabledr_propensity_loss(torch.tensor(args["z"]), torch.tensor(args["o"]), torch.tensor(args["e_hat"]),
-                                 eta=args["eta"], gamma=args["gamma"], reduction=args["reduction"])
+                                 eta=args["eta"], gamma=args["gamma"], reduction=args["reduction"],
+                                 across=args["across"])
 
 
 # ---- the cycle learner -------------------------------------------------------------------------------

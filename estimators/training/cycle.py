@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..distributed import data_parallel
 from ..joint_loss import monitor
 from ..registry import get_estimator
 from ..stabledr import REDUCTIONS, stabledr_propensity_loss
@@ -165,11 +166,7 @@ class CycleLearner(JointLearner):
         # Data parallel: the propensity model learns from every rank's pairs U through its DDP wrapper.
         self._train_modules[id(self.propensity)] = self.propensity
         if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device] if self.device.type == "cuda" else None
-            self._train_modules[id(self.propensity)] = DistributedDataParallel(self.propensity, device_ids=ids,
-                                                                                process_group=self.group)
+            self._train_modules[id(self.propensity)] = data_parallel(self.propensity, self.device, self.group)
 
     @torch.no_grad()
     def current_propensities(self, users: Tensor, items: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ext
-from ..distributed import TRAFFIC, Reduction, rank, resolve, world_size
+from ..distributed import Reduction, data_parallel, global_stats, rank, rank_generator, resolve, shard, world_size
 from ..joint_loss import CROSS_ENTROPIES, IMPUTATIONS, monitor
 from ..registry import get_estimator, get_imputation_loss
 from .gather import gather_dot_grad, gather_dot_value, use_operator
@@ -279,24 +279,14 @@ class JointLearner:
 
     def _distribute(self, models: list[nn.Module]) -> None:
         """Data parallel: DDP wrappers for the models (which broadcast rank 0's parameters) and
-        this rank's own stream for U, seeded by one draw of the shared generator plus the rank."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device] if self.device.type == "cuda" else None
+        this rank's own stream for U (:func:`estimators.distributed.rank_generator`)."""
         for m in models:
-            self._train_modules[id(m)] = DistributedDataParallel(m, device_ids=ids, process_group=self.group)
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.device))
-        self.generator = torch.Generator(self.device).manual_seed(seed + self.rank)
+            self._train_modules[id(m)] = data_parallel(m, self.device, self.group)
+        self.generator = rank_generator(self.generator, self.device, self.group)
 
     def shard(self, idx: Tensor) -> Tensor:
-        """This rank's part of a global batch's indices (consecutive, sizes differing by at most
-        one; the whole batch in one process)."""
-        if self.world_size == 1:
-            return idx
-        if idx.numel() < self.world_size:
-            raise ValueError(f"a batch of {idx.numel()} pairs cannot be shared by {self.world_size} ranks; the batch "
-                             "size (the global batch) must be at least the world size")
-        return idx.tensor_split(self.world_size)[self.rank]
+        """This rank's part of a global batch's indices (:func:`estimators.distributed.shard`)."""
+        return shard(idx, self.group)
 
     def set_propensities(self, propensities: Tensor) -> None:
         """Replace the propensity table (GPL's rounds refit the propensity model between joint-learning
@@ -371,15 +361,8 @@ class JointLearner:
         return out
 
     def _global_values(self, out: dict[str, float]) -> dict[str, float]:
-        """The global batch's losses (the mean of the ranks' shares; under ``"local"``, of the
-        ranks' own losses) and monitor (the sum of the ranks'), in one all-reduce."""
-        import torch.distributed as dist
-
-        keys = sorted(out)
-        values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values, group=self.group)
-        TRAFFIC.calls, TRAFFIC.bytes = TRAFFIC.calls + 1, TRAFFIC.bytes + values.numel() * values.element_size()
-        return {k: float(v) if k == "monitor" else float(v) / self.world_size for k, v in zip(keys, values.tolist())}
+        """The global batch's losses and monitor (:func:`estimators.distributed.global_stats`)."""
+        return global_stats(out, self.device, self.group)
 
     def _draw_u(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """B then U (rows and columns), and the pairs the imputation loss differentiates: B and U

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import propensity_free as P
-from ..distributed import Reduction, rank, resolve, world_size
+from ..distributed import (Reduction, data_parallel, global_stats, rank, rank_generator, resolve, shard,
+                           world_size)
 from ..joint_loss import CROSS_ENTROPIES
 from ..registry import PropensityFreeSpec, get_propensity_free
 from .gather import gather_dot
@@ -246,21 +247,12 @@ class PropensityFreeLearner:
         self.group, self.world_size, self.rank = group, world_size(group), rank(group)
         self._objective: nn.Module = _Objective(model)
         if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device] if self.device.type == "cuda" else None
-            self._objective = DistributedDataParallel(self._objective, device_ids=ids, process_group=group)
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=self.device))
-            self.generator = torch.Generator(self.device).manual_seed(seed + self.rank)
+            self._objective = data_parallel(self._objective, self.device, group)
+            self.generator = rank_generator(generator, self.device, group)
 
     def shard(self, idx: Tensor) -> Tensor:
-        """This rank's part of a global batch's indices (the whole batch in one process), as
-        :meth:`JointLearner.shard <estimators.training.joint.JointLearner.shard>` cuts it."""
-        if self.world_size == 1:
-            return idx
-        if idx.numel() < self.world_size:
-            raise ValueError(f"a batch of {idx.numel()} pairs cannot be shared by {self.world_size} ranks")
-        return idx.tensor_split(self.world_size)[self.rank]
+        """This rank's part of a global batch's indices (:func:`estimators.distributed.shard`)."""
+        return shard(idx, self.group)
 
     def propensities_of(self, users: Tensor, items: Tensor) -> Tensor:
         """1 for every pair (what :func:`~estimators.training.fit.fit` weighs the monitor with)."""
@@ -294,14 +286,7 @@ class PropensityFreeLearner:
             monitor = float(self.form.l(out["x_b"].detach(), r).sum())
         stats = {"prediction_loss": float(out["loss"].detach()), "monitor": monitor}
         stats.update({k: float(v.detach()) for k, v in out.items() if k not in ("loss", "x_b")})
-        if self.world_size > 1:  # the ranks' shares averaged (the global loss), their monitors summed
-            import torch.distributed as dist
-
-            keys = sorted(stats)
-            values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device)
-            dist.all_reduce(values, group=self.group)
-            stats = {k: float(v) if k == "monitor" else float(v) / self.world_size for k, v in zip(keys, values.tolist())}
-        return stats
+        return global_stats(stats, self.device, self.group)  # the ranks' shares averaged, monitors summed
 
     def predict(self, users: Tensor, items: Tensor) -> Tensor:
         """Predicted CVR ``sigmoid(logit)`` of the model (in evaluation mode)."""
