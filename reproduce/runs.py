@@ -61,8 +61,13 @@ def train_row(data: CVRData, run: Run, cache: Optional[PropensityCache], show_pr
                              history=True, record_test_loss=run.record_test_loss)
     return {"dataset": run.dataset, "method": run.method.name, "seed": run.seed, **result,
             "max_epochs": run.max_epochs, "signature": run.signature, "threads": torch.get_num_threads(),
-            "batch_size": run.cfg.batch_size, "train_fraction": run.train_fraction, "device": run.device,
+            "batch_size": _batch_size(run), "train_fraction": run.train_fraction, "device": run.device,
             "world_size": world_size()}
+
+
+def _batch_size(run: Run) -> int:
+    """The batch the run stepped on: exposures for the entire-space rows, clicked pairs for the others."""
+    return run.cfg.entire_space.batch_size if run.method.entire_space is not None else run.cfg.batch_size
 
 
 def train_all(runs: list[Run], data_dir: Optional[Path], cache_root: Optional[Path],

@@ -11,6 +11,7 @@ import torch
 import reproduce.entire_space as ES
 from reproduce import config as C
 from reproduce.methods import METHODS, TABLE3_ROWS, Method
+from reproduce.table import read_results
 from reproduce.train import run_one
 
 # The commands set process-wide state (threads, flush-to-zero): undone after each test, for the
@@ -95,8 +96,11 @@ def test_registered_as_rows():
     assert C.run_signature(wider, METHODS["esmm"], cfg.method_params(METHODS["esmm"]), 100) not in sigs
 
 
-def test_table3_trains_every_entire_space_method(coat_table3_rows):
+def test_table3_trains_every_entire_space_method(coat_table3_rows, tmp_path):
     rows = coat_table3_rows(list(ROWS))
+    # results.csv records the batch each run stepped on: exposures, not the clicked-pair batch
+    exposures = C.load_config("coat").entire_space.batch_size
+    assert {int(r["batch_size"]) for r in read_results(tmp_path / "out" / "results.csv")} == {exposures}
     for name, row in ROWS.items():
         cells = rows[METHODS[name].label]
         ours, paper = cells[1], cells[2]
