@@ -263,6 +263,15 @@ def multi_dr_loss(ctr_logit: Tensor, cvr_logit: Tensor, o, r, *, delta_hat: Tens
                       lambda_c=lambda_c, lambda_g=0.0, reduction=reduction)
 
 
+def _self_normalised_weights(w: Tensor, red: Reduction) -> Tensor:
+    """``w / S`` with ``S`` the sum of ``w`` over its batch (row; over all ranks' shares of it), 0
+    in a batch whose ``S`` is 0.  ``w`` is built from detached propensities: no gradient here."""
+    rows = w if w.dim() > 1 else w[None]
+    s = red.total(rows.sum(dim=-1, keepdim=True))
+    out = rows / torch.where(s > 0, s, torch.ones_like(s))
+    return out if w.dim() > 1 else out[0]
+
+
 def ddpo_loss(
     ctr_logit: Tensor,
     cvr_logit: Tensor,
@@ -274,52 +283,60 @@ def ddpo_loss(
     gamma: float = 0.05,
     lambda_c: float = 1.0,
     lambda_p: float = 1.0,
-    lambda_g: float = 0.0,
+    lambda_g: float = 1.0,
+    self_normalise: bool = True,
     reduction: str | Reduction = "global",
 ) -> dict[str, Tensor]:
     """DDPO (Su et al., SIGIR 2024, "DDPO: Direct Dual Propensity Optimization for Post-Click
-    Conversion Rate Estimation"), its debiasing components, as READ from the paper's abstract.
+    Conversion Rate Estimation"), its debiasing components: eqs. (6), (9), (10), (15)-(18).
 
-    Source: the abstract (ACM DL, doi 10.1145/3626772.3657817, and the authors' repository page)
-    and the BADR paper's summaries (Sections 4.1.2, 5.2); the full text with its equations was
-    not available here, so the formulas below are our reading, not a transcription.  The
-    abstract: a CLICK propensity network "ensures that optimization in the click space is
-    unbiased"; a CONVERSION propensity network "generates pseudo-conversion labels for unclicked
-    samples"; with the two, "causality-based optimization in both click space and non-click
-    space", on "both clicked and unclicked samples" of the impression space.  The attention-based
-    causal transfer modules are architecture, left out (BADR footnote 6: debiasing components only).
+    The CTR tower ``a`` is the click propensity network (eq. 7), ``c = conv_logit`` the conversion
+    propensity network (eq. 5) and ``b`` the CVR network; the causal transfer modules (eqs. 12-14)
+    are architecture, left out (BADR footnote 6: debiasing components only).  With
+    ``p = clip(o_hat, gamma, 1)`` and ``q = clip(1 - o_hat, gamma, 1)`` (DETACHED; the paper does not
+    clip, ``gamma`` below every propensity is the paper's form) and the soft label of eq. (9),
+    ``r* = r`` where ``r = 1`` (clicked and converted) and ``r* = sigmoid(c)`` DETACHED elsewhere
+    (clicked and not converted, and every unclicked exposure)::
 
-    With ``p = clip(o_hat, gamma, 1)`` and ``q = clip(1 - o_hat, gamma, 1)`` (DETACHED; the
-    click propensity network is the CTR tower ``a``), ``c = conv_logit`` the conversion
-    propensity network and ``t = sigmoid(c)`` DETACHED its pseudo-labels::
+        L_o = mean_D l(a, o)                                            eq. (16), lambda_o = 1
+        L_c = mean_D o * l(c, r)                                        eq. (6), clicked exposures only
+        L_r = mean_D [ o * w_O * l(b, r*) + (1 - o) * w_N * l(b, r*) ]  eq. (10)
+        L   = L_o + lambda_c * L_r + lambda_p * L_c + lambda_g * L_CTCVR    eq. (18); L_CTCVR = eq. (17)
 
-        L_CTR  = mean_D l(a, o)                                   click propensity network
-        L_CONV = mean_D o * l(c, r) / p                           conversion propensity network:
-                                                                  IPS over the click space
-        R_DDPO = mean_D [ o * l(b, r) / p + (1 - o) * l(b, t) / q ]   CVR model, both spaces
-        L      = L_CTR + lambda_c * R_DDPO + lambda_p * L_CONV + lambda_g * L_CTCVR
+    ``self_normalise=True`` (the paper's eq. 15, the method as trained): ``w_O = (1/p) / sum_B o/p``
+    and ``w_N = (1/q) / sum_B (1 - o)/q`` over the batch (row) B, so each side's weights sum to 1
+    over its clicked (unclicked) exposures and the ``mean_D`` of eq. (10) leaves ``L_r`` at the
+    scale of a batch mean: ``lambda_c`` trades it against the other tasks, as the paper's
+    ``lambda_r`` does.  ``self_normalise=False``: eq. (10) with ``w_O = 1/p``, ``w_N = 1/q``, for
+    which Theorem 1 holds (with ``o_hat = o`` and ``sigmoid(c) = r``, ``L_r`` is the ideal CVR loss).
+    A batch without a click (without an unclicked exposure) contributes 0 from that side.
 
-    With ``o_hat`` the true CTR (and no clipping), ``E_O[R_DDPO] = mean_D l(b, r) + mean_D l(b, t)``:
-    the ideal CVR loss plus the pseudo-label loss over all exposures, each weighted back from
-    the space it is observed in (the dual propensities ``o_hat`` and ``1 - o_hat``).  The CTCVR
-    term is off by default (``lambda_g = 0``).  Returns ``{"loss", "ctr", "ctcvr", "cvr", "conv",
-    "cvr_click", "cvr_unclick"}``.  Input contract and ``reduction`` as :func:`escm2_loss`
-    (``conv_logit`` finite, of ``o``'s shape).
+    Our names map to the paper's weights as ``lambda_c = lambda_r``, ``lambda_p = lambda_c`` and
+    ``lambda_g = lambda_t``; the defaults are the paper's (all 1, Section 4.4).  Returns ``{"loss",
+    "ctr", "ctcvr", "cvr", "conv", "cvr_click", "cvr_unclick"}`` (``cvr = L_r``, ``conv = L_c``).
+    Input contract and ``reduction`` as :func:`escm2_loss` (``conv_logit`` finite, of ``o``'s
+    shape); under ``"global"`` the normalisers are the whole batch's, over all ranks.
     """
     if conv_logit is None:
         raise ValueError("DDPO needs `conv_logit`, the conversion propensity network's logits")
+    if not isinstance(self_normalise, bool):
+        raise ValueError(f"`self_normalise` must be True or False; got {self_normalise!r}")
     tensors, o_t, r_t, p_ext, gamma, lam = check_entire_space(
         ctr_logit, cvr_logit, o, r, conv_logit=conv_logit, p_hat=p_hat, gamma=gamma,
         lambdas={"lambda_c": lambda_c, "lambda_p": lambda_p, "lambda_g": lambda_g})
     a, b, c = tensors["ctr_logit"], tensors["cvr_logit"], tensors["conv_logit"]
     red = resolve(reduction)
     out = _entire_space_terms(a, b, o_t, r_t, red)
-    p = _propensity(a, p_ext, gamma)
-    q = _non_click_propensity(a, p_ext, gamma)
-    pseudo = torch.sigmoid(c.detach())
-    out["conv"] = red.mean(o_t * _l(c, r_t) / p)
-    out["cvr_click"] = red.mean(o_t * _l(b, r_t) / p)
-    out["cvr_unclick"] = red.mean((1 - o_t) * _l(b, pseudo) / q)
+    w_click = o_t / _propensity(a, p_ext, gamma)
+    w_unclick = (1 - o_t) / _non_click_propensity(a, p_ext, gamma)
+    if self_normalise:
+        w_click, w_unclick = _self_normalised_weights(w_click, red), _self_normalised_weights(w_unclick, red)
+    # r_t is 0 where o = 0, so r* is the pseudo-label on every exposure but the clicked conversions
+    soft = r_t + (1 - r_t) * torch.sigmoid(c.detach())
+    delta = _l(b, soft)
+    out["conv"] = red.mean(o_t * _l(c, r_t))
+    out["cvr_click"] = red.mean(w_click * delta)
+    out["cvr_unclick"] = red.mean(w_unclick * delta)
     out["cvr"] = out["cvr_click"] + out["cvr_unclick"]
     out["loss"] = (out["ctr"] + lam["lambda_c"] * out["cvr"] + lam["lambda_p"] * out["conv"]
                    + lam["lambda_g"] * out["ctcvr"])

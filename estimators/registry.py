@@ -447,9 +447,10 @@ for _entry in (
                     multi_ips_loss, ("ctr", "cvr"), _MULTI),
     EntireSpaceSpec("multi_dr", "Zhang et al. 2020; BADR eq. (7), ESCM2 eq. (25)", "Multi-DR: CTR task + DR CVR "
                     "task + imputation task", multi_dr_loss, ("ctr", "cvr", "imputation"), _MULTI),
-    EntireSpaceSpec("ddpo", "Su et al. 2024 (our reading of the abstract)", "DDPO: click and conversion propensity "
-                    "networks, CVR loss over click and non-click spaces", ddpo_loss, ("ctr", "cvr", "conversion"),
-                    {"gamma": 0.05, "lambda_c": 1.0, "lambda_p": 1.0, "lambda_g": 0.0}),
+    EntireSpaceSpec("ddpo", "Su et al. 2024, eqs. (6), (9), (10), (15)-(18)", "DDPO: click and conversion "
+                    "propensity networks, self-normalised CVR loss over click and non-click spaces with soft labels",
+                    ddpo_loss, ("ctr", "cvr", "conversion"),
+                    {"gamma": 0.05, "lambda_c": 1.0, "lambda_p": 1.0, "lambda_g": 1.0}),
 ):
     register_entire_space(_entry)
 

@@ -308,7 +308,7 @@ for _method in (
     _es("multi_dr", "Multi-DR", "Multi-DR", "CTR task + DR CVR task + imputation task (Zhang et al. 2020)"),
     _es("escm2_ips", "ESCM2-IPS", "ESCM2-IPS", "ESMM + lambda_c * IPS CVR risk (ESCM2 eq. 34)"),
     _es("escm2_dr", "ESCM2-DR", "ESCM2-DR", "ESMM + lambda_c * DR CVR and imputation risks (ESCM2 eq. 34)"),
-    _es("ddpo", "DDPO", "DDPO", "click and conversion propensity towers, CVR loss over both spaces (our reading)"),
+    _es("ddpo", "DDPO", "DDPO", "click and conversion propensity towers, self-normalised CVR loss over both spaces, soft labels"),
     _es("esmm", "ESMM", None, "extra row: CTR + CTCVR cross-entropies over the exposures (ESCM2 eq. 5)"),
     _es("escm2_badr", "ESCM2-BADR", None, "extra row: ESMM + lambda_c * BADR CVR and imputation risks"),
 ):

@@ -167,9 +167,10 @@ def _run(kind, name, option, data, rank, world, reduction, ddp: bool):
 
 
 #: The losses that divide by a batch sum (the registry's self-normalised estimators: SNIPS eq. 37,
-#: BADR eq. 13) or hold batch sums inside their square (eq. 32 in both forms).
+#: BADR eq. 13, DDPO eq. 15) or hold batch sums inside their square (eq. 32 in both forms).
 SELF_NORMALISED = [("prediction", n) for n, s in ESTIMATORS.items() if s.self_normalised and s.step is not None] + [
-    ("imputation", "badr"), ("imputation", "badr_paper"), ("entire_space", "escm2_badr"), ("propensity", "stabledr")]
+    ("imputation", "badr"), ("imputation", "badr_paper"), ("entire_space", "escm2_badr"), ("entire_space", "ddpo"),
+    ("propensity", "stabledr")]
 #: Each self-normalised case's option and the logits table whose gradient shows the normaliser.
 _NORMALISED_AT = {"prediction": ("0", "x"), "imputation": ("0", "xt"), "entire_space": ({"dim": 1}, "b"),
                   "propensity": ("sum", "x")}

@@ -119,12 +119,21 @@ def np_escm2(reg, a, b, o, r, d, gamma=0.05, lc=0.1, lg=1.0, p_ext=None):
     return np_ctr(a, o) + lc * cvr + lg * np_ctcvr(a, b, o, r)
 
 
-def np_ddpo(a, b, c, o, r, gamma=0.05, lc=1.0, lp=1.0, lg=0.0):
-    """DDPO, our reading: L_CTR + lambda_c R_DDPO + lambda_p L_CONV + lambda_g L_CTCVR."""
+def np_ddpo(a, b, c, o, r, gamma=0.05, lc=1.0, lp=1.0, lg=1.0, sn=True):
+    """DDPO eq. (18): L_o + lambda_c L_r + lambda_p L_c + lambda_g L_t; L_r eq. (10), with the
+    self-normalised weights of eq. (15) per batch (row) when ``sn``; soft labels eq. (9)."""
     p, q = np.clip(_sig(a), gamma, 1), np.clip(1 - _sig(a), gamma, 1)
-    r0 = np.nan_to_num(r)
-    conv = np.where(o == 1, _bce(_sig(c), r0) / p, 0.0).mean()
-    cvr = (np.where(o == 1, _bce(_sig(b), r0) / p, 0.0) + np.where(o == 0, _bce(_sig(b), _sig(c)) / q, 0.0)).mean()
+    r0 = np.where(o == 1, np.nan_to_num(r), 0.0)
+    soft = np.where(r0 == 1, 1.0, _sig(c))
+    w_o, w_n = np.where(o == 1, 1 / p, 0.0), np.where(o == 0, 1 / q, 0.0)
+    if sn:
+        rows = lambda w: np.atleast_2d(w)  # noqa: E731
+        w_o = (rows(w_o) / np.where(rows(w_o).sum(-1, keepdims=True) > 0, rows(w_o).sum(-1, keepdims=True), 1)
+               ).reshape(o.shape)
+        w_n = (rows(w_n) / np.where(rows(w_n).sum(-1, keepdims=True) > 0, rows(w_n).sum(-1, keepdims=True), 1)
+               ).reshape(o.shape)
+    cvr = ((w_o + w_n) * _bce(_sig(b), soft)).mean()
+    conv = np.where(o == 1, _bce(_sig(c), r0), 0.0).mean()
     return np_ctr(a, o) + lc * cvr + lp * conv + lg * np_ctcvr(a, b, o, r)
 
 
@@ -178,8 +187,9 @@ def test_esmm_multi_and_ddpo_match_numpy(seed, shape, gamma, lc, lp, lg):
            np_ctr(a, o) + lc * np_ips(a, bb, o, r, gamma))
     _close(multi_dr_loss(t["a"], t["b"], t["o"], t["r"], delta_hat=t["d"], gamma=gamma, lambda_c=lc)["loss"],
            np_ctr(a, o) + lc * sum(np_dr(a, bb, o, r, d, gamma)))
-    _close(ddpo_loss(t["a"], t["b"], t["o"], t["r"], conv_logit=t["c"], gamma=gamma, lambda_c=lc, lambda_p=lp,
-                     lambda_g=lg)["loss"], np_ddpo(a, bb, b["c"], o, r, gamma, lc, lp, lg))
+    for sn in (True, False):
+        _close(ddpo_loss(t["a"], t["b"], t["o"], t["r"], conv_logit=t["c"], gamma=gamma, lambda_c=lc, lambda_p=lp,
+                         lambda_g=lg, self_normalise=sn)["loss"], np_ddpo(a, bb, b["c"], o, r, gamma, lc, lp, lg, sn))
 
 
 def test_external_propensity_replaces_the_ctr_tower():
@@ -239,7 +249,11 @@ def test_cvr_gradients_are_the_weighted_residuals(shape):
     t = _t(b, grad="b")
     ddpo_loss(t["a"], t["b"], t["o"], t["r"], conv_logit=t["c"], gamma=gamma)["cvr"].backward()
     q = np.clip(1 - _sig(b["a"]), gamma, 1)
-    want = (b["o"] * (r_hat - r0) / p + (1 - b["o"]) * (r_hat - _sig(b["c"])) / q) / n
+    w_o, w_n = b["o"] / p, (1 - b["o"]) / q
+    s_o = np.atleast_2d(w_o).sum(-1, keepdims=True).reshape(*shape[:-1], 1)
+    s_n = np.atleast_2d(w_n).sum(-1, keepdims=True).reshape(*shape[:-1], 1)
+    soft = np.where(b["o"] * r0 == 1, 1.0, _sig(b["c"]))
+    want = (w_o / s_o + w_n / s_n) * (r_hat - soft) / n
     np.testing.assert_allclose(t["b"].grad.numpy(), want, rtol=RTOL, atol=1e-15)
 
 
@@ -460,10 +474,29 @@ def test_proposition_7_and_ddpo_expectations_with_true_ctr(seed):
     out = escm2_loss(full(a), full(b), full(o), full(r_seen), regulariser="dr", delta_hat=full(d_hat), gamma=0.01)
     _assert_mc(float(out["cvr_err"]), delta.mean(), (q * (1 - q) * (delta - d_hat) ** 2 / q**2).sum() / N_PAIRS**2,
                "R_DR_err")
-    out = ddpo_loss(full(a), full(b), full(o), full(r_seen), conv_logit=full(c), gamma=0.01)
+    out = ddpo_loss(full(a), full(b), full(o), full(r_seen), conv_logit=full(c), gamma=0.01, self_normalise=False)
+    clicked = _bce(_sig(b), np.where(r_true == 1, 1.0, _sig(c)))  # eq. (9): the soft label where r = 0
     pseudo = _bce(_sig(b), _sig(c))
-    var = (q * (1 - q) * (delta / q - pseudo / (1 - q)) ** 2).sum() / N_PAIRS**2
-    _assert_mc(float(out["cvr"]), delta.mean() + pseudo.mean(), var, "R_DDPO")
+    var = (q * (1 - q) * (clicked / q - pseudo / (1 - q)) ** 2).sum() / N_PAIRS**2
+    _assert_mc(float(out["cvr"]), clicked.mean() + pseudo.mean(), var, "R_DDPO")
+
+
+def test_ddpo_theorem_1_perfect_propensities_give_the_ideal_loss():
+    """DDPO Theorem 1 (eq. 11): with o_hat = o and the conversion propensity equal to r, eq. (10)
+    is the ideal CVR loss mean_D delta(r, r_hat), unclicked labels included; self-normalised
+    (eq. 15), the two sides are the ideal loss's means over the clicked and the unclicked pairs."""
+    rng = np.random.default_rng(11)
+    o = (rng.random(400) < 0.3).astype(float)
+    r_true = rng.integers(0, 2, 400).astype(float)
+    b = rng.normal(0, 1.5, 400)
+    a = np.where(o == 1, 40.0, -40.0)  # sigmoid is 1 or 0 to float64 rounding
+    c = np.where(r_true == 1, 40.0, -40.0)
+    args = [torch.tensor(x) for x in (a, b, o, np.where(o == 1, r_true, np.nan))]
+    ideal = _bce(_sig(b), r_true)
+    out = ddpo_loss(*args, conv_logit=torch.tensor(c), gamma=1e-30, self_normalise=False)
+    assert float(out["cvr"]) == pytest.approx(ideal.mean(), rel=1e-12)
+    out = ddpo_loss(*args, conv_logit=torch.tensor(c), gamma=1e-30)
+    assert float(out["cvr"]) == pytest.approx((ideal[o == 1].mean() + ideal[o == 0].mean()) / 400, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -636,10 +636,10 @@ class MultiDRLoss(EntireSpaceLoss):
 
 
 class DDPOLoss(EntireSpaceLoss):
-    """DDPO (Su et al. 2024), our reading of its debiasing components (:func:`estimators.multitask.ddpo_loss`;
-    needs ``conv_logit``)."""
+    """DDPO (Su et al. 2024), its debiasing components, eqs. (6), (9), (10), (15)-(18)
+    (:func:`estimators.multitask.ddpo_loss`; needs ``conv_logit``)."""
 
-    def __init__(self, *, lambda_c: float = 1.0, lambda_p: float = 1.0, lambda_g: float = 0.0,
+    def __init__(self, *, lambda_c: float = 1.0, lambda_p: float = 1.0, lambda_g: float = 1.0,
                  gamma: float = 0.05, reduction: str = "global") -> None:
         super().__init__("ddpo", lambda_c=lambda_c, lambda_p=lambda_p, lambda_g=lambda_g, gamma=gamma,
                          reduction=reduction)
