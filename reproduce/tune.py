@@ -11,7 +11,7 @@ A :class:`Search` says what proposes the trials; both kinds start with the confi
 - :meth:`Search.over_grid`: Optuna's GridSampler over the Cartesian product of the values given
   per key, the other keys kept (a local refinement around values TPE found, or one key fixed).
 
-A start value outside the range the sampler draws from (DDPO's ``lambda_g = 0`` on a log scale)
+A start value outside the range the sampler draws from (e.g. DDPO with ``lambda_g = 0``, on a log scale)
 is trained as it is but not shown to the sampler: TPE models that key from the other trials.
 
 :func:`tune` trains one run per seed with the first ``n_seeds`` seeds of the config for each
