@@ -106,8 +106,9 @@ def _worker(rank: int, world: int, module_path: bool, args: dict, folder: str) -
               "state_mb": 4 * sum(p.numel() * p.element_size() for m in (learner.prediction, learner.imputation)
                                   for p in m.parameters()) / 2**20}
     Path(folder, f"rank{rank}.json").write_text(json.dumps(record))
-    if world > 1:
-        dist.destroy_process_group()
+    if world > 1:  # collects the DDP wrappers before their process group (see finish)
+        from reproduce.distributed import finish
+        finish()
 
 
 def measure(world: int, module_path: bool, args: dict) -> list[dict]:

@@ -76,8 +76,9 @@ def _worker(rank: int, world: int, init: str, out: str, args: tuple) -> None:
     try:
         result = epoch(*args, rank=rank, world=world)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    finally:  # collects the DDP wrapper before its process group (see finish)
+        from reproduce.distributed import finish
+        finish()
 
 
 def measure(folder: Path, method: str, batch_size: int, seed: int, max_steps: Optional[int], world: int

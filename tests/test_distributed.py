@@ -194,7 +194,8 @@ def _worker(rank: int, store: str, out: str) -> None:
     results["learner"] = _learner_steps()
     results["no_click"] = _no_click_shard(data, rank, WORLD)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    from reproduce.distributed import finish
+    finish()  # the DDP wrappers collected before their process group
 
 
 #: The self-normalised registry functions (they need a click in every batch).

@@ -70,7 +70,8 @@ def _worker(rank: int, world: int, init: str, out: str, optimizer: str, tasks, s
                                for s in value.local_shards()]
         torch.save({"logits": [z.detach() for z in logits], "shards": shards}, os.path.join(out, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        from reproduce.distributed import finish
+        finish()  # the sharded model collected before its process group
 
 
 def _run(optimizer: str = "sgd", tasks=None, scale: bool = True, world: int = 2):
