@@ -60,13 +60,10 @@ fraction here (the paper prints it in percent).
 Cost (measured at 10^6 exposures, one thread, ESCM2-DR, the heaviest objective with three towers):
 one epoch over 8 * 10^5 training exposures took 7.5 s (107 k exposures per second) on a quiet
 machine and 12.3-15.5 s (52-65 k/s) with other jobs or a second run on the two cores; two runs at
-once gave 52 k/s each, so ``--jobs 2`` buys little here.  Extrapolated (not run) to the default
-job at 10^7: 35 runs (7 methods x 3 seeds, Figure 6's 6 and Figure 7's 8 further points) of 2
-epochs each, about 167 s per run (2 x 75 s of training, 2 x 4 s of validation, 8 s of test and
-Table VI predictions), about 1.6 h in all at 107 k/s (1.8 h at the 90-110 k/s ESCM2-DR ran at in
-a whole 10^6 job, 7.4-8.8 s per epoch); as long again when the cores are shared.  The whole default
-plan at 10^6 with one seed (21 runs: 7 methods and both sweeps, ``--jobs 1 --threads 1``) took 259 s,
-12.3 s per run; ten times that per run for 35 runs is 72 min at 10^7 (an extrapolation too).
+once gave 52 k/s each.  The default job at 10^7 (35 runs: 7 methods x 3 seeds, Figure 6's 6 and
+Figure 7's 8 further points, 2 epochs each, ``--jobs 2``) took 54 min wall with a tuning job on the
+same two cores: 82 s per epoch of 8 * 10^6 exposures (median), 97 k exposures per second per run,
+849 MB peak resident memory per process.
 """
 from __future__ import annotations
 
