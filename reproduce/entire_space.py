@@ -45,7 +45,15 @@ Evaluation.  The CVR tower's ``sigmoid`` on the test (or, for tuning, validation
 
 Tuning.  Each data set's entries were tuned on the validation split (lr and weight decay; the
 lambdas at the papers' values), as their ``status`` in ``reproduce/configs`` records; ``table3``
-prints the rows beside the paper's.
+prints the rows beside the paper's.  Test AUC, 5 seeds, ours (the paper's Table 3), Coat / Yahoo!
+R3 / KuaiRec: ESCM2-IPS 0.737 (0.739) / 0.697 (0.711) / 0.773 (0.777); ESCM2-DR 0.738 (0.734) /
+0.697 (0.717) / 0.779 (0.781); Multi-IPS 0.690 (0.734) / 0.666 (0.711) / 0.762 (0.768); Multi-DR
+0.704 (0.756) / 0.678 (0.717) / 0.760 (0.777); DDPO 0.669 (0.761) / 0.643 (0.720) / 0.717 (0.817);
+extra rows ESMM 0.666 / 0.645 / 0.716, ESCM2-BADR 0.733 / 0.624 / 0.767.  ESCM2 is reproduced on
+Coat and KuaiRec and 0.014-0.020 short on Yahoo! R3; Multi-IPS / -DR and above all DDPO are not.
+A protocol difference we know of: their papers' towers share embeddings, which footnote 6's
+debiasing-components-only MF leaves out (untested as the explanation).  DDPO as its paper writes
+it scores below our earlier, partial reading of it (0.698 / 0.664 / 0.763).
 
 Two consequences of the MF backbone (towers that share nothing), seen on Coat:
 
