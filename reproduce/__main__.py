@@ -331,10 +331,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         status = (f"tuned: {search.describe(best.trials, args.tune_seeds)} on the validation split, "
                   f"validation AUC {best.auc:.4f}")
         prop_status = f"{status}, jointly with {method.name}'s own keys" if args.propensity else None
-        if protect:
-            _check_replaceable(saved, method, args.propensity, best.auc)
         check_folder(target.parent, "--out's configs folder")
-        path = C.save_method_params(saved, method, best.params, status, target, prop_status)
+        # Read the file again under its lock: searches of other methods at this rate, run at the
+        # same time into the same --out, write their entries there too, and a copy read before
+        # the search would drop the entries they wrote meanwhile.
+        with locked(target):
+            saved = C.load_config(target.stem, target.parent) if target.is_file() else cfg
+            if not args.force and saved.path.stem == target.stem:
+                _check_replaceable(saved, method, args.propensity, best.auc)
+            path = C.save_method_params(saved, method, best.params, status, target, prop_status)
         print(f"wrote {path}; train with it: --config-dir {target.parent}")
     return 0
 

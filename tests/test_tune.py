@@ -170,6 +170,29 @@ def test_a_diverged_trial_scores_minus_infinity(tmp_path, monkeypatch):
     assert [t.value for t in _study(tmp_path / "d.db").trials] == [float("-inf")] * 2
 
 
+def test_searches_into_one_out_keep_each_others_entries(data_dir, tmp_path, fake_runs, monkeypatch):
+    """Searches of two methods at one rate, run at the same time into one --out: the one that ends
+    last writes its entry beside the one the other wrote meanwhile, not over a copy read before."""
+    out = tmp_path / "out"
+    target = out / "configs" / "coat@0.5.json"
+    real = T.tune
+
+    def tune_while_another_ends(*args, **kw):
+        best = real(*args, **kw)
+        other = C.load_config(target.stem, target.parent) if target.is_file() else CFG
+        C.save_method_params(other, METHODS["dr_jl"], {**CFG.method_params(METHODS["dr_jl"]), "lr": 0.0123},
+                             "tuned: by the other search", target)
+        return best
+
+    monkeypatch.setattr(T, "tune", tune_while_another_ends)
+    assert main(["tune", "mf", "coat", "--grid", "lr=0.01,0.02", "--train-fraction", "0.5", "--force",
+                 "--data-dir", str(data_dir), "--out", str(out)]) == 0
+    methods = json.loads(target.read_text())["methods"]
+    assert methods["dr_jl"]["lr"] == 0.0123 and methods["dr_jl"]["status"] == "tuned: by the other search"
+    assert methods["mf"]["status"].startswith("tuned: grid of 2 points")
+    assert methods["mf"]["lr"] == CFG.method_params(METHODS["mf"])["lr"]  # the fake scores the largest lr best
+
+
 def test_a_study_another_process_runs_is_refused(tmp_path, fake_runs):
     method = METHODS["mf"]
     search = T.Search.tpe(method, CFG.method_params(method), 2)
