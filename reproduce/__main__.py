@@ -287,12 +287,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # At a sampling rate, the values go to NAME@F.json (read by the runs at that rate), a copy of
     # the config read until a search writes there.
     target = out / "configs" / f"{C.rate_config_name(source.name, args.train_fraction)}.json"
-    saved = C.load_config(target.stem, target.parent) if target.is_file() else cfg
-    # The default config standing in for a folder's data set holds placeholders, nothing to keep;
-    # neither does the full-data config standing in for a rate's.
-    protect = not args.force and saved.path.stem == target.stem
-    if protect and not args.dry_run:  # refuse before the search, not after it
-        _check_replaceable(saved, method, args.propensity, None)
+
+    def replaceable_target(best_auc: Optional[float]) -> C.Config:
+        """The target as it is now (else the config read), once _check_replaceable lets
+        best_auc replace its entry."""
+        saved = C.load_config(target.stem, target.parent) if target.is_file() else cfg
+        # The default config standing in for a folder's data set holds placeholders, nothing to
+        # keep; neither does the full-data config standing in for a rate's.
+        if not args.force and saved.path.stem == target.stem:
+            _check_replaceable(saved, method, args.propensity, best_auc)
+        return saved
+
+    if not args.dry_run:  # refuse before the search, not after it
+        replaceable_target(None)
     log = Path(args.log or out / "tune" / f"{source.name}-{method.name}.csv")
     study = log.with_suffix(".db")  # the Optuna study beside the runs' log
     if study == log:
@@ -336,10 +343,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         # same time into the same --out, write their entries there too, and a copy read before
         # the search would drop the entries they wrote meanwhile.
         with locked(target):
-            saved = C.load_config(target.stem, target.parent) if target.is_file() else cfg
-            if not args.force and saved.path.stem == target.stem:
-                _check_replaceable(saved, method, args.propensity, best.auc)
-            path = C.save_method_params(saved, method, best.params, status, target, prop_status)
+            path = C.save_method_params(replaceable_target(best.auc), method, best.params, status, target,
+                                        prop_status)
         print(f"wrote {path}; train with it: --config-dir {target.parent}")
     return 0
 
