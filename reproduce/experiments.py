@@ -350,7 +350,12 @@ def run_experiments(names: Sequence[str], opts: Options) -> list[tuple[str, list
         ctx = union.fresh()
         keys = registry[name].plan(ctx)
         ctx.plan.runs = {key: union.plan.runs[key] for key in ctx.plan.runs}
-        execute(ctx)
+        if is_writer():  # the part's bounds in the log, so that a killed and resumed job's parts can be timed
+            print(f"== {name}: {registry[name].title}, {len(ctx.plan.runs)} run(s)", file=sys.stderr, flush=True)
+        trained = execute(ctx)
+        if is_writer():
+            print(f"== {name}: {trained} run(s) trained in {time.perf_counter() - start:.0f}s", file=sys.stderr,
+                  flush=True)
         if not is_writer():  # under torchrun: rank 0 renders, from the rows it wrote
             done.append((name, [], "", time.perf_counter() - start))
             continue
