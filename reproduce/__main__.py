@@ -253,14 +253,13 @@ def cmd_paper(args: argparse.Namespace) -> int:
     parts = run_experiments(names, opts)
     if not is_writer():
         return 0
-    for name, files, _, seconds in parts:
-        print(f"{name}: {seconds:.0f}s, wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    for part in parts:
+        print(f"{part.name}: {part.seconds:.0f}s, wrote {', '.join(str(f) for f in part.files)}", file=sys.stderr)
     if args.command == "all":
-        path = write_report(opts.out, [(n, text) for n, _, text, _ in parts],
-                            None if args.table_only else {n: s for n, _, _, s in parts})
+        path = write_report(opts.out, parts, timed=not args.table_only)
         print(f"wrote {path}", file=sys.stderr)
     else:
-        print(parts[0][2])
+        print(parts[0].section)
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from cvrdata import resolve_data_dir
 
@@ -331,10 +331,20 @@ def experiments() -> dict[str, Experiment]:
     )}
 
 
-def run_experiments(names: Sequence[str], opts: Options) -> list[tuple[str, list[Path], str, float]]:
+class Part(NamedTuple):
+    """One experiment as :func:`run_experiments` ran it."""
+
+    name: str
+    files: list[Path]
+    section: str  # its Markdown, for REPORT.md ("" on a torchrun rank that does not write)
+    seconds: float  # wall time of this invocation: training its runs, then rendering
+    runs: int  # the runs it reads
+    trained: int  # of them, those this invocation trained (the others were finished before)
+
+
+def run_experiments(names: Sequence[str], opts: Options) -> list[Part]:
     """For each experiment of ``names`` in order: plan it, train its runs not finished yet (a run
-    shared with an earlier part is trained once, where it first appears), render it.  Returns per
-    part its name, its files, its Markdown section and the seconds it took."""
+    shared with an earlier part is trained once, where it first appears), render it."""
     registry = experiments()
     unknown = [n for n in names if n not in registry]
     if unknown:
@@ -356,10 +366,9 @@ def run_experiments(names: Sequence[str], opts: Options) -> list[tuple[str, list
         if is_writer():
             print(f"== {name}: {trained} run(s) trained in {time.perf_counter() - start:.0f}s", file=sys.stderr,
                   flush=True)
-        if not is_writer():  # under torchrun: rank 0 renders, from the rows it wrote
-            done.append((name, [], "", time.perf_counter() - start))
-            continue
-        with locked(Path(opts.out) / f"{name}.md"):
-            files, section = registry[name].render(Finished.read(Path(opts.out)), keys, opts)
-        done.append((name, files, section, time.perf_counter() - start))
+        files, section = [], ""
+        if is_writer():  # under torchrun: rank 0 renders, from the rows it wrote
+            with locked(Path(opts.out) / f"{name}.md"):
+                files, section = registry[name].render(Finished.read(Path(opts.out)), keys, opts)
+        done.append(Part(name, files, section, time.perf_counter() - start, len(ctx.plan.runs), trained))
     return done

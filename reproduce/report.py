@@ -621,17 +621,21 @@ def render_fig4(finished, keys: dict[str, set], opts) -> tuple[list[Path], str]:
     return files + [Path(opts.out) / "fig4.md"], text
 
 
-def write_report(out: Path, sections: Sequence[tuple[str, str]], seconds: Optional[dict[str, float]]) -> Path:
-    """``OUT/REPORT.md``: every table and figure of the job on one page, with the time each part
-    took to train (``seconds`` None: rendered from finished runs, nothing trained)."""
+def write_report(out: Path, parts: Sequence[Any], timed: bool = True) -> Path:
+    """``OUT/REPORT.md``: every part (:class:`reproduce.experiments.Part`) of the job on one page,
+    after the time each part took in this invocation and the runs it trained (``timed`` False:
+    rendered from finished runs, nothing trained)."""
     lines = ["# The BADR paper, reproduced", ""]
-    if seconds is None:
+    if not timed:
         lines += ["Rendered from the finished runs in results.csv (`--table-only`: nothing trained).", ""]
     else:
-        lines += ["| part | seconds (a run shared by parts is trained, and counted, in the first) |", "|---|---|"]
-        lines += [f"| {name} | {seconds.get(name, 0.0):.0f} |" for name, _ in sections] + [""]
-    for _, text in sections:  # each part's headings one level down, under the page's title
-        lines += [re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M), ""]
+        lines += ["| part | runs | trained now | seconds |", "|---|---:|---:|---:|"]
+        lines += [f"| {p.name} | {p.runs} | {p.trained} | {p.seconds:.0f} |" for p in parts] + [""]
+        lines += ["A part's runs not trained now were finished before it: by an earlier part (a run shared by "
+                  "parts is trained, and counted, in the first) or by an earlier invocation on this folder, whose "
+                  "time is not in this table (the log's `== part` lines time each invocation).", ""]
+    for part in parts:  # each part's headings one level down, under the page's title
+        lines += [re.sub(r"^(#+) ", r"#\1 ", part.section, flags=re.M), ""]
     path = out / "REPORT.md"
     replace(path, "\n".join(lines))
     return path
