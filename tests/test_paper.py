@@ -16,7 +16,7 @@ from reproduce import report as R
 from reproduce.__main__ import main
 from reproduce.config import DataSource
 from reproduce.methods import METHODS
-from reproduce.published import SAMPLING_RATES, TABLE4, TABLE45_ROWS
+from reproduce.published import SAMPLING_RATES, TABLE4, TABLE6, TABLE45_ROWS
 from reproduce.table import read_history, read_results, run_key
 
 COMMANDS = ("table3", "table4", "table5", "table6", "fig1", "fig2", "fig3", "fig4")
@@ -107,10 +107,11 @@ def test_table6_generates_its_folders_and_reports_the_closest_setting(tmp_path, 
     assert main(["table6", "--seeds", "1", "--max-epochs", "1", "--jobs", "1", "--out", str(out)]) == 0
     assert (out / "data" / "sim-a" / "summary.json").is_file() and (out / "data" / "sim-b" / "meta.json").is_file()
     text = (out / "table6.md").read_text()
-    assert "## sim-a (mean propensity 0.09" in text and "Precision@50" in text
-    assert "Closest setting to each paper column" in text
+    assert "## Ours: sim-a (mean propensity 0.09" in text and "Precision@50" in text
+    assert "Closest setting to each paper column" in text and "15.11%/DCE-TDR: sim-" in text
+    assert f"| DCE-TDR | 15.11% | {TABLE6['DCE-TDR'][0][7]:.4f} ± " in text  # the paper's row, beside ours
     rows = read_results(out / "results.csv")
-    assert {r["method"] for r in rows} == {"mf", "dr_jl", "badr"}
+    assert {r["method"] for r in rows} == {"mf", "dr_jl", "dce_tdr", "badr"}
     assert all(0 <= r["precision@5"] <= 1 and 0 <= r["ndcg@50"] <= 1 for r in rows)
 
 
@@ -172,6 +173,18 @@ def test_fig3_verdicts(tmp_path):
     text = (tmp_path / "fig3.md").read_text()
     assert "*Worst AUC at the full batch*: **holds**" in text and "best at 1,024 (0.7300)" in text
     assert "Coat, as the paper says for it): **holds**" in text
+
+
+def test_table6_gain_claims_judge_only_the_high_propensity_settings():
+    """Claims 2 and 3 of Section 4.8 compare BADR's relative AUC gain on the simulated data with
+    the real data's (Table 3's runs); a setting below Coat's mean propensity is not judged."""
+    real = [_row(m, 1, auc) for m, auc in (("mf", 0.70), ("dce_tdr", 0.71), ("badr", 0.73))]  # +4.3 %, +2.8 %
+    means = {"sim-high": {"mf": {"auc": 0.88}, "dce_tdr": {"auc": 0.885}, "badr": {"auc": 0.89}},  # +1.1 %, +0.6 %
+             "sim-low": {"mf": {"auc": 0.60}, "dce_tdr": {"auc": 0.60}, "badr": {"auc": 0.70}}}  # +16.7 %
+    claims = R._table6_claims(_fake(real), means, {"sim-high": 0.15, "sim-low": 0.012})
+    assert "BADR over MF on the simulated data than on the real data* (the settings with a mean propensity" in claims[1]
+    assert "not judged: sim-low): **holds**" in claims[1] and "**holds**" in claims[2]
+    assert "**does not hold**" in R._table6_claims(_fake(real), means, {"sim-high": 0.15, "sim-low": 0.10})[1]
 
 
 def test_paired_t_test():
