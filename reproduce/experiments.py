@@ -35,8 +35,7 @@ from .train import CHANCE_MARGIN
 SPARSITY_DATASETS = {"table4": "yahoo", "table5": "kuairec"}
 #: Figure 1's bars, in the paper's order.
 FIG1_METHODS = ("dr_jl", "badr_dr", "badr_v", "badr_b", "badr_m", "badr")
-#: Table 6's rows that are registered: MF, BADR and DR-JL (the issue's stand-in for the paper's
-#: DCE-TDR, which is not implemented yet).
+#: Table 6's runs: the paper's rows (MF, DCE-TDR, BADR) and DR-JL, the plain DR baseline.
 TABLE6_METHODS = ("mf", "dr_jl", "dce_tdr", "badr")
 
 
@@ -363,11 +362,10 @@ def run_experiments(names: Sequence[str], opts: Options) -> list[Part]:
         if is_writer():  # the part's bounds in the log, so that a killed and resumed job's parts can be timed
             print(f"== {name}: {registry[name].title}, {len(ctx.plan.runs)} run(s)", file=sys.stderr, flush=True)
         trained = execute(ctx)
-        if is_writer():
+        files, section = [], ""
+        if is_writer():  # under torchrun: rank 0 logs and renders, from the rows it wrote
             print(f"== {name}: {trained} run(s) trained in {time.perf_counter() - start:.0f}s", file=sys.stderr,
                   flush=True)
-        files, section = [], ""
-        if is_writer():  # under torchrun: rank 0 renders, from the rows it wrote
             with locked(Path(opts.out) / f"{name}.md"):
                 files, section = registry[name].render(Finished.read(Path(opts.out)), keys, opts)
         done.append(Part(name, files, section, time.perf_counter() - start, len(ctx.plan.runs), trained))
