@@ -146,6 +146,24 @@ def test_the_sparsity_claim_holds_only_when_badr_beats_every_baseline(tmp_path):
     assert "every metric*: **does not hold**" in text and "MRDR" in text.split("exceptions:")[1]
 
 
+def test_sparsity_table_shows_where_badr_stopped_before_converging(tmp_path):
+    """BADR's validation AUC leaves chance at epoch 10 on the full data and trains 20 epochs after;
+    at 40 % it leaves chance at epoch 25 and stops at 30, still rising: only 40 % is named."""
+    rows, keys, history = [], {}, {}
+    for rate, left, stop in ((1.0, 10, 30), (0.8, 12, 30), (0.4, 25, 30)):
+        for seed in (1, 2):
+            r = {**_row("badr", seed, 0.7, rate), "max_epochs": 100}
+            rows.append(r)
+            keys.setdefault(rate, set()).add(run_key(r))
+            history[run_key(r)] = [{"stage": "fit", "epoch": e, "val_auc": 0.5 if e < left else 0.5 + 0.01 * (e - left + 5)}
+                                   for e in range(1, stop + 1)]
+    R.render_sparsity(_fake(rows, history), keys, E.Options(out=tmp_path), "table4")
+    text = (tmp_path / "table4.md").read_text()
+    assert "| 100% | 30.0 (100) | 10.0 | 20.0 | 0.7500 | +0.0100 | 2 of 2 |" in text
+    assert "| 40% | 30.0 (100) | 25.0 | 5.0 | 0.6000 | +0.0100 | 2 of 2 |" in text
+    assert "on the full data (20.0), or never left it: 40%. There" in text
+
+
 def test_fig2_picks_the_baseline_by_validation_auc_not_by_the_test_loss(tmp_path):
     rows, history, keys = [], {}, {"yahoo": {1.0: set()}}
     # dr_jl has the better validation AUC; mrdr the lower test loss: dr_jl must be drawn.
