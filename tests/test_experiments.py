@@ -147,11 +147,13 @@ def test_a_bad_config_stops_the_cli_with_one_line(tmp_path, capsys):
 
 def test_shipped_configs_parse_and_default_covers_every_method():
     at_rates = [path.stem for path in C.CONFIG_DIR.glob("*@*.json")]  # values tuned at a sampling rate
-    assert at_rates
-    for name in ("coat", "yahoo", "kuairec", "default", *at_rates):
+    simulated = [path.stem for path in C.CONFIG_DIR.glob("sim-*.json")]  # Table 6's settings, tuned there
+    assert at_rates and simulated
+    for name in ("coat", "yahoo", "kuairec", "default", *at_rates, *simulated):
         cfg = C.load_config(name)
         assert set(cfg.methods) == set(METHODS), name
-    assert C.load_config("default").split is None  # a folder's split comes from the folder
+    for name in ("default", *simulated):
+        assert C.load_config(name).split is None, name  # a folder's split comes from the folder
 
 
 @pytest.mark.parametrize("argv, match", [
