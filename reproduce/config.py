@@ -450,8 +450,9 @@ def save_method_params(cfg: Config, method: Method, params: Mapping[str, Any], s
     """Write ``params`` as ``method``'s entry of ``cfg`` to ``path`` (default: the file ``cfg`` was
     read from): its own keys, the propensity keys it overrides and its "imputed_error" where it
     sets one.  With ``propensity_status``, the propensity keys go to the shared block instead (with
-    that status).  Everything else of ``cfg`` is kept; the result is checked, then written by an
-    atomic replace."""
+    that status).  An entry whose status says it is "untuned: LABEL's tuned values" of ``method``
+    takes the new values too.  Everything else of ``cfg`` is kept; the result is checked, then
+    written by an atomic replace."""
     raw = json.loads(json.dumps(cfg.raw))  # a deep copy
     old = raw["methods"].get(method.name, {})
     overrides = [] if propensity_status is not None else [k for k in PROPENSITY_KEYS if k in old]
@@ -459,8 +460,14 @@ def save_method_params(cfg: Config, method: Method, params: Mapping[str, Any], s
         raw["propensity"] = {"about": raw["propensity"].get("about", ""), "status": propensity_status,
                              **{k: params[k] for k in PROPENSITY_KEYS}}
     kept = {"imputed_error": old["imputed_error"]} if "imputed_error" in old else {}
-    raw["methods"][method.name] = {"status": status, **kept,
-                                   **{k: params[k] for k in method.own_keys + tuple(overrides)}}
+    entry = {**kept, **{k: params[k] for k in method.own_keys + tuple(overrides)}}
+    raw["methods"][method.name] = {"status": status, **entry}
+    # Entries that declare themselves copies of this method's values (TDR-CL and D-DR start from
+    # DR-JL's) follow them, or they would silently keep the values this search replaced.
+    mirror = f"untuned: {method.label}'s tuned values"
+    for name, other in raw["methods"].items():
+        if name != method.name and str(other.get("status", "")).startswith(mirror):
+            other.update(entry)
     path = cfg.path if path is None else Path(path)
     raw["dataset"] = path.stem
     parse_config(raw, path)

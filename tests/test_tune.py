@@ -193,6 +193,20 @@ def test_searches_into_one_out_keep_each_others_entries(data_dir, tmp_path, fake
     assert methods["mf"]["lr"] == CFG.method_params(METHODS["mf"])["lr"]  # the fake scores the largest lr best
 
 
+def test_writing_dr_jl_updates_the_entries_that_copy_its_values(tmp_path):
+    """TDR-CL and D-DR are "untuned: DR-JL's tuned values": a new DR-JL entry carries them along
+    (D-DR keeps its own ddr_w); any other entry is left alone."""
+    cfg, target = C.load_config("default"), tmp_path / "default.json"
+    C.save_method_params(cfg, METHODS["dr_jl"], {**cfg.method_params(METHODS["dr_jl"]), "lr": 0.0123,
+                                                  "weight_decay": 0.0456}, "tuned: test", target)
+    methods = json.loads(target.read_text())["methods"]
+    own = {k: v for k, v in methods["dr_jl"].items() if k != "status"}
+    assert own["lr"] == 0.0123
+    assert {k: v for k, v in methods["tdr_cl"].items() if k != "status"} == own
+    assert {k: v for k, v in methods["d_dr"].items() if k != "status"} == {**own, "ddr_w": methods["d_dr"]["ddr_w"]}
+    assert methods["mrdr"]["lr"] != 0.0123  # not a copy of DR-JL's values
+
+
 def test_a_study_another_process_runs_is_refused(tmp_path, fake_runs):
     method = METHODS["mf"]
     search = T.Search.tpe(method, CFG.method_params(method), 2)
