@@ -175,15 +175,18 @@ class Finished:
 
     @classmethod
     def read(cls, out: Path) -> "Finished":
-        rows = {run_key(r): r for r in read_results(out / "results.csv")}
-        history = read_history(out / "history.csv")
-        for key, row in rows.items():  # rows written before the chance-level check: from their history
-            fit = [h for h in history.get(key, []) if h.get("stage") == "fit" and h.get("val_auc") is not None]
+        finished = cls({run_key(r): r for r in read_results(out / "results.csv")}, read_history(out / "history.csv"))
+        for key, row in finished.rows.items():  # rows written before the chance-level check: from their history
+            fit = finished.epochs(key)
             if row.get("val_auc") in (None, "") and fit and row.get("status") == "ok":
                 row["val_auc"] = fit[-1]["val_auc"]
                 if abs(row["val_auc"] - 0.5) < CHANCE_MARGIN:
                     row["status"] = "chance"
-        return cls(rows, history)
+        return finished
+
+    def epochs(self, key: tuple, column: str = "val_auc", stage: str = "fit") -> list[dict[str, Any]]:
+        """The history rows of run ``key`` in ``stage`` that record ``column``, in epoch order."""
+        return [h for h in self.history.get(key, []) if h.get("stage") == stage and h.get(column) is not None]
 
     def select(self, keys: set[tuple]) -> list[dict[str, Any]]:
         return [self.rows[k] for k in sorted(keys, key=str) if k in self.rows]
